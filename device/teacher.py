@@ -1,0 +1,48 @@
+"""The frozen teacher M(t-1), behind a small interface so that an inference engine
+(ONNX Runtime, TensorRT; fieldlearn.runtime) can stand in for the torch model.
+
+A teacher maps the trunk output z (the frozen blocks are shared by teacher and student,
+so they run once) to its base-class logits and last conv feature map, with no gradient.
+It also exposes its head weight so the learner builds the teacher's Grad-CAM in closed
+form (fieldlearn.device.attention.gradcam): no backward pass through the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from fieldlearn.device.model import Student
+
+
+@dataclass
+class TeacherOutput:
+    logits: torch.Tensor    # [B, K_old]
+    features: torch.Tensor  # [B, C, h, w]
+
+
+class Teacher(Protocol):
+    head_weight: torch.Tensor  # [K_old, C]
+    backend: str
+
+    def __call__(self, z: torch.Tensor) -> TeacherOutput: ...
+
+
+class TorchTeacher:
+    """A frozen deep copy of the student, eval mode, no grad."""
+
+    backend = "torch"
+
+    def __init__(self, student: Student):
+        self.model = copy.deepcopy(student).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.head_weight = self.model.head.weight.detach()
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor) -> TeacherOutput:
+        feats, logits = self.model.forward_top(z)
+        return TeacherOutput(logits=logits, features=feats)
