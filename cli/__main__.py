@@ -1,0 +1,6 @@
+"""python -m fieldlearn.cli"""
+import sys
+
+from fieldlearn.cli.main import main
+
+sys.exit(main())

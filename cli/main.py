@@ -1,0 +1,63 @@
+"""`fieldlearn` console script: a thin dispatcher.
+
+Each command lives in its own module with `add_arguments(parser)` and `run(args) -> int`,
+and is imported only when it runs, so `fieldlearn classify` never imports the training
+code (fieldlearn.device) and works on an inference-only device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fieldlearn.runtime.errors import UserError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("fieldlearn.device.commands.demo", "short class-incremental run on real data: LwM next to fine-tuning"),
+    "init": ("fieldlearn.device.commands.init", "train the base model (step 0) from a dataset into a state dir"),
+    "learn": ("fieldlearn.device.commands.learn", "add the classes of an ImageFolder directory to a state (one increment)"),
+    "eval": ("fieldlearn.device.commands.evaluate", "evaluate a state on a dataset's classes"),
+    "explain": ("fieldlearn.device.commands.explain", "PNG of teacher vs student attention maps for some images"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: fieldlearn COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "fieldlearn COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"fieldlearn {version('fieldlearn')}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fieldlearn: error: unknown command '{name}' (see fieldlearn --help)", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"fieldlearn {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)  # exits 2 with a one-line message on a bad argument
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"fieldlearn {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fieldlearn {name}: interrupted; nothing saved was changed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
