@@ -46,3 +46,16 @@ class TorchTeacher:
     def __call__(self, z: torch.Tensor) -> TeacherOutput:
         feats, logits = self.model.forward_top(z)
         return TeacherOutput(logits=logits, features=feats)
+
+
+def make_teacher(student: Student, backend: str = "torch") -> Teacher:
+    """The teacher for the next increment, on the requested backend.
+
+    "auto" picks the fastest available backend; engine backends are added by
+    fieldlearn.device.engine_teacher when fieldlearn.runtime provides them.
+    """
+    if backend in ("auto", "torch"):
+        return TorchTeacher(student)
+    from fieldlearn.runtime.errors import UserError
+
+    raise UserError(f"--teacher-backend {backend}: not available in this build")
