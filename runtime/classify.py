@@ -1,0 +1,122 @@
+"""`fieldlearn classify IMAGES... (--state DIR | --model model.onnx)`: top-k labels.
+
+Runs an exported model through the best engine here (TensorRT > ONNX Runtime) with
+numpy + Pillow preprocessing read from the model's own metadata (input size, mean, std).
+Imports nothing from fieldlearn.device and no torch: it runs on an inference-only device.
+
+    $ fieldlearn classify cat.jpg --state ~/fieldlearn-state --top-k 3
+    cat.jpg
+      0.912  cat
+      0.051  fox
+      0.013  dog
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from fieldlearn.runtime.engines import BACKENDS, best_engine
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import ONNX_FILE, current_version_dir
+from fieldlearn.runtime.metadata import ModelInfo, model_info
+
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard, as in the learner's loader
+BATCH = 32  # images per engine call (also the TensorRT profile's max batch for ad-hoc engines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--state", metavar="DIR", help="state dir: use the current version's model.onnx")
+    src.add_argument("--model", metavar="FILE", help="an ONNX file written by fieldlearn export")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels to print per image (default 5)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="inference engine (default auto: TensorRT where present, else ONNX Runtime)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0: one per core)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
+def resolve_model(state: str | None, model: str | None) -> Path:
+    if model is not None:
+        path = Path(model)
+        if not path.is_file():
+            raise UserError(f"{path}: no such model file")
+        return path
+    path = current_version_dir(state) / ONNX_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not exported yet (run: fieldlearn export --state {state})")
+    return path
+
+
+def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
+    """One image -> normalised float32 [3, S, S] (S = the model's input_size), or UserError
+    naming the file. The same steps as the learner's image loader, so a model sees what it
+    was trained on: RGB, bilinear resize to S x S, uint8, /255, (x - mean) / std."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    size = info.input_size
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    im = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
+                rgb = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such image file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+    x = rgb.astype(np.float32) / 255.0                                              # [S, S, 3]
+    x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))                              # [3, S, S]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def classify(paths: list[str], info: ModelInfo, engine, top_k: int) -> list[dict]:
+    """[{"image": path, "top": [{"label", "index", "prob"}, ...]}] in the order of `paths`."""
+    k = min(top_k, len(info.classes))
+    results = []
+    for start in range(0, len(paths), BATCH):
+        chunk = paths[start:start + BATCH]
+        batch = np.stack([load_image(p, info) for p in chunk])                   # [N, 3, S, S]
+        logits = np.asarray(engine(batch)[engine.output_names[0]], np.float64)    # [N, K]
+        if logits.shape[1] != len(info.classes):
+            raise UserError(f"{info.path}: {logits.shape[1]} outputs but {len(info.classes)} class names")
+        probs = softmax(logits)
+        for path, p in zip(chunk, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            results.append({"image": str(path), "top": [
+                {"label": info.classes[i], "index": int(i), "prob": float(p[i])} for i in order]})
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: must be at least 1")
+    path = resolve_model(args.state, args.model)
+    info = model_info(path)
+    engine = best_engine(path, prefer=args.backend, threads=args.threads, max_batch=BATCH)
+    results = classify(args.images, info, engine, args.top_k)
+    if args.json:
+        json.dump({"model": str(path), "backend": engine.backend, "results": results}, sys.stdout, indent=1)
+        print()
+        return 0
+    for r in results:
+        print(r["image"])
+        for t in r["top"]:
+            print(f"  {t['prob']:.3f}  {t['label']}")
+    return 0
