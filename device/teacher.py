@@ -48,14 +48,29 @@ class TorchTeacher:
         return TeacherOutput(logits=logits, features=feats)
 
 
-def make_teacher(student: Student, backend: str = "torch") -> Teacher:
+def make_teacher(student: Student, backend: str = "torch", **engine_options) -> Teacher:
     """The teacher for the next increment, on the requested backend.
 
-    "auto" picks the fastest available backend; engine backends are added by
-    fieldlearn.device.engine_teacher when fieldlearn.runtime provides them.
+    "auto": TensorRT (CUDA + tensorrt importable) > ONNX Runtime > torch (see
+    fieldlearn.device.engine_teacher.pick_backend); "torch", "onnxruntime", "tensorrt"
+    force one, with a UserError saying why when it cannot run here. engine_options
+    (work_dir, batch_size, threads) go to EngineTeacher.
     """
-    if backend in ("auto", "torch"):
-        return TorchTeacher(student)
     from fieldlearn.runtime.errors import UserError
 
-    raise UserError(f"--teacher-backend {backend}: not available in this build")
+    choices = ("auto", "torch", "onnxruntime", "tensorrt")
+    if backend not in choices:
+        raise UserError(f"--teacher-backend {backend}: unknown (choose {', '.join(choices)})")
+    if backend == "torch":
+        return TorchTeacher(student)
+    from fieldlearn.device import engine_teacher
+
+    device = student.head.weight.device
+    if backend == "auto":
+        backend = engine_teacher.pick_backend(device)
+        if backend == "torch":
+            return TorchTeacher(student)
+    reason = engine_teacher.engine_unavailable_reason(backend, device)
+    if reason is not None:
+        raise UserError(f"--teacher-backend {backend}: {reason}")
+    return engine_teacher.EngineTeacher(student, backend, **engine_options)

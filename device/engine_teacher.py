@@ -1,0 +1,102 @@
+"""A teacher that runs in an inference engine (ONNX Runtime or TensorRT) instead of torch.
+
+After each increment the student's top (trainable blocks + head) is exported as the
+teacher graph z -> (logits, features) (fieldlearn.export.onnx.export_teacher) and loaded
+into an engine; that engine is the next increment's teacher. Its Grad-CAM is built in
+closed form from `features` and the head weight, so no backward pass runs through it.
+
+    teacher = EngineTeacher(student, "onnxruntime")
+    out = teacher(z)            # z [B, C_k, H/s, W/s] -> TeacherOutput(logits [B, K], features [B, C, h, w])
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from fieldlearn.device.model import Student
+from fieldlearn.device.teacher import TeacherOutput
+from fieldlearn.runtime.errors import UserError
+
+ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class EngineTeacher:
+    """Teacher protocol on an engine. The student is snapshotted at construction: training
+    it afterwards changes neither the engine nor `head_weight`.
+
+    work_dir: where teacher.onnx (and the TensorRT engine) go; a temp dir removed with the
+    teacher when None. batch_size: the TensorRT profile's optimum and maximum batch.
+    threads: ONNX Runtime intra-op threads (0: its default).
+    """
+
+    def __init__(self, student: Student, backend: str = "onnxruntime", *, work_dir: str | Path | None = None,
+                 batch_size: int = 64, threads: int = 0):
+        from fieldlearn.export.onnx import export_teacher  # noqa: PLC0415
+
+        if backend not in ENGINE_BACKENDS:
+            raise UserError(f"--teacher-backend {backend}: not an engine backend (choose {', '.join(ENGINE_BACKENDS)})")
+        self.backend = backend
+        self.head_weight = student.head.weight.detach().clone()          # [K_old, C]
+        if work_dir is None:
+            work_dir = tempfile.mkdtemp(prefix="fieldlearn-teacher-")
+            self._cleanup = weakref.finalize(self, shutil.rmtree, work_dir, True)
+        self.work_dir = Path(work_dir)
+        self.onnx_path = export_teacher(student, self.work_dir / "teacher.onnx")
+        if backend == "tensorrt":
+            from fieldlearn.export.tensorrt import build_engine  # noqa: PLC0415
+            from fieldlearn.runtime.engines import TrtEngine  # noqa: PLC0415
+
+            engine_path = build_engine(self.onnx_path, self.work_dir / "teacher.engine",
+                                       min_batch=1, opt_batch=batch_size, max_batch=batch_size)
+            device = (self.head_weight.device.index or 0) if self.head_weight.is_cuda else 0
+            self.engine = TrtEngine(engine_path, device=device)
+        else:
+            from fieldlearn.runtime.engines import OrtEngine  # noqa: PLC0415
+
+            self.engine = OrtEngine(self.onnx_path, threads=threads)
+
+    def __call__(self, z: torch.Tensor) -> TeacherOutput:
+        out = self.engine(z.detach())      # torch in -> torch out, on z's device
+        return TeacherOutput(logits=out["logits"], features=out["features"])
+
+    def __repr__(self) -> str:
+        return f"EngineTeacher({self.backend}, {self.onnx_path})"
+
+
+def engine_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if `backend` can serve as the teacher for a student on `device`, else why not."""
+    if backend == "tensorrt":
+        from fieldlearn.runtime.cuda import tensorrt_unavailable_reason  # noqa: PLC0415
+
+        return tensorrt_unavailable_reason()
+    if backend == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401, PLC0415
+        except ImportError:
+            return "onnxruntime is not installed (pip install onnxruntime)"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def pick_backend(device: torch.device) -> str:
+    """"auto": TensorRT (CUDA + tensorrt importable) > ONNX Runtime > torch.
+
+    One exception: for a student on CUDA without TensorRT, ONNX Runtime is chosen only if it
+    has its CUDA provider; a CPU session would be slower than the torch teacher on the GPU
+    and would move every batch to the host and back.
+    """
+    if engine_unavailable_reason("tensorrt", device) is None:
+        return "tensorrt"
+    if engine_unavailable_reason("onnxruntime", device) is None:
+        if device.type != "cuda":
+            return "onnxruntime"
+        import onnxruntime as ort  # noqa: PLC0415
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return "onnxruntime"
+    return "torch"
