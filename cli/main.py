@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learn": ("fieldlearn.device.commands.learn", "add the classes of an ImageFolder directory to a state (one increment)"),
     "eval": ("fieldlearn.device.commands.evaluate", "evaluate a state on a dataset's classes"),
     "explain": ("fieldlearn.device.commands.explain", "PNG of teacher vs student attention maps for some images"),
+    "export": ("fieldlearn.device.commands.export", "write the current version as ONNX (+ labels, + TensorRT engine) and check parity"),
+    "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
 }
 
 

@@ -1,0 +1,143 @@
+"""`fieldlearn export --state DIR`: the current version as ONNX (+ labels, + TensorRT engine).
+
+Writes model.onnx (input_0 -> output_0, class names etc. in its metadata) and labels.txt
+into the state's current version dir (or --out), after onnx.checker and a parity check of
+ONNX Runtime against torch on random inputs and, with --images, on real images passed
+through classify's own preprocessing. Files are written to a temp dir beside the target
+and moved into place only when every check passes. Where TensorRT is present (or with
+--engine) model.engine is built from the ONNX and checked against torch too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import ENGINE_FILE, LABELS_FILE, ONNX_FILE
+
+ENGINE_MAX_BATCH = 32   # classify's batch; a camera classifies one frame at a time (opt 1)
+FP16_RTOL = 2e-2        # TensorRT FP16 vs torch FP32
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", required=True, metavar="DIR", help="state dir (its current version is exported)")
+    p.add_argument("--out", metavar="DIR", help="write here instead of the current version dir")
+    p.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
+                   help="build a TensorRT engine too (default: where TensorRT and a GPU are present)")
+    p.add_argument("--images", nargs="+", metavar="IMAGE", help="real images for the parity check")
+    p.add_argument("--rtol", type=float, default=1e-3,
+                   help="relative tolerance of the parity check, max|onnx - torch| / max|torch| (default 1e-3)")
+
+
+@dataclass
+class ExportReport:
+    onnx_path: Path
+    labels_path: Path
+    engine_path: Path | None = None
+    engine_note: str = ""
+    parity: dict[str, dict[str, float]] = field(default_factory=dict)   # check name -> output -> rel err
+
+
+def export_state(state: Any, out_dir: str | Path | None = None, *, engine: bool | None = None,
+                 images: list[str] | None = None, rtol: float = 1e-3, n_random: int = 4, seed: int = 0) -> ExportReport:
+    """Export a loaded state (.student, .classes, .step, .version_dir) and check it.
+
+    Raises ParityError (nothing written) when ONNX Runtime disagrees with torch by more
+    than rtol; UserError for a bad image or a forced --engine without TensorRT.
+    """
+    from fieldlearn.export.onnx import ClassifierGraph, check_parity, export_classifier  # noqa: PLC0415
+    from fieldlearn.runtime.classify import load_image  # noqa: PLC0415
+    from fieldlearn.runtime.cuda import tensorrt_unavailable_reason  # noqa: PLC0415
+    from fieldlearn.runtime.metadata import model_info  # noqa: PLC0415
+
+    reason = tensorrt_unavailable_reason()
+    if engine and reason is not None:
+        raise UserError(f"--engine: {reason}")
+    out_dir = Path(out_dir) if out_dir is not None else Path(state.version_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student = state.student
+    size = int(student.cfg.input_size)
+    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    try:
+        onnx_tmp = export_classifier(student, work, classes=list(state.classes), step=int(state.step),
+                                     state_version=Path(state.version_dir).name)
+        graph = ClassifierGraph(student)
+        checks: list[tuple[str, np.ndarray]] = []
+        gen = torch.Generator().manual_seed(seed)
+        checks.append((f"random x{n_random}", torch.randn(n_random, 3, size, size, generator=gen).numpy()))
+        if images:
+            info = model_info(onnx_tmp)
+            checks.append((f"{len(images)} images", np.stack([load_image(p, info) for p in images])))
+        report = ExportReport(onnx_path=out_dir / ONNX_FILE, labels_path=out_dir / LABELS_FILE)
+        for name, x in checks:
+            report.parity[f"onnxruntime, {name}"] = check_parity(graph, onnx_tmp, x, rtol)
+
+        if engine or (engine is None and reason is None):
+            report.parity.update(_build_and_check_engine(graph, onnx_tmp, work, checks, rtol))
+            report.engine_path = out_dir / ENGINE_FILE
+        else:
+            report.engine_note = "not built (--no-engine)" if engine is False else f"not built: {reason}"
+
+        for f in sorted(work.iterdir()):   # every check passed: move into place
+            os.replace(f, out_dir / f.name)
+        fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build_and_check_engine(graph, onnx_path: Path, work: Path, checks, rtol: float) -> dict[str, dict[str, float]]:
+    from fieldlearn.export.onnx import eval_mode  # noqa: PLC0415
+    from fieldlearn.export.tensorrt import build_engine  # noqa: PLC0415
+    from fieldlearn.runtime.engines import TorchEngine, TrtEngine, cross_validate  # noqa: PLC0415
+
+    # The sidecar records the hash of this very ONNX file, so it stays valid after the move.
+    path = build_engine(onnx_path, work / ENGINE_FILE, min_batch=1, opt_batch=1, max_batch=ENGINE_MAX_BATCH)
+    trt_engine = TrtEngine(path)
+    out = {}
+    with eval_mode(graph):
+        ref = TorchEngine(graph, trt_engine.output_names, trt_engine.input_names)
+        for name, x in checks:
+            worst: dict[str, float] = {}
+            for i in range(0, len(x), ENGINE_MAX_BATCH):
+                errors = cross_validate(trt_engine, ref, x[i:i + ENGINE_MAX_BATCH], rtol=max(rtol, FP16_RTOL))
+                worst = {n: max(e, worst.get(n, 0.0)) for n, e in errors.items()}
+            out[f"tensorrt, {name}"] = worst
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from fieldlearn.device.state import load_state  # noqa: PLC0415
+    from fieldlearn.runtime.engines import ParityError  # noqa: PLC0415
+
+    state = load_state(args.state)
+    try:
+        report = export_state(state, args.out, engine=args.engine, images=args.images, rtol=args.rtol)
+    except ParityError as e:
+        print(f"fieldlearn export: parity check failed, nothing written: {e}", file=sys.stderr)
+        return 1
+    mb = report.onnx_path.stat().st_size / 1e6
+    print(f"wrote {report.onnx_path} ({mb:.1f} MB; {len(state.classes)} classes, step {state.step}, "
+          f"input_0 [B, 3, {state.student.cfg.input_size}, {state.student.cfg.input_size}] -> output_0)")
+    print(f"wrote {report.labels_path}")
+    if report.engine_path is not None:
+        print(f"wrote {report.engine_path}")
+    else:
+        print(f"TensorRT engine {report.engine_note}")
+    for check, errors in report.parity.items():
+        print(f"parity vs torch ({check}): " + ", ".join(f"{n} rel err {e:.2g}" for n, e in errors.items()))
+    return 0

@@ -1,0 +1,107 @@
+"""`fieldlearn export`: writes a checked model.onnx + labels.txt into the current version dir."""
+
+from __future__ import annotations
+
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from fieldlearn.cli.main import main
+from fieldlearn.device.commands.export import export_state
+from fieldlearn.device.config import ModelConfig, RunConfig
+from fieldlearn.device.model import Student
+from fieldlearn.runtime.cuda import tensorrt_unavailable_reason
+from fieldlearn.runtime.engines import OrtEngine, ParityError
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.metadata import read_labels, read_metadata
+
+CLASSES = ["apple", "pear", "plum"]
+
+
+def loaded_state(version_dir) -> SimpleNamespace:
+    """What fieldlearn.device.state.load_state returns (the fields export relies on)."""
+    cfg = RunConfig(model=ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14))
+    torch.manual_seed(0)
+    student = Student(cfg.model, len(CLASSES))
+    bns = [m for m in student.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:                                  # warm BatchNorm: a fresh net outputs constants
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        student(torch.randn(16, 3, 64, 64))
+    version_dir.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(student=student.eval(), classes=list(CLASSES), config=cfg, step=2, version_dir=version_dir)
+
+
+def photos(tmp_path, n=3):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40 + i * 10, 50, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_export_state_writes_checked_files(tmp_path):
+    """If this fails, `fieldlearn export` leaves no usable model in the version dir."""
+    state = loaded_state(tmp_path / "state" / "versions" / "0002")
+    report = export_state(state, engine=False, images=photos(tmp_path))
+    vdir = state.version_dir
+    assert report.onnx_path == vdir / "model.onnx" and report.labels_path == vdir / "labels.txt"
+    assert read_labels(vdir / "labels.txt") == CLASSES
+    meta = read_metadata(vdir / "model.onnx")
+    assert meta["classes"] == CLASSES and meta["step"] == 2 and meta["state_version"] == "0002"
+    assert set(report.parity) == {"onnxruntime, random x4", "onnxruntime, 3 images"}
+    assert all(e < 1e-3 for errs in report.parity.values() for e in errs.values())
+    assert report.engine_path is None and "--no-engine" in report.engine_note
+    assert sorted(p.name for p in vdir.iterdir()) == ["labels.txt", "model.onnx"]   # no temp dir left
+    assert OrtEngine(vdir / "model.onnx")(np.zeros((2, 3, 64, 64), np.float32))["output_0"].shape == (2, 3)
+
+
+def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
+    """If this fails, a model that does not match torch can land in the version dir."""
+    import fieldlearn.export.onnx as onnx_mod
+
+    state = loaded_state(tmp_path / "v")
+
+    def broken_parity(*a, **k):
+        raise ParityError("output_0 0.5 > 0.001")
+
+    monkeypatch.setattr(onnx_mod, "check_parity", broken_parity)
+    with pytest.raises(ParityError):
+        export_state(state, engine=False)
+    assert list(state.version_dir.iterdir()) == []
+
+
+def test_forced_engine_without_tensorrt_is_a_user_error(tmp_path):
+    """If this fails, --engine on a machine without TensorRT fails late or silently."""
+    if tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT is present here")
+    with pytest.raises(UserError, match="--engine"):
+        export_state(loaded_state(tmp_path / "v"), engine=True)
+
+
+def test_cli_export_then_classify(tmp_path, monkeypatch, capsys):
+    """If this fails, the two commands do not fit together: export into the current version,
+    classify --state finds and runs it."""
+    state_dir = tmp_path / "state"
+    state = loaded_state(state_dir / "versions" / "0002")
+    (state_dir / "current").write_text("0002\n")
+    fake = types.ModuleType("fieldlearn.device.state")   # device/state.py is the lead's; only load_state matters here
+    fake.load_state = lambda d: state if str(d) == str(state_dir) else pytest.fail(f"load_state({d})")
+    monkeypatch.setitem(sys.modules, "fieldlearn.device.state", fake)
+
+    assert main(["export", "--state", str(state_dir), "--no-engine"]) == 0
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and "parity vs torch (onnxruntime, random x4)" in out
+    assert main(["classify", *photos(tmp_path, 2), "--state", str(state_dir), "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 8 and {ln.split()[-1] for ln in lines[1:4]} == set(CLASSES)
