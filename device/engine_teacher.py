@@ -30,7 +30,8 @@ class EngineTeacher:
     it afterwards changes neither the engine nor `head_weight`.
 
     work_dir: where teacher.onnx (and the TensorRT engine) go; a temp dir removed with the
-    teacher when None. batch_size: the TensorRT profile's optimum and maximum batch.
+    teacher when None. batch_size: the TensorRT profile's optimum and maximum batch
+    (larger batches are run in chunks).
     threads: ONNX Runtime intra-op threads (0: its default).
     """
 
@@ -41,6 +42,7 @@ class EngineTeacher:
         if backend not in ENGINE_BACKENDS:
             raise UserError(f"--teacher-backend {backend}: not an engine backend (choose {', '.join(ENGINE_BACKENDS)})")
         self.backend = backend
+        self.max_batch = batch_size if backend == "tensorrt" else None   # ONNX Runtime takes any batch
         self.head_weight = student.head.weight.detach().clone()          # [K_old, C]
         if work_dir is None:
             work_dir = tempfile.mkdtemp(prefix="fieldlearn-teacher-")
@@ -61,8 +63,13 @@ class EngineTeacher:
             self.engine = OrtEngine(self.onnx_path, threads=threads)
 
     def __call__(self, z: torch.Tensor) -> TeacherOutput:
-        out = self.engine(z.detach())      # torch in -> torch out, on z's device
-        return TeacherOutput(logits=out["logits"], features=out["features"])
+        z = z.detach()
+        if self.max_batch is None or len(z) <= self.max_batch:
+            out = self.engine(z)           # torch in -> torch out, on z's device
+            return TeacherOutput(logits=out["logits"], features=out["features"])
+        parts = [self(chunk) for chunk in z.split(self.max_batch)]   # beyond the TensorRT profile
+        return TeacherOutput(logits=torch.cat([p.logits for p in parts]),
+                             features=torch.cat([p.features for p in parts]))
 
     def __repr__(self) -> str:
         return f"EngineTeacher({self.backend}, {self.onnx_path})"

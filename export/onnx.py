@@ -167,8 +167,9 @@ def check_parity(model: nn.Module, onnx_path: str | Path, inputs: Batch, rtol: f
 
     `model` is the exported module (ClassifierGraph / TeacherGraph, or anything whose forward
     returns the outputs in the ONNX file's order). Raises fieldlearn.runtime.engines.
-    ParityError above rtol, or when torch's outputs are ~0 (an untrained net in eval mode
-    gives logits near 1e-16, which would make any check pass).
+    ParityError above rtol, or when torch's outputs are ~0 or the same for every input
+    (an untrained net in eval mode outputs its head bias whatever the image, which would
+    make any check pass): warm its BatchNorm statistics or use real images.
     """
     ort_engine = OrtEngine(onnx_path, threads=threads, providers=["CPUExecutionProvider"])
     with eval_mode(model):

@@ -40,7 +40,8 @@ def is_torch(x: Any) -> bool:
 
 def to_numpy(x: Batch, dtype: np.dtype | type = np.float32) -> np.ndarray:
     if is_torch(x):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        x = (x.float() if x.dtype == sys.modules["torch"].bfloat16 else x).numpy()  # numpy has no bfloat16
     return np.ascontiguousarray(x, dtype=dtype)
 
 
