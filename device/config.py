@@ -28,7 +28,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     # LC: cross-entropy over all seen classes, or only over the classes of this increment.
-    lc_span: Literal["all", "new"] = "new"
+    lc_span: Literal["all", "new", "calibrated"] = "new"
     # LD: "bce" = full binary cross-entropy between sigmoid(teacher) and sigmoid(student)
     # on base-class logits (LwF-MC); "kd" = softmax KD with temperature.
     ld: Literal["bce", "kd"] = "bce"
@@ -42,7 +42,8 @@ class TrainConfig:
     epochs: int = 6
     base_epochs: int = 8
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float = 0.01
+    base_lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     # Freeze BatchNorm statistics of the trainable blocks during increments: new-class

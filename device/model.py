@@ -89,6 +89,18 @@ class Student(nn.Module):
                 new.bias[old.out_features:].fill_(old.bias.mean())
         self.head = new
 
+    def align_head(self, n_old: int) -> float:
+        """Weight aligning (Zhao et al., CVPR 2020), data-free: scale the new rows of the
+        head so their mean L2 norm equals the old rows'. Returns the factor applied."""
+        w = self.head.weight
+        if not 0 < n_old < w.shape[0]:
+            return 1.0
+        with torch.no_grad():
+            factor = float(w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean().clamp_min(1e-12))
+            w[n_old:].mul_(factor)
+            self.head.bias[n_old:].mul_(factor)
+        return factor
+
     def freeze_bn(self) -> None:
         """Put every BatchNorm of the top in eval mode (call after .train())."""
         for m in self.top.modules():

@@ -1,0 +1,235 @@
+"""The class-incremental loop: base training (step 0) and one increment (step t).
+
+One increment, as data flows:
+    new-class images (uint8, in memory) -> frozen trunk, once per image -> z     [N, C_k, H', W']
+    teacher(z) once per image -> logits [N, K_old], b [N], q_t [N, h*w]           (no grad)
+    for each epoch, batch: student.forward_top(z) -> (A, logits) -> method terms -> backward -> step
+    -> evaluate on all seen classes -> the student becomes the next teacher
+
+With a frozen trunk the inputs are fixed for the whole step, so the trunk and the teacher
+run once per image instead of once per image per epoch. Those activations live in memory
+only and are dropped when the step ends; nothing here writes to disk. With
+freeze_blocks=0 (nothing frozen) batches are built from pixels with a random flip, and
+the teacher runs on each batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fieldlearn.device.config import RunConfig
+from fieldlearn.device.data import ImageSet, to_input
+from fieldlearn.device.losses import teacher_maps
+from fieldlearn.device.methods import Batch, Method, make_method
+from fieldlearn.device.model import Student
+from fieldlearn.device.teacher import Teacher, make_teacher
+from fieldlearn.runtime.errors import UserError
+
+EVAL_BATCH = 128
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/Inf: the step is aborted and nothing is saved."""
+
+
+@dataclass
+class StepReport:
+    step: int
+    method: str
+    n_old: int
+    n_new: int
+    n_images: int
+    loss_terms: dict[str, float] = field(default_factory=dict)   # mean of each term over the last epoch
+    seconds: dict[str, float] = field(default_factory=dict)      # per phase
+    teacher_backend: str = ""
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _inputs(student: Student, images: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    m = cfg.model
+    return to_input(images, m.input_size, m.mean, m.std).to(cfg.train.device)
+
+
+@torch.no_grad()
+def encode(student: Student, images: torch.Tensor, cfg: RunConfig, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """Frozen trunk over uint8 images [N, 3, S, S] -> z [N, C_k, H', W'] (in memory)."""
+    student.trunk.eval()
+    out = [student.encode(_inputs(student, images[i: i + batch], cfg)) for i in range(0, len(images), batch)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _uses_cache(cfg: RunConfig) -> bool:
+    return cfg.model.freeze_blocks > 0
+
+
+@dataclass
+class _TeacherTargets:
+    logits: torch.Tensor | None   # [N, K_old]
+    b: torch.Tensor | None        # [N]
+    q_t: torch.Tensor | None      # [N, h*w]
+
+
+@torch.no_grad()
+def _teacher_targets(teacher: Teacher, z: torch.Tensor, method: Method, batch: int = EVAL_BATCH) -> _TeacherTargets:
+    if not (method.uses_teacher_logits or method.uses_teacher_maps):
+        return _TeacherTargets(None, None, None)
+    logits, bs, qs = [], [], []
+    for i in range(0, len(z), batch):
+        out = teacher(z[i: i + batch])
+        b, q = teacher_maps(out.features, teacher.head_weight, out.logits)
+        logits.append(out.logits.float())
+        bs.append(b)
+        qs.append(q)
+    return _TeacherTargets(torch.cat(logits), torch.cat(bs), torch.cat(qs))
+
+
+def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epochs: int,
+               cfg: RunConfig, teacher: Teacher | None = None, step: int = 0,
+               lr: float | None = None) -> StepReport:
+    """Train `student` in place on `data` (labels are global indices) with `method`.
+
+    n_old: classes the teacher knows (0 for the base step). The student's head must
+    already have n_old + n_new rows.
+    """
+    tc = cfg.train
+    if len(data) == 0:
+        raise UserError("no training images for this step")
+    if (method.uses_teacher_logits or method.uses_teacher_maps) and teacher is None:
+        raise ValueError(f"method {method.name} needs a teacher")
+    torch.manual_seed(tc.seed + 1000 * step)
+    gen = torch.Generator().manual_seed(tc.seed + 1000 * step)
+    report = StepReport(step=step, method=method.name, n_old=n_old, n_new=student.num_classes - n_old,
+                        n_images=len(data), teacher_backend=getattr(teacher, "backend", ""))
+    labels = data.labels.to(tc.device)
+    cached = _uses_cache(cfg)
+
+    t0 = time.perf_counter()
+    z_all = encode(student, data.images, cfg) if cached else None
+    report.seconds["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    targets = _teacher_targets(teacher, z_all, method) if (cached and teacher is not None) else None
+    report.seconds["teacher"] = time.perf_counter() - t0
+
+    params = student.trainable_parameters()
+    lr = tc.lr if lr is None else lr
+    opt = torch.optim.SGD(params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    n = len(data)
+    per_epoch = max(1, math.ceil(n / tc.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * per_epoch))
+    t0 = time.perf_counter()
+    teacher_seconds = 0.0
+    for epoch in _progress(range(epochs), tc.progress, f"step {step} {method.name}"):
+        student.train()
+        if step > 0 and tc.freeze_bn_in_increments:
+            student.freeze_bn()
+        sums: dict[str, float] = {}
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, tc.batch_size):
+            idx = perm[i: i + tc.batch_size]
+            if len(idx) < 2 and n >= 2:
+                continue  # BatchNorm in train mode needs more than one sample
+            if cached:
+                z = z_all[idx]
+                tgt = _TeacherTargets(*(None if t is None else t[idx] for t in
+                                        (targets.logits, targets.b, targets.q_t))) if targets else None
+            else:
+                imgs = data.images[idx]
+                if tc.augment:
+                    flip = torch.rand(len(idx), generator=gen) < 0.5
+                    imgs = torch.where(flip[:, None, None, None], imgs.flip(-1), imgs)
+                z = _inputs(student, imgs, cfg)
+                tgt = None
+                if teacher is not None:
+                    tt = time.perf_counter()
+                    tgt = _teacher_targets(teacher, z, method)
+                    teacher_seconds += time.perf_counter() - tt
+            feats, logits = student.forward_top(z)
+            batch = Batch(labels=labels[idx], n_old=n_old, feats=feats, logits=logits,
+                          head_weight=student.head.weight,
+                          teacher_logits=tgt.logits if tgt else None,
+                          teacher_class=tgt.b if tgt else None,
+                          teacher_map=tgt.q_t if tgt else None)
+            terms = method.terms(batch)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {step}, epoch {epoch}, batch {i // tc.batch_size} "
+                    f"(learning rate {lr} too high?); nothing was saved")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+            opt.step()
+            sched.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
+        report.loss_terms = {k: v / n for k, v in sums.items()}
+    report.seconds["train"] = time.perf_counter() - t0 - teacher_seconds
+    report.seconds["teacher"] += teacher_seconds
+    del z_all, targets  # the step's activations go with the step
+    student.eval()
+    return report
+
+
+def train_base(student: Student, data: ImageSet, cfg: RunConfig) -> StepReport:
+    """Step 0: LC over the base classes."""
+    method = make_method("finetune", cfg.loss)
+    return train_step(student, method, data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg, teacher=None, step=0,
+                      lr=cfg.train.base_lr)
+
+
+def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig, step: int,
+                    method: str | None = None, teacher: Teacher | None = None) -> StepReport:
+    """Step t: the current student becomes the frozen teacher, a copy with a widened head
+    learns the n_new classes from `data` (new-class images only; labels are global indices
+    >= the number of classes already known). `student` is modified in place.
+    """
+    m = make_method(method or cfg.method, cfg.loss)
+    n_old = student.num_classes
+    bad = data.labels[(data.labels < n_old) | (data.labels >= n_old + n_new)]
+    if bad.numel():
+        raise UserError(f"increment data has label {int(bad[0])} outside the new classes {n_old}..{n_old + n_new - 1}")
+    if teacher is None and (m.uses_teacher_logits or m.uses_teacher_maps):
+        teacher = make_teacher(student, cfg.teacher_backend)
+    student.widen(n_new)
+    return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step)
+
+
+@torch.no_grad()
+def predict_logits(student: Student, images: torch.Tensor, cfg: RunConfig,
+                   z: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 images [N, 3, S, S] (or precomputed trunk output z) -> logits [N, K]."""
+    student.eval()
+    out = []
+    for i in range(0, len(images) if z is None else len(z), EVAL_BATCH):
+        zi = z[i: i + EVAL_BATCH] if z is not None else student.encode(_inputs(student, images[i: i + EVAL_BATCH], cfg))
+        out.append(student.forward_top(zi)[1].float())
+    return torch.cat(out) if out else torch.zeros(0, student.num_classes)
+
+
+def evaluate(student: Student, data: ImageSet, groups: list[list[int]], cfg: RunConfig,
+             z: torch.Tensor | None = None) -> tuple[float, list[float]]:
+    """Accuracy over every class the student knows, overall and per class group.
+
+    data.labels are global indices < student.num_classes; groups[g] lists the classes of step g.
+    """
+    logits = predict_logits(student, data.images, cfg, z)
+    pred = logits.argmax(1).cpu()
+    correct = pred == data.labels
+    acc = float(correct.float().mean()) if len(correct) else float("nan")
+    per = []
+    for g in groups:
+        mask = torch.isin(data.labels, torch.tensor(g))
+        per.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
+    return acc, per

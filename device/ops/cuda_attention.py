@@ -1,0 +1,597 @@
+"""Fused Grad-CAM + LAD on CUDA: NVRTC-compiled kernels launched with cuda-python.
+
+    AttentionDistillFn.apply(feat_s, w_s, q_t) -> [] float32     (shapes: see attention_distill)
+
+The source is device/csrc/attention_distill.cu (plain CUDA C, extern "C" kernels). At first
+use it is compiled with NVRTC (`cuda.bindings.nvrtc`) for the compute capability of the
+tensors' device, the image is cached on disk under $FIELDLEARN_CACHE/kernels (default
+~/.cache/fieldlearn/kernels), keyed by (source + options sha256, arch, NVRTC version) and
+written atomically, then loaded and launched with `cuda.bindings.driver` on torch's current
+stream. Nothing here needs a GPU until a kernel is launched: `compile_cubin("sm_87")` and
+`ptxas_report("sm_90")` run on any machine with NVRTC (CI, deploy.sh pre-compilation).
+
+The host side is split so that it can be exercised without a GPU:
+
+    KernelBackend(launcher)   launch geometry, workspaces, argument packing (the kernel contract)
+      CudaLauncher            -> cuLaunchKernel (the real thing)
+      (tests)                 -> the same .cu run by a CPU emulator, same packed arguments
+    TorchKernelBackend        the same contract in plain torch: the kernel's math, written out
+
+`use_backend(...)` swaps the backend that AttentionDistillFn calls (tests, self-check).
+
+Kernel contract (all float32 except the feature map and the head rows):
+    forward(feat [B,C,h,w], w [B,C], qt [B,HW] f32) -> loss [], cam [B,HW] (pre-ReLU),
+        stats [B,2] = (||relu(cam)||_2 unclamped, S = sum_j q_j sign(q_j - qt_j)), loss_b [B]
+    backward(feat, w, qt, cam, stats, g []) -> dfeat [B,C,h,w] (feat dtype), dw [B,C] (w dtype)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from fieldlearn.device.ops.attention_distill import EPS, attention_distill_ref, check_shapes
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "attention_distill.cu"
+BLOCK = 256                     # threads per block of the partial/backward kernels (FL_BLOCK)
+ITEMS_BWD = 8                   # FL_ITEMS_BWD in the source
+NVRTC_OPTIONS = ("-std=c++17", f"-DFL_BLOCK={BLOCK}", "-lineinfo")
+
+_TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+# (feature dtype, head-row dtype) pairs compiled in the source (FL_AD_TYPED_KERNELS); any
+# other head-row dtype is cast to float32 on the host.
+_PAIRS = (("f32", "f32"), ("f16", "f16"), ("f16", "f32"), ("bf16", "bf16"), ("bf16", "f32"))
+_ITEMS_FWD = {"f32": 8, "f16": 16, "bf16": 16}   # fl_items_fwd<T> = 32 / sizeof(T)
+_MAX_SAMPLE = 1 << 30           # in-sample offsets are int in the kernels
+
+
+def kernel_names() -> list[str]:
+    """Every extern "C" kernel the source defines."""
+    names = ["fl_ad_fwd_finish", "fl_ad_fwd_mean"]
+    for tf, tw in _PAIRS:
+        names += [f"fl_ad_fwd_partial_{tf}_{tw}", f"fl_ad_bwd_{tf}_{tw}"]
+    return names
+
+
+def install_hint() -> str:
+    major = (torch.version.cuda or "12").split(".")[0]
+    return (f'pip install "cuda-python[all]=={major}.*"  (cuda-python with NVRTC for CUDA {major}; '
+            f"on a Jetson NVRTC comes with JetPack's CUDA toolkit), or set FIELDLEARN_FORCE_REF=1 "
+            f"to use the PyTorch reference")
+
+
+# ----------------------------------------------------------------------------- NVRTC
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc  # noqa: PLC0415
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError(f"fieldlearn's fused attention kernel needs cuda-python: {install_hint()}") from e
+    return nvrtc
+
+
+def _check_nvrtc(err, what: str) -> None:
+    nvrtc = _nvrtc()
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"{what} failed: {err}")
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library cuda-python loads; RuntimeError naming the install
+    command when cuda-python or libnvrtc is missing."""
+    nvrtc = _nvrtc()
+    try:
+        err, major, minor = nvrtc.nvrtcVersion()
+    except Exception as e:  # cuda-pathfinder raises when libnvrtc.so cannot be found
+        raise RuntimeError(f"NVRTC could not be loaded ({e}): {install_hint()}") from e
+    _check_nvrtc(err, "nvrtcVersion")
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def supported_archs() -> tuple[int, ...]:
+    """Compute capabilities (e.g. 87, 90) this NVRTC can generate code for."""
+    nvrtc_version()
+    nvrtc = _nvrtc()
+    err, archs = nvrtc.nvrtcGetSupportedArchs()
+    _check_nvrtc(err, "nvrtcGetSupportedArchs")
+    return tuple(int(a) for a in archs)
+
+
+def _arch_number(arch: str) -> int:
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)", arch)
+    if not m:
+        raise ValueError(f"arch must look like 'sm_87' or 'compute_87', got {arch!r}")
+    return int(m.group(1))
+
+
+def source_text() -> str:
+    return SOURCE.read_text()
+
+
+def _compile(arch: str, extra: Sequence[str] = ()) -> tuple[bytes, str]:
+    """Compile the source for `arch` ('sm_XX' -> cubin, 'compute_XX' -> PTX). Returns (image, log)."""
+    nvrtc = _nvrtc()
+    num = _arch_number(arch)
+    if num not in supported_archs():
+        major, minor = nvrtc_version()
+        hint = (" Xavier (sm_72) needs the NVRTC of JetPack 5's CUDA 11.4 toolkit."
+                if num < min(supported_archs()) else "")
+        raise RuntimeError(f"NVRTC {major}.{minor} cannot generate code for {arch} "
+                           f"(supported: {', '.join(map(str, supported_archs()))}).{hint}")
+    err, prog = nvrtc.nvrtcCreateProgram(source_text().encode(), b"attention_distill.cu", 0, [], [])
+    _check_nvrtc(err, "nvrtcCreateProgram")
+    try:
+        opts = [o.encode() for o in (*NVRTC_OPTIONS, f"--gpu-architecture={arch}", *extra)]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        log_text = log.rstrip(b"\0 ").decode(errors="replace")
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise RuntimeError(f"NVRTC failed to compile {SOURCE.name} for {arch}:\n{log_text}")
+        if arch.startswith("sm_"):
+            err, size = nvrtc.nvrtcGetCUBINSize(prog)
+            _check_nvrtc(err, "nvrtcGetCUBINSize")
+            image = b" " * size
+            (err,) = nvrtc.nvrtcGetCUBIN(prog, image)
+            _check_nvrtc(err, "nvrtcGetCUBIN")
+        else:
+            err, size = nvrtc.nvrtcGetPTXSize(prog)
+            _check_nvrtc(err, "nvrtcGetPTXSize")
+            image = b" " * size
+            (err,) = nvrtc.nvrtcGetPTX(prog, image)
+            _check_nvrtc(err, "nvrtcGetPTX")
+        return image, log_text
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def compile_cubin(arch: str) -> bytes:
+    """Cubin for `arch` (e.g. 'sm_87' for Jetson Orin, 'sm_90' for H100/H200). No GPU needed."""
+    if not arch.startswith("sm_"):
+        arch = f"sm_{_arch_number(arch)}"
+    return _compile(arch)[0]
+
+
+def ptxas_report(arch: str) -> dict[str, dict[str, int]]:
+    """Per kernel: registers, spill_stores, spill_loads, stack_frame, smem (bytes), from ptxas -v
+    run inside NVRTC (no nvcc needed)."""
+    _, log = _compile(arch if arch.startswith("sm_") else f"sm_{_arch_number(arch)}", ("--ptxas-options=-v",))
+    return parse_ptxas_log(log)
+
+
+def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
+    report: dict[str, dict[str, int]] = {}
+    cur: dict[str, int] | None = None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            cur = report.setdefault(m.group(1), {})
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur.update(stack_frame=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            cur["smem"] = int(s.group(1)) if s else 0
+    return report
+
+
+# ----------------------------------------------------------------------------- disk cache
+
+def cache_dir() -> Path:
+    root = os.environ.get("FIELDLEARN_CACHE")
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fieldlearn"
+    return base / "kernels"
+
+
+def cache_key(arch: str) -> str:
+    h = hashlib.sha256(source_text().encode())
+    h.update("\0".join(NVRTC_OPTIONS).encode())
+    major, minor = nvrtc_version()
+    ext = "cubin" if arch.startswith("sm_") else "ptx"
+    return f"attention_distill-{h.hexdigest()[:24]}-{arch}-nvrtc{major}.{minor}.{ext}"
+
+
+def _image_ok(arch: str, image: bytes) -> bool:
+    return image.startswith(b"\x7fELF") if arch.startswith("sm_") else b".entry" in image
+
+
+def kernel_image(arch: str) -> bytes:
+    """Cubin ('sm_XX') or PTX ('compute_XX') from the disk cache, compiled and stored on a miss."""
+    path = cache_dir() / cache_key(arch)
+    try:
+        image = path.read_bytes()
+        if _image_ok(arch, image):
+            return image
+    except OSError:
+        pass
+    image = _compile(arch)[0]
+    try:  # atomic: a concurrent reader sees the old file or the whole new one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(image)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:
+        pass  # read-only home: compile every run, still correct
+    return image
+
+
+def precompile(arch: str) -> Path:
+    """Fill the disk cache for `arch` (deploy.sh calls this before the first training run)."""
+    kernel_image(arch)
+    return cache_dir() / cache_key(arch)
+
+
+def arch_for(capability: tuple[int, int]) -> str:
+    """'sm_XY' for a compute capability NVRTC knows; otherwise PTX for the newest arch below it
+    (the driver JIT-compiles it)."""
+    cc = capability[0] * 10 + capability[1]
+    archs = supported_archs()
+    if cc in archs:
+        return f"sm_{cc}"
+    lower = [a for a in archs if a <= cc]
+    if lower:
+        return f"compute_{max(lower)}"
+    major, minor = nvrtc_version()
+    raise RuntimeError(
+        f"NVRTC {major}.{minor} cannot target compute capability {capability[0]}.{capability[1]} "
+        f"(oldest it supports: sm_{min(archs)}). Jetson Xavier (sm_72) needs JetPack 5's CUDA 11.4 "
+        f"NVRTC with cuda-python 11.8; or set FIELDLEARN_FORCE_REF=1.")
+
+
+# ----------------------------------------------------------------------------- launch geometry
+
+def plan(B: int, C: int, HW: int, items: int, num_sms: int, block: int = BLOCK,
+         blocks_per_sm: int = 8, waves: int = 2) -> tuple[int, int]:
+    """(nsplit, cpb): each sample's C channels go to nsplit blocks of cpb channels (the last
+    one shorter). cpb is a whole number of rounds (KR * items channels) so no lane idles, and
+    there are enough blocks for about `waves` waves of the GPU."""
+    tj = min(HW, block)
+    unit = (block // tj) * items
+    units = -(-C // unit)
+    want = max(1, -(-num_sms * blocks_per_sm * waves // B))
+    nsplit = min(units, want)
+    cpb = -(-units // nsplit) * unit
+    return -(-C // cpb), cpb
+
+
+def finish_block(HW: int) -> int:
+    return min(BLOCK, 32 * -(-HW // 32))
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@dataclass
+class Launch:
+    name: str
+    grid: int
+    block: int
+    args: tuple  # ctypes values, in the kernel's parameter order
+
+
+class CudaLauncher:
+    """Loads the module once per device (primary context) and launches on torch's stream."""
+
+    def __init__(self) -> None:
+        try:
+            from cuda.bindings import driver  # noqa: PLC0415
+        except ImportError as e:
+            raise RuntimeError(f"fieldlearn's fused attention kernel needs cuda-python: {install_hint()}") from e
+        self.driver = driver
+        self._check(driver.cuInit(0)[0], "cuInit")
+        self._modules: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def _check(self, err, what: str) -> None:
+        d = self.driver
+        if err != d.CUresult.CUDA_SUCCESS:
+            _, msg = d.cuGetErrorString(err)
+            raise RuntimeError(f"{what} failed: {err} ({msg.decode() if msg else '?'})")
+
+    def num_sms(self, device: torch.device) -> int:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+
+    def _module(self, index: int):
+        mod = self._modules.get(index)
+        if mod is not None:
+            return mod
+        with self._lock:
+            if index in self._modules:
+                return self._modules[index]
+            d = self.driver
+            arch = arch_for(torch.cuda.get_device_capability(index))
+            image = kernel_image(arch)
+            if not arch.startswith("sm_"):
+                image = image.rstrip(b"\0") + b"\0"
+            err, dev = d.cuDeviceGet(index)
+            self._check(err, "cuDeviceGet")
+            err, ctx = d.cuDevicePrimaryCtxRetain(dev)
+            self._check(err, "cuDevicePrimaryCtxRetain")
+            self._make_current(ctx)
+            err, module = d.cuModuleLoadData(image)
+            if err != d.CUresult.CUDA_SUCCESS and arch.startswith("sm_"):
+                # a damaged cache entry, or a cubin this driver cannot load: compile afresh
+                image = _compile(arch)[0]
+                err, module = d.cuModuleLoadData(image)
+            self._check(err, f"cuModuleLoadData({arch})")
+            funcs = {}
+            for name in kernel_names():
+                err, fn = d.cuModuleGetFunction(module, name.encode())
+                self._check(err, f"cuModuleGetFunction({name})")
+                funcs[name] = fn
+            self._modules[index] = (ctx, module, funcs)
+            return self._modules[index]
+
+    def _make_current(self, ctx) -> None:
+        d = self.driver
+        err, cur = d.cuCtxGetCurrent()
+        self._check(err, "cuCtxGetCurrent")
+        if int(cur) != int(ctx):
+            self._check(d.cuCtxSetCurrent(ctx)[0], "cuCtxSetCurrent")
+
+    def run(self, device: torch.device, launches: Sequence[Launch]) -> None:
+        d = self.driver
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        guard = torch.cuda.device(index) if torch.cuda.current_device() != index else contextlib.nullcontext()
+        with guard:
+            ctx, _, funcs = self._module(index)
+            self._make_current(ctx)       # autograd's worker threads may not have it yet
+            stream = d.CUstream(torch.cuda.current_stream(index).cuda_stream)
+            for ln in launches:
+                params = (ctypes.c_void_p * len(ln.args))(*[ctypes.addressof(a) for a in ln.args])
+                (err,) = d.cuLaunchKernel(funcs[ln.name], ln.grid, 1, 1, ln.block, 1, 1, 0, stream,
+                                          ctypes.addressof(params), 0)
+                self._check(err, f"cuLaunchKernel({ln.name}, grid={ln.grid}, block={ln.block})")
+
+
+@dataclass
+class FwdOut:
+    loss: torch.Tensor     # []       float32
+    cam: torch.Tensor      # [B, HW]  float32, pre-ReLU
+    stats: torch.Tensor    # [B, 2]   float32: (unclamped norm, S)
+    loss_b: torch.Tensor   # [B]      float32
+
+
+class KernelBackend:
+    """Host side of the fused kernels: geometry, workspaces and argument packing.
+
+    `launcher` runs a list of Launch records on a device (CudaLauncher; the tests' emulator).
+    Optional `out`/`workspace` tensors let the self-check NaN-poison every buffer first.
+    """
+
+    name = "cuda"
+
+    def __init__(self, launcher: Any) -> None:
+        self.launcher = launcher
+
+    def supports(self, feat: torch.Tensor, w: torch.Tensor, qt: torch.Tensor) -> bool:
+        return (feat.dtype in _TAGS and feat.numel() > 0
+                and feat.shape[1] * feat.shape[2] * feat.shape[3] <= _MAX_SAMPLE)
+
+    def head_dtype(self, feat_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+        """dtype the head rows are given to the kernel in (others are cast to float32)."""
+        return w_dtype if (_TAGS[feat_dtype], _TAGS.get(w_dtype)) in _PAIRS else torch.float32
+
+    def workspace_numel(self, feat: torch.Tensor) -> int:
+        """float32 elements of the forward's partial-sum workspace."""
+        B, C, HW, nsplit, _ = self._geometry(feat, _ITEMS_FWD[_TAGS[feat.dtype]])
+        return B * nsplit * HW
+
+    def _geometry(self, feat: torch.Tensor, items: int) -> tuple[int, int, int, int, int]:
+        B, C, h, w = feat.shape
+        HW = h * w
+        nsplit, cpb = plan(B, C, HW, items, self.launcher.num_sms(feat.device))
+        return B, C, HW, nsplit, cpb
+
+    def forward(self, feat: torch.Tensor, w: torch.Tensor, qt: torch.Tensor,
+                out: FwdOut | None = None, workspace: torch.Tensor | None = None) -> FwdOut:
+        tf, tw = _TAGS[feat.dtype], _TAGS[w.dtype]
+        B, C, HW, nsplit, cpb = self._geometry(feat, _ITEMS_FWD[tf])
+        f32 = dict(device=feat.device, dtype=torch.float32)
+        if out is None:
+            out = FwdOut(torch.empty((), **f32), torch.empty(B, HW, **f32),
+                         torch.empty(B, 2, **f32), torch.empty(B, **f32))
+        part = workspace if workspace is not None else torch.empty(B * nsplit * HW, **f32)
+        assert part.numel() >= B * nsplit * HW
+        i, fl = ctypes.c_int, ctypes.c_float
+        self.launcher.run(feat.device, [
+            Launch(f"fl_ad_fwd_partial_{tf}_{tw}", B * nsplit, BLOCK,
+                   (_ptr(feat), _ptr(w), _ptr(part), i(C), i(HW), i(nsplit), i(cpb))),
+            Launch("fl_ad_fwd_finish", B, finish_block(HW),
+                   (_ptr(part), _ptr(qt), _ptr(out.cam), _ptr(out.stats), _ptr(out.loss_b),
+                    i(HW), i(nsplit), fl(EPS))),
+            Launch("fl_ad_fwd_mean", 1, BLOCK, (_ptr(out.loss_b), _ptr(out.loss), i(B))),
+        ])
+        return out
+
+    def backward(self, feat: torch.Tensor, w: torch.Tensor, qt: torch.Tensor, cam: torch.Tensor,
+                 stats: torch.Tensor, grad: torch.Tensor,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tf, tw = _TAGS[feat.dtype], _TAGS[w.dtype]
+        B, C, HW, nsplit, cpb = self._geometry(feat, ITEMS_BWD)
+        dfeat, dw = out if out is not None else (torch.empty_like(feat), torch.empty_like(w))
+        g = grad.detach().to(device=feat.device, dtype=torch.float32).reshape(1).contiguous()
+        i = ctypes.c_int
+        self.launcher.run(feat.device, [
+            Launch(f"fl_ad_bwd_{tf}_{tw}", B * nsplit, BLOCK,
+                   (_ptr(feat), _ptr(w), _ptr(cam), _ptr(qt), _ptr(stats), _ptr(g), _ptr(dfeat), _ptr(dw),
+                    i(B), i(C), i(HW), i(nsplit), i(cpb), ctypes.c_float(EPS))),
+        ])
+        return dfeat, dw
+
+
+class TorchKernelBackend:
+    """The kernel contract in plain torch, formula for formula (float32, or float64 for float64
+    inputs so that gradcheck can check it). Stands in for the kernels where there is no GPU."""
+
+    name = "torch"
+
+    def supports(self, feat: torch.Tensor, w: torch.Tensor, qt: torch.Tensor) -> bool:
+        return feat.dtype.is_floating_point and feat.numel() > 0
+
+    def head_dtype(self, feat_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+        if feat_dtype == torch.float64:
+            return torch.float64
+        return w_dtype if (_TAGS[feat_dtype], _TAGS.get(w_dtype)) in _PAIRS else torch.float32
+
+    def workspace_numel(self, feat: torch.Tensor) -> int:
+        return 0
+
+    @staticmethod
+    def _acc(feat: torch.Tensor) -> torch.dtype:
+        return torch.float64 if feat.dtype == torch.float64 else torch.float32
+
+    def forward(self, feat, w, qt, out: FwdOut | None = None, workspace=None) -> FwdOut:
+        acc = self._acc(feat)
+        cam = torch.einsum("bc,bcj->bj", w.to(acc), feat.to(acc).flatten(2))     # [B, HW]
+        r = cam.clamp_min(0)
+        nraw = r.norm(dim=1)                                                      # [B]
+        n = torch.where(nraw < EPS, torch.full_like(nraw, EPS), nraw)
+        q = r / n[:, None]
+        d = q - qt.to(acc)
+        loss_b = d.abs().sum(1)
+        S = (q * d.sign()).sum(1)
+        res = FwdOut(loss_b.mean(), cam, torch.stack([nraw, S], 1), loss_b)
+        if out is not None:
+            for name in ("loss", "cam", "stats", "loss_b"):
+                getattr(out, name).copy_(getattr(res, name))
+            return out
+        return res
+
+    def backward(self, feat, w, qt, cam, stats, grad, out=None):
+        acc = cam.dtype
+        B = feat.shape[0]
+        nraw, S = stats[:, 0:1], stats[:, 1:2]                                    # [B, 1]
+        clamped = nraw < EPS
+        n = torch.where(clamped, torch.full_like(nraw, EPS), nraw)
+        gB = grad.to(acc) / B
+        q = cam.clamp_min(0) / n
+        sg = (q - qt.to(acc)).sign()
+        dc = torch.where(cam > 0, gB * torch.where(clamped, sg, sg - q * S) / n, torch.zeros_like(cam))
+        A = feat.to(acc).flatten(2)                                               # [B, C, HW]
+        dfeat = (w.to(acc)[:, :, None] * dc[:, None, :]).view(feat.shape).to(feat.dtype)
+        dw = torch.einsum("bj,bcj->bc", dc, A).to(w.dtype)
+        if out is not None:
+            out[0].copy_(dfeat)
+            out[1].copy_(dw)
+            return out
+        return dfeat, dw
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+_backend: Any = None
+_backend_lock = threading.Lock()
+
+
+def get_backend() -> Any:
+    """The backend AttentionDistillFn uses: the CUDA kernels unless `use_backend` says otherwise."""
+    global _backend
+    if _backend is None:
+        with _backend_lock:
+            if _backend is None:
+                _backend = KernelBackend(CudaLauncher())
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: Any) -> Iterator[Any]:
+    """Temporarily route AttentionDistillFn through `backend` (tests, self-check)."""
+    global _backend
+    prev = _backend
+    _backend = backend
+    try:
+        yield backend
+    finally:
+        _backend = prev
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """True where a CUDA device is present (then a missing cuda-python/NVRTC is an error that
+    names the install command, not a silent fallback). False on CPU-only machines."""
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:  # pragma: no cover - broken driver installs
+        return False
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class AttentionDistillFn(torch.autograd.Function):
+    """LAD through the backend's fused forward and single-pass backward.
+
+    Inputs are made contiguous; head rows of a dtype the kernels do not pair with the feature
+    dtype are cast to float32 (their gradient is cast back); q_t is read as float32 (a
+    gradient for it, rarely wanted since the teacher is frozen, is computed in torch).
+    """
+
+    @classmethod
+    def apply(cls, feat_s, w_s, q_t):  # type: ignore[override]
+        # Inputs the backend cannot take (float64, empty batches) go to the reference, so
+        # that the dispatcher may send any CUDA tensor here.
+        if not get_backend().supports(feat_s, w_s, q_t):
+            return attention_distill_ref(feat_s, w_s, q_t)
+        return super().apply(feat_s, w_s, q_t)
+
+    @staticmethod
+    def forward(ctx, feat_s: torch.Tensor, w_s: torch.Tensor, q_t: torch.Tensor) -> torch.Tensor:
+        check_shapes(feat_s, w_s, q_t)
+        if not (feat_s.device == w_s.device == q_t.device):
+            raise ValueError(f"attention_distill: feat_s, w_s and q_t must be on one device, got "
+                             f"{feat_s.device}, {w_s.device}, {q_t.device}")
+        backend = get_backend()
+        acc = torch.float64 if feat_s.dtype == torch.float64 else torch.float32
+        feat = feat_s.detach().contiguous()
+        w = w_s.detach().to(backend.head_dtype(feat_s.dtype, w_s.dtype)).contiguous()
+        qt = q_t.detach().to(acc).contiguous()
+        res = backend.forward(feat, w, qt)
+        ctx.save_for_backward(feat, w, qt, res.cam, res.stats)
+        ctx.backend = backend
+        ctx.w_dtype = w_s.dtype
+        ctx.qt_dtype = q_t.dtype
+        return res.loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        feat, w, qt, cam, stats = ctx.saved_tensors
+        need_feat, need_w, need_qt = ctx.needs_input_grad
+        dfeat = dw = dqt = None
+        if need_feat or need_w:
+            dfeat, dw = ctx.backend.backward(feat, w, qt, cam, stats, grad)
+            dfeat = dfeat if need_feat else None
+            dw = dw.to(ctx.w_dtype) if need_w else None
+        if need_qt:  # d/dqt |q - qt| = -sign(q - qt), times g / B
+            n = stats[:, 0:1].clamp_min(EPS)
+            q = cam.clamp_min(0) / n
+            dqt = (-(grad.to(cam.dtype) / feat.shape[0]) * (q - qt).sign()).to(ctx.qt_dtype)
+        return dfeat, dw, dqt

@@ -1,0 +1,181 @@
+"""The learner's state on disk: immutable versions and an atomic `current` pointer.
+
+What a version holds: weights (safetensors), class names in order, the config, the step
+that produced it, the step history and metrics, the fieldlearn version. What it never
+holds: any image, pixel tensor or feature of a training sample (tests/device/test_state.py
+audits every byte written). Loading reads only safetensors and JSON: nothing executes.
+
+Writing a version: everything goes to versions/.tmp-XXXX, is fsynced, renamed to
+versions/NNNN and the directory fsynced; then `current` is replaced atomically. A crash
+at any point leaves `current` on a complete version (the old or the new one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fieldlearn.device import __version__
+from fieldlearn.device.atomic import fsync_dir, fsync_tree, write_text
+from fieldlearn.device.config import RunConfig
+from fieldlearn.device.model import Student, build_student
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import VERSION_RE, current_version_dir, current_version_name, versions_dir
+
+FORMAT = 1  # bump when meta.json changes incompatibly
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+
+
+@dataclass
+class LoadedState:
+    student: Student
+    classes: list[str]
+    config: RunConfig
+    step: int
+    version_dir: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.meta.get("history", []))
+
+
+def init_state_dir(state_dir: Path) -> Path:
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    versions_dir(state_dir).mkdir(exist_ok=True, mode=0o700)
+    clean_leftovers(state_dir)
+    return state_dir
+
+
+def clean_leftovers(state_dir: Path) -> None:
+    """Remove half-written versions and temp files that a crash left behind."""
+    vd = versions_dir(state_dir)
+    if vd.is_dir():
+        for p in vd.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+    for p in Path(state_dir).glob(".current.*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def has_state(state_dir: Path) -> bool:
+    return (Path(state_dir) / "current").is_file()
+
+
+def _next_version_name(state_dir: Path) -> str:
+    existing = [int(p.name) for p in versions_dir(state_dir).iterdir() if VERSION_RE.match(p.name)]
+    return f"{(max(existing) if existing else 0) + 1:04d}"
+
+
+def save_version(state_dir: Path, student: Student, classes: list[str], config: RunConfig, step: int,
+                 history: list[dict], extra: dict[str, Any] | None = None,
+                 writers: list | None = None) -> Path:
+    """Write a new version and make it current. Returns the version dir.
+
+    writers: callables f(tmp_version_dir) run before publishing (e.g. the ONNX export),
+    so the published version is complete with its exports or not published at all.
+    """
+    if len(classes) != student.num_classes:
+        raise ValueError(f"{len(classes)} class names for a head of {student.num_classes}")
+    state_dir = init_state_dir(state_dir)
+    vd = versions_dir(state_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vd))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS))
+        m = config.model
+        meta = {
+            "format": FORMAT,
+            "fieldlearn_version": __version__,
+            "step": step,
+            "classes": list(classes),
+            "num_classes": len(classes),
+            "architecture": {"arch": m.arch, "width": m.width, "variant": m.variant,
+                             "num_features": student.num_features},
+            "input_size": m.input_size,
+            "mean": list(m.mean),
+            "std": list(m.std),
+            "config": config.to_dict(),
+            "history": history,
+            **(extra or {}),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for w in writers or []:
+            w(tmp)
+        fsync_tree(tmp)
+        name = _next_version_name(state_dir)
+        final = vd / name
+        os.rename(tmp, final)
+        fsync_dir(vd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text(state_dir / "current", name + "\n")
+    return final
+
+
+def read_meta(version_dir: Path) -> dict[str, Any]:
+    path = Path(version_dir) / META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise UserError(f"{path}: not a fieldlearn state")
+    if meta["format"] > FORMAT:
+        raise UserError(f"{path}: written by a newer fieldlearn ({meta.get('fieldlearn_version')}, "
+                        f"format {meta['format']} > {FORMAT}); upgrade fieldlearn to read it")
+    return meta
+
+
+def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
+    version_dir = Path(version_dir)
+    meta = read_meta(version_dir)
+    try:
+        config = RunConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{version_dir / META}: bad config ({e})") from None
+    wpath = version_dir / WEIGHTS
+    try:
+        tensors = load_file(str(wpath), device=device)
+    except FileNotFoundError:
+        raise UserError(f"{wpath}: missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{wpath}: not a readable safetensors file ({e})") from None
+    cfg = config.model
+    cfg_nopre = type(cfg)(**{**cfg.__dict__, "pretrained": False})  # weights come from the file
+    student = build_student(cfg_nopre, int(meta["num_classes"]))
+    missing, unexpected = student.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{wpath}: weights do not match the architecture in {META} "
+                        f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
+    for k, v in student.state_dict().items():
+        if v.shape != tensors[k].shape:
+            raise UserError(f"{wpath}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+    student.to(device).eval()
+    return LoadedState(student=student, classes=list(meta["classes"]), config=config, step=int(meta["step"]),
+                       version_dir=version_dir, meta=meta)
+
+
+def load_state(state_dir: Path, device: str = "cpu") -> LoadedState:
+    """The current version of a state directory."""
+    return load_version(current_version_dir(state_dir), device=device)
+
+
+__all__ = ["LoadedState", "save_version", "load_state", "load_version", "read_meta", "has_state",
+           "init_state_dir", "clean_leftovers", "current_version_name"]
+
+
