@@ -23,8 +23,8 @@ import numpy as np
 
 from fieldlearn.runtime.engines import BACKENDS, best_engine
 from fieldlearn.runtime.errors import UserError
-from fieldlearn.runtime.layout import ONNX_FILE, current_version_dir
-from fieldlearn.runtime.metadata import ModelInfo, model_info
+from fieldlearn.runtime.layout import current_version_dir
+from fieldlearn.runtime.metadata import ONNX_FILE, ModelInfo, model_info
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard, as in the learner's loader
 BATCH = 32  # images per engine call (also the TensorRT profile's max batch for ad-hoc engines)

@@ -27,6 +27,12 @@ from typing import Any
 
 from fieldlearn.runtime.errors import UserError
 
+# Files `fieldlearn export` writes into a version dir (STATE/versions/<name>/, see
+# fieldlearn.runtime.layout) or any --out dir.
+ONNX_FILE = "model.onnx"
+LABELS_FILE = "labels.txt"
+ENGINE_FILE = "model.engine"   # + model.engine.json: what it was built for (export.tensorrt)
+
 INPUT_NAME = "input_0"     # what jetson-inference's imagenet expects
 OUTPUT_NAME = "output_0"
 FEATURES_NAME = "features"
@@ -95,7 +101,7 @@ def model_info(onnx_path: str | Path) -> ModelInfo:
     meta = read_metadata(onnx_path)
     classes = meta.get("classes")
     if classes is None:
-        labels = onnx_path.with_name("labels.txt")
+        labels = onnx_path.with_name(LABELS_FILE)
         if not labels.is_file():
             raise UserError(f"{onnx_path}: no class names in its metadata and no {labels}")
         classes = read_labels(labels)

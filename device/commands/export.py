@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fieldlearn.runtime.errors import UserError
-from fieldlearn.runtime.layout import ENGINE_FILE, LABELS_FILE, ONNX_FILE
+from fieldlearn.runtime.metadata import ENGINE_FILE, LABELS_FILE, ONNX_FILE
 
 ENGINE_MAX_BATCH = 32   # classify's batch; a camera classifies one frame at a time (opt 1)
 FP16_RTOL = 2e-2        # TensorRT FP16 vs torch FP32

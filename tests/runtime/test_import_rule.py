@@ -50,7 +50,8 @@ def test_runtime_imports_torch_lazily():
 def test_importing_the_runtime_side_loads_no_torch():
     """If this fails, one of the modules classify needs pulls torch in indirectly."""
     code = ("import sys, fieldlearn.runtime.classify, fieldlearn.runtime.engines, fieldlearn.runtime.layout, "
-            "fieldlearn.runtime.metadata, fieldlearn.runtime.cuda, fieldlearn.export.tensorrt, fieldlearn.cli.main; "
+            "fieldlearn.runtime.metadata, fieldlearn.runtime.cuda, fieldlearn.runtime.atomic, fieldlearn.export.tensorrt, "
+            "fieldlearn.cli.main; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('fieldlearn.device')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
