@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,12 +48,28 @@ class ExportReport:
     parity: dict[str, dict[str, float]] = field(default_factory=dict)   # check name -> output -> rel err
 
 
-def export_state(state: Any, out_dir: str | Path | None = None, *, engine: bool | None = None,
-                 images: list[str] | None = None, rtol: float = 1e-3, n_random: int = 4, seed: int = 0) -> ExportReport:
-    """Export a loaded state (.student, .classes, .step, .version_dir) and check it.
+def export_state(state: Any, out_dir: str | Path | None = None, **kwargs: Any) -> ExportReport:
+    """Export a loaded state (.student, .classes, .step, .version_dir) into its version dir
+    (or out_dir); see export_student for the checks and kwargs."""
+    return export_student(state.student, list(state.classes), int(state.step),
+                          Path(out_dir) if out_dir is not None else Path(state.version_dir),
+                          state_version=Path(state.version_dir).name, **kwargs)
 
-    Raises ParityError (nothing written) when ONNX Runtime disagrees with torch by more
-    than rtol; UserError for a bad image or a forced --engine without TensorRT.
+
+def export_writer(student, classes: list[str], step: int, **kwargs: Any) -> Callable[[Path], ExportReport]:
+    """f(version_dir) for fieldlearn.device.state.save_version(writers=[...]): the version
+    is then published with its checked model.onnx, or not at all."""
+    return lambda version_dir: export_student(student, classes, step, version_dir, **kwargs)
+
+
+def export_student(student, classes: list[str], step: int, out_dir: str | Path, *, state_version: str | None = None,
+                   engine: bool | None = None, images: list[str] | None = None, rtol: float = 1e-3,
+                   n_random: int = 4, seed: int = 0) -> ExportReport:
+    """OUT/model.onnx + labels.txt (+ model.engine), moved into OUT only when onnx.checker and
+    parity against torch pass (random inputs, and `images` through classify's preprocessing).
+
+    Raises ParityError (nothing written) when an engine disagrees with torch by more than
+    rtol; UserError for a bad image or a forced engine without TensorRT.
     """
     from fieldlearn.export.onnx import ClassifierGraph, check_parity, export_classifier  # noqa: PLC0415
     from fieldlearn.runtime.classify import load_image  # noqa: PLC0415
@@ -63,21 +79,20 @@ def export_state(state: Any, out_dir: str | Path | None = None, *, engine: bool 
     reason = tensorrt_unavailable_reason()
     if engine and reason is not None:
         raise UserError(f"--engine: {reason}")
-    out_dir = Path(out_dir) if out_dir is not None else Path(state.version_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    student = state.student
     size = int(student.cfg.input_size)
+    extra = {"state_version": state_version} if state_version else {}
     work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
     try:
-        onnx_tmp = export_classifier(student, work, classes=list(state.classes), step=int(state.step),
-                                     state_version=Path(state.version_dir).name)
+        onnx_tmp = export_classifier(student, work, classes=list(classes), step=int(step), **extra)
         graph = ClassifierGraph(student)
         checks: list[tuple[str, np.ndarray]] = []
         gen = torch.Generator().manual_seed(seed)
         checks.append((f"random x{n_random}", torch.randn(n_random, 3, size, size, generator=gen).numpy()))
         if images:
             info = model_info(onnx_tmp)
-            checks.append((f"{len(images)} images", np.stack([load_image(p, info) for p in images])))
+            checks.append((f"{len(images)} image{'s' if len(images) != 1 else ''}", np.stack([load_image(p, info) for p in images])))
         report = ExportReport(onnx_path=out_dir / ONNX_FILE, labels_path=out_dir / LABELS_FILE)
         for name, x in checks:
             report.parity[f"onnxruntime, {name}"] = check_parity(graph, onnx_tmp, x, rtol)

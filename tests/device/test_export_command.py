@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 from fieldlearn.cli.main import main
-from fieldlearn.device.commands.export import export_state
+from fieldlearn.device.commands.export import export_state, export_writer
 from fieldlearn.device.config import ModelConfig, RunConfig
 from fieldlearn.device.model import Student
 from fieldlearn.runtime.cuda import tensorrt_unavailable_reason
@@ -89,19 +87,30 @@ def test_forced_engine_without_tensorrt_is_a_user_error(tmp_path):
         export_state(loaded_state(tmp_path / "v"), engine=True)
 
 
-def test_cli_export_then_classify(tmp_path, monkeypatch, capsys):
-    """If this fails, the two commands do not fit together: export into the current version,
-    classify --state finds and runs it."""
-    state_dir = tmp_path / "state"
-    state = loaded_state(state_dir / "versions" / "0002")
-    (state_dir / "current").write_text("0002\n")
-    fake = types.ModuleType("fieldlearn.device.state")   # device/state.py is the lead's; only load_state matters here
-    fake.load_state = lambda d: state if str(d) == str(state_dir) else pytest.fail(f"load_state({d})")
-    monkeypatch.setitem(sys.modules, "fieldlearn.device.state", fake)
+def test_cli_export_then_classify(tmp_path, capsys):
+    """If this fails, the two commands do not fit together on a real state dir: export
+    into the current version, classify --state finds and runs it."""
+    from fieldlearn.device.state import save_version
 
-    assert main(["export", "--state", str(state_dir), "--no-engine"]) == 0
+    state = loaded_state(tmp_path / "scratch")
+    vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=2, history=[])
+    assert main(["export", "--state", str(tmp_path / "state"), "--no-engine"]) == 0
     out = capsys.readouterr().out
-    assert "model.onnx" in out and "parity vs torch (onnxruntime, random x4)" in out
-    assert main(["classify", *photos(tmp_path, 2), "--state", str(state_dir), "--top-k", "3"]) == 0
+    assert str(vdir / "model.onnx") in out and "parity vs torch (onnxruntime, random x4)" in out
+    assert read_metadata(vdir / "model.onnx")["state_version"] == vdir.name
+    assert main(["classify", *photos(tmp_path, 2), "--state", str(tmp_path / "state"), "--top-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 and {ln.split()[-1] for ln in lines[1:4]} == set(CLASSES)
+
+
+def test_save_version_publishes_with_its_export(tmp_path):
+    """If this fails, the learner cannot publish a version together with its checked ONNX
+    (save_version's writers run in the unpublished temp dir)."""
+    from fieldlearn.device.state import load_state, save_version
+
+    state = loaded_state(tmp_path / "scratch")
+    vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=5, history=[],
+                        writers=[export_writer(state.student, CLASSES, 5, engine=False)])
+    assert {"model.onnx", "labels.txt"} <= {p.name for p in vdir.iterdir()}
+    assert not [p for p in vdir.iterdir() if p.name.startswith(".")]
+    assert read_metadata(vdir / "model.onnx")["step"] == 5 and load_state(tmp_path / "state").step == 5
