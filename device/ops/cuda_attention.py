@@ -306,7 +306,11 @@ class CudaLauncher:
         except ImportError as e:
             raise RuntimeError(f"fieldlearn's fused attention kernel needs cuda-python: {install_hint()}") from e
         self.driver = driver
-        self._check(driver.cuInit(0)[0], "cuInit")
+        try:
+            err = driver.cuInit(0)[0]
+        except Exception as e:  # cuda-pathfinder: no libcuda.so (no driver)
+            raise RuntimeError(f"the CUDA driver library could not be loaded: {e}") from e
+        self._check(err, "cuInit")
         self._modules: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
         self._lock = threading.Lock()
 
