@@ -73,14 +73,14 @@ def make_inputs(B: int, C: int, hw: int, dtype: torch.dtype, w_dtype: torch.dtyp
     gen = torch.Generator(device="cpu").manual_seed(seed)
     w_dtype = w_dtype or dtype
 
-    def draw_feat(n):
-        return torch.randn(n, C, hh, ww, generator=gen).abs().to(dtype)
+    def draw_feat(n):   # drawn on the CPU (same values on every machine), checked on `device`
+        return torch.randn(n, C, hh, ww, generator=gen).abs().to(dtype).to(device)
 
     def draw_w(n):
-        return torch.randn(n, C, generator=gen).to(w_dtype)
+        return torch.randn(n, C, generator=gen).to(w_dtype).to(device)
 
     def draw_qt(n):
-        return F.normalize(torch.randn(n, hw, generator=gen).relu(), dim=1)
+        return F.normalize(torch.randn(n, hw, generator=gen).relu(), dim=1).to(device)
 
     feat, w, qt = draw_feat(B), draw_w(B), draw_qt(B)
     for _ in range(50):
@@ -91,15 +91,24 @@ def make_inputs(B: int, C: int, hw: int, dtype: torch.dtype, w_dtype: torch.dtyp
         q = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
         both_zero = (q == 0) & (qt == 0)
         bad_q = (((q - qt.double()).abs() < margin / 10) & ~both_zero).any(1)
-        if not (bad_c.any() or bad_q.any()):
+        del cam, r, q
+        n_c, n_q = int(bad_c.sum()), int(bad_q.sum())
+        if not (n_c or n_q):
             break
-        n = int(bad_c.sum())
-        if n:
-            feat[bad_c], w[bad_c] = draw_feat(n), draw_w(n)
-        n = int(bad_q.sum())
-        if n:
-            qt[bad_q] = draw_qt(n)
-    return feat.to(device), w.to(device), qt.to(device)
+        if n_c:
+            feat[bad_c], w[bad_c] = draw_feat(n_c), draw_w(n_c)
+        if n_q:
+            qt[bad_q] = draw_qt(n_q)
+    return feat, w, qt
+
+
+def below_eps(feat: torch.Tensor, w: torch.Tensor, target: float = 3e-13) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale feat and w (by the same factor) so that every sample's ||relu(cam)|| is at most
+    `target` < eps: the normalisation is clamped, yet q = r / eps stays O(1), so a gradient
+    through the clamp (which must be zero) would show."""
+    cam = torch.einsum("bc,bcj->bj", w.double(), feat.double().flatten(2)).relu()
+    s = math.sqrt(target / cam.norm(dim=1).max().item())
+    return (feat.double() * s).to(feat.dtype), (w.double() * s).to(w.dtype)
 
 
 def ref64(feat: torch.Tensor, w: torch.Tensor, qt: torch.Tensor, g: float = 1.0):
@@ -182,8 +191,7 @@ def plumbing_check(seed: int = 0) -> list[dict[str, Any]]:
         if name == "all-zero map":
             w = -w.abs()                                                       # cam <= 0 everywhere
         if name == "map below eps":
-            feat = feat * 1e-8
-            w = w * 1e-8                                                       # ||relu(cam)|| ~ 1e-14
+            feat, w = below_eps(feat, w)                                       # clamped norm
         backend = CountingBackend()
         f_in = feat.clone().as_subclass(FakeCuda).requires_grad_(True)
         w_in = w.clone().requires_grad_(True)
