@@ -1,0 +1,85 @@
+"""fieldlearn explain: teacher vs student attention maps (as in LwM's Fig. 4).
+
+For each image: the image, the Grad-CAM of the previous version (the teacher) for its
+top-1 class b, and the current version's Grad-CAM for the same b, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fieldlearn.device.attention import gradcam
+from fieldlearn.device.data import read_image, to_input
+from fieldlearn.device.state import load_state, load_version
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import versions_dir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--state", required=True, type=Path)
+    p.add_argument("--teacher-version", default=None, help="version to compare with (default: the previous one)")
+    p.add_argument("--out", type=Path, default=Path("attention.png"))
+
+
+def _maps(student, x: torch.Tensor, b: torch.Tensor, size: int) -> np.ndarray:
+    with torch.no_grad():
+        feats, _ = student(x)
+        m = gradcam(feats, student.head.weight, b).view(len(x), 1, *feats.shape[-2:])
+        m = torch.nn.functional.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)
+        m = m / m.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return m[:, 0].numpy()
+
+
+def run(args: argparse.Namespace) -> int:
+    cur = load_state(args.state)
+    if args.teacher_version is None:
+        prev = sorted(p.name for p in versions_dir(args.state).iterdir()
+                      if p.name.isdigit() and int(p.name) < int(cur.version_dir.name))
+        if not prev:
+            raise UserError(f"--state {args.state}: no earlier version to compare with")
+        teacher_dir = versions_dir(args.state) / prev[-1]
+    else:
+        teacher_dir = versions_dir(args.state) / args.teacher_version
+        if not teacher_dir.is_dir():
+            raise UserError(f"--teacher-version {args.teacher_version}: no such version in {args.state}")
+    teacher = load_version(teacher_dir)
+    size = cur.config.model.input_size
+    imgs = []
+    for p in args.images:
+        a = read_image(p, size)
+        if a is None:
+            raise UserError(f"{p}: not a readable image")
+        imgs.append(a)
+    u8 = torch.from_numpy(np.stack(imgs))
+    x = to_input(u8, size, cur.config.model.mean, cur.config.model.std)
+    with torch.no_grad():
+        b = teacher.student(x)[1].argmax(1)
+    qt, qs = _maps(teacher.student, x, b, size), _maps(cur.student, x, b, size)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(imgs)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
+    for i in range(n):
+        rgb = u8[i].permute(1, 2, 0).numpy()
+        axes[i, 0].imshow(rgb)
+        axes[i, 0].set_title(args.images[i].name[:24], fontsize=8)
+        for j, (m, who) in enumerate(((qt, f"teacher v{teacher_dir.name}"), (qs, f"student v{cur.version_dir.name}")), 1):
+            axes[i, j].imshow(rgb)
+            axes[i, j].imshow(m[i], cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            axes[i, j].set_title(f"{who}: {teacher.classes[int(b[i])]}", fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    plt.close(fig)
+    print(f"wrote {args.out}")
+    return 0

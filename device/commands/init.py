@@ -1,0 +1,58 @@
+"""fieldlearn init: train the base model (step 0) from a dataset into a new state dir."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.commands.common import log, setup_torch
+from fieldlearn.device.data import class_order, open_dataset
+from fieldlearn.device.learner import evaluate, train_base
+from fieldlearn.device.model import build_student
+from fieldlearn.device.state import has_state, save_version
+from fieldlearn.runtime.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="cifar100[:PATH], fashion-mnist[:PATH] or an ImageFolder root")
+    p.add_argument("--state", required=True, type=Path, help="state directory to create")
+    p.add_argument("--classes", type=int, default=None, help="number of base classes (default: all)")
+    p.add_argument("--order-seed", type=int, default=None, help="class order seed (default: dataset order)")
+    p.add_argument("--per-class", type=int, default=None, help="at most this many training images per class")
+    p.add_argument("--force", action="store_true", help="add a new base version even if the state has a model")
+    add_config_arguments(p, run_fields=())
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    setup_torch(cfg)
+    if has_state(args.state) and not args.force:
+        raise UserError(f"--state {args.state}: already holds a model (use fieldlearn learn, or --force)")
+    train = open_dataset(args.data, "train", cfg.model.input_size)
+    n = len(train.class_names) if args.classes is None else args.classes
+    if not 1 <= n <= len(train.class_names):
+        raise UserError(f"--classes {n}: the dataset has {len(train.class_names)} classes")
+    order = class_order(len(train.class_names), args.order_seed)[:n]
+    train = train.reorder(order).select(list(range(n)), args.per_class, seed=cfg.train.seed)
+    log(f"base training: {n} classes, {len(train)} images")
+    torch.manual_seed(cfg.train.seed)
+    student = build_student(cfg.model, n)
+    t0 = time.perf_counter()
+    report = train_base(student, train, cfg)
+    seconds = time.perf_counter() - t0
+    entry = {"step": 0, "method": "base", "new_classes": train.class_names, "n_images": len(train),
+             "seconds": round(seconds, 2), "loss_terms": report.loss_terms}
+    try:
+        test = open_dataset(args.data, "test", cfg.model.input_size).reorder(order)
+        acc, _ = evaluate(student, test, [list(range(n))], cfg)
+        entry["test_accuracy"] = acc
+        log(f"base accuracy on the test split: {100 * acc:.1f}%")
+    except UserError as e:
+        log(f"no test split evaluated ({e})")
+    vd = save_version(args.state, student, train.class_names, cfg, step=0, history=[entry])
+    log(f"saved {vd} ({seconds:.1f} s)")
+    return 0

@@ -1,0 +1,79 @@
+"""fieldlearn learn: add the classes of an ImageFolder directory to a state (one increment).
+
+Only the new classes' images are read; the state holds no data of the classes it knows.
+The new version is written completely and then made current; on any error the current
+model is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.commands.common import log, setup_torch
+from fieldlearn.device.data import ImageSet, load_image_folder, open_dataset
+from fieldlearn.device.learner import evaluate, learn_increment
+from fieldlearn.device.state import load_state, save_version
+from fieldlearn.runtime.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", type=Path, help="ImageFolder root: one sub-folder of images per new class")
+    p.add_argument("--state", required=True, type=Path, help="state directory (from fieldlearn init)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the new images held out to measure new-class accuracy (default 0.1)")
+    p.add_argument("--eval", dest="eval_data", default=None,
+                   help="optional labelled dataset (cifar100, fashion-mnist, ImageFolder) to evaluate all "
+                        "known classes on after the step")
+    add_config_arguments(p, sections=("loss", "train"))
+
+
+def check_class_names(new: list[str], known: list[str], where: Path) -> None:
+    clash = [n for n in new if n in known]
+    if clash:
+        raise UserError(f"{where / clash[0]}: class '{clash[0]}' is already known to the model")
+    for n in new:
+        if not n.strip() or n != n.strip() or any(ord(ch) < 32 for ch in n):
+            raise UserError(f"{where / n}: class name must be non-blank printable text without edge spaces")
+
+
+def run(args: argparse.Namespace) -> int:
+    state = load_state(args.state)
+    cfg = config_from_args(args, base=state.config)
+    setup_torch(cfg)
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    new = load_image_folder(args.images, cfg.model.input_size)
+    check_class_names(new.class_names, state.classes, args.images)
+    n_old, n_new = len(state.classes), len(new.class_names)
+    classes = state.classes + new.class_names
+    data = ImageSet(new.images, new.labels + n_old, classes)
+    train, val = data.split(args.val_fraction, seed=cfg.train.seed) if args.val_fraction > 0 else (data, None)
+    log(f"learning {n_new} new classes ({len(train)} images) on top of {n_old} with {cfg.method}")
+    student = state.student
+    t0 = time.perf_counter()
+    report = learn_increment(student, train, n_new, cfg, step=state.step + 1)
+    seconds = time.perf_counter() - t0
+    entry = {"step": state.step + 1, "method": cfg.method, "new_classes": new.class_names,
+             "n_images": len(train), "seconds": round(seconds, 2), "phases": report.seconds,
+             "loss_terms": report.loss_terms, "teacher_backend": report.teacher_backend}
+    groups = [list(range(n_old)), list(range(n_old, n_old + n_new))]
+    if val is not None and len(val):
+        acc, _ = evaluate(student, val, groups, cfg)
+        entry["new_class_val_accuracy"] = acc
+        log(f"held-out accuracy on the new classes (among all {len(classes)}): {100 * acc:.1f}%")
+    if args.eval_data:
+        test = open_dataset(args.eval_data, "test", cfg.model.input_size)
+        known = [c for c in classes if c in test.class_names]
+        if not known:
+            raise UserError(f"--eval {args.eval_data}: shares no class name with the model")
+        test = test.reorder([test.class_names.index(c) for c in known]).relabel(classes)
+        acc, _ = evaluate(student, test, groups, cfg)
+        entry["eval_accuracy"] = acc
+        log(f"accuracy on {args.eval_data} ({len(known)} known classes): {100 * acc:.1f}%")
+    vd = save_version(args.state, student, classes, cfg, step=state.step + 1, history=state.history + [entry])
+    log(f"saved {vd} ({seconds:.1f} s; phases: " +
+        ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + ")")
+    return 0

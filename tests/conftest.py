@@ -1,0 +1,63 @@
+"""Shared fixtures: small real data and tiny configs so the suite stays fast on 2 cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
+CIFAR_DIR = SHARED_DATA / "cifar-100-binary"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+os.environ.setdefault("FIELDLEARN_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "fieldlearn-test-cache"))
+
+
+def tiny_config(**train):
+    """A narrow, random-init CIFAR-variant net: fast, deterministic, for plumbing tests."""
+    from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig
+
+    t = dict(epochs=1, base_epochs=1, batch_size=16, progress=False, seed=0)
+    t.update(train)
+    return RunConfig(model=ModelConfig(width=0.35, variant="cifar", input_size=32, pretrained=False,
+                                       freeze_blocks=10), train=TrainConfig(**t))
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def cifar_train():
+    """CIFAR-100 training split from ../shared/data (skips where absent)."""
+    if not (CIFAR_DIR / "train.bin").is_file():
+        pytest.skip(f"CIFAR-100 not found at {CIFAR_DIR}")
+    from fieldlearn.device.data import load_cifar100
+
+    return load_cifar100(CIFAR_DIR, "train")
+
+
+@pytest.fixture(scope="session")
+def cifar_test():
+    if not (CIFAR_DIR / "test.bin").is_file():
+        pytest.skip(f"CIFAR-100 not found at {CIFAR_DIR}")
+    from fieldlearn.device.data import load_cifar100
+
+    return load_cifar100(CIFAR_DIR, "test")
+
+
+def write_image_folder(root: Path, data, classes: list[int], per_class: int, fmt: str = "png") -> Path:
+    """Write real images of `classes` from an ImageSet as ROOT/<name>/<i>.<fmt>."""
+    import numpy as np
+    from PIL import Image
+
+    labels = data.labels.numpy()
+    for c in classes:
+        d = root / data.class_names[c]
+        d.mkdir(parents=True, exist_ok=True)
+        for i, idx in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            Image.fromarray(data.images[idx].permute(1, 2, 0).numpy()).save(d / f"{i:04d}.{fmt}")
+    return root
