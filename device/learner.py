@@ -201,7 +201,8 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     if bad.numel():
         raise UserError(f"increment data has label {int(bad[0])} outside the new classes {n_old}..{n_old + n_new - 1}")
     if teacher is None and (m.uses_teacher_logits or m.uses_teacher_maps):
-        teacher = make_teacher(student, cfg.teacher_backend)
+        teacher = make_teacher(student, cfg.teacher_backend, batch_size=EVAL_BATCH)
+    torch.manual_seed(cfg.train.seed + 1000 * step)  # the new head rows' init is part of the run's seed
     student.widen(n_new)
     return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step)
 

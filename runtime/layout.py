@@ -31,6 +31,8 @@ def current_version_name(state_dir: Path) -> str:
         name = pointer.read_text().strip()
     except FileNotFoundError:
         raise UserError(f"{pointer}: missing; {state_dir} holds no model yet (run fieldlearn init)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{pointer}: unreadable ({type(e).__name__})") from None
     if not VERSION_RE.match(name):
         raise UserError(f"{pointer}: does not name a version ({name[:40]!r})")
     return name
