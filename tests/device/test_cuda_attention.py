@@ -257,6 +257,15 @@ def test_emulated_kernels_match_float64_reference(emulator, shape, dtype, w_dtyp
     assert row["ok"], row
 
 
+def test_emulated_batch_mean_over_more_samples_than_threads(emulator):
+    """fl_ad_fwd_mean strides over B > 256 samples in a fixed order."""
+    loss_b = torch.rand(1000, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    out = torch.full((), math.nan)
+    EmuLauncher(emulator).run("cpu", [ca.Launch("fl_ad_fwd_mean", 1, ca.BLOCK, (
+        ctypes.c_void_p(loss_b.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int(1000)))])
+    assert out.item() == pytest.approx(loss_b.double().mean().item(), rel=1e-6)
+
+
 def test_emulated_saved_state_matches_contract(emulator):
     """cam (pre-ReLU), the unclamped norm and S = sum q sign(q - qt) are what the backward reads."""
     feat, ws, qt = sc.make_inputs(3, 40, 49, torch.float32, seed=3)
