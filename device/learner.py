@@ -96,11 +96,12 @@ def _teacher_targets(teacher: Teacher, z: torch.Tensor, method: Method, batch: i
 
 def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epochs: int,
                cfg: RunConfig, teacher: Teacher | None = None, step: int = 0,
-               lr: float | None = None) -> StepReport:
+               lr: float | None = None, z: torch.Tensor | None = None) -> StepReport:
     """Train `student` in place on `data` (labels are global indices) with `method`.
 
     n_old: classes the teacher knows (0 for the base step). The student's head must
-    already have n_old + n_new rows.
+    already have n_old + n_new rows. z: the frozen trunk's output for data.images, when
+    the caller already has it (the accuracy benchmark encodes once for all methods).
     """
     tc = cfg.train
     if len(data) == 0:
@@ -115,7 +116,9 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     cached = _uses_cache(cfg)
 
     t0 = time.perf_counter()
-    z_all = encode(student, data.images, cfg) if cached else None
+    if z is not None and len(z) != len(data):
+        raise ValueError(f"z has {len(z)} rows for {len(data)} images")
+    z_all = (z if z is not None else encode(student, data.images, cfg)) if cached else None
     report.seconds["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     targets = _teacher_targets(teacher, z_all, method) if (cached and teacher is not None) else None
@@ -190,7 +193,8 @@ def train_base(student: Student, data: ImageSet, cfg: RunConfig) -> StepReport:
 
 
 def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig, step: int,
-                    method: str | None = None, teacher: Teacher | None = None) -> StepReport:
+                    method: str | None = None, teacher: Teacher | None = None,
+                    z: torch.Tensor | None = None) -> StepReport:
     """Step t: the current student becomes the frozen teacher, a copy with a widened head
     learns the n_new classes from `data` (new-class images only; labels are global indices
     >= the number of classes already known). `student` is modified in place.
@@ -204,7 +208,7 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
         teacher = make_teacher(student, cfg.teacher_backend, batch_size=EVAL_BATCH)
     torch.manual_seed(cfg.train.seed + 1000 * step)  # the new head rows' init is part of the run's seed
     student.widen(n_new)
-    return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step)
+    return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step, z=z)
 
 
 @torch.no_grad()
