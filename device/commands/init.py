@@ -13,6 +13,7 @@ from fieldlearn.device.commands.common import log, setup_torch
 from fieldlearn.device.data import class_order, open_dataset
 from fieldlearn.device.learner import evaluate, train_base
 from fieldlearn.device.model import build_student
+from fieldlearn.device.commands.export import export_writer
 from fieldlearn.device.state import has_state, save_version
 from fieldlearn.runtime.errors import UserError
 
@@ -23,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=None, help="number of base classes (default: all)")
     p.add_argument("--order-seed", type=int, default=None, help="class order seed (default: dataset order)")
     p.add_argument("--per-class", type=int, default=None, help="at most this many training images per class")
+    p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
+                   help="write model.onnx + labels.txt into the version (default: on)")
     p.add_argument("--force", action="store_true", help="add a new base version even if the state has a model")
     add_config_arguments(p, run_fields=())
 
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"base accuracy on the test split: {100 * acc:.1f}%")
     except UserError as e:
         log(f"no test split evaluated ({e})")
-    vd = save_version(args.state, student, train.class_names, cfg, step=0, history=[entry])
+    writers = [export_writer(student, train.class_names, 0)] if args.export else []
+    vd = save_version(args.state, student, train.class_names, cfg, step=0, history=[entry], writers=writers)
     log(f"saved {vd} ({seconds:.1f} s)")
     return 0

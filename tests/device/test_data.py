@@ -1,0 +1,123 @@
+"""Readers for the layouts users hold, and the class-incremental splitter."""
+
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from fieldlearn.device.data import (class_order, incremental_split, load_cifar100, load_fashion_mnist,
+                                    load_image_folder, open_dataset, to_input)
+from fieldlearn.runtime.errors import UserError
+from tests.conftest import CIFAR_DIR, write_image_folder
+
+
+def test_cifar_binary_layout_matches_the_documented_statistics(cifar_train):
+    assert cifar_train.images.shape == (50000, 3, 32, 32)
+    assert len(cifar_train.class_names) == 100 and cifar_train.class_names[0] == "apple"
+    mean = cifar_train.images[:5000].float().mean((0, 2, 3)) / 255
+    torch.testing.assert_close(mean, torch.tensor([0.5071, 0.4865, 0.4409]), atol=0.01, rtol=0)
+
+
+def test_cifar_python_layout_through_the_restricted_unpickler(tmp_path, cifar_test):
+    d = tmp_path / "cifar-100-python"
+    d.mkdir()
+    n = 20
+    data = cifar_test.images[:n].reshape(n, -1).numpy()
+    with open(d / "test", "wb") as f:
+        pickle.dump({"data": data, "fine_labels": cifar_test.labels[:n].tolist()}, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": cifar_test.class_names}, f)
+    got = load_cifar100(tmp_path, "test")
+    assert torch.equal(got.images, cifar_test.images[:n])
+    assert got.class_names == cifar_test.class_names
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "test").write_bytes(pickle.dumps({"data": Evil()}))
+    with pytest.raises(UserError, match="not allowed"):
+        load_cifar100(tmp_path, "test")
+
+
+def _write_idx(path, arr):
+    header = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx(tmp_path):
+    imgs = np.random.RandomState(0).randint(0, 255, (7, 28, 28))
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(7) % 10)
+    got = load_fashion_mnist(tmp_path, "test")
+    assert got.images.shape == (7, 3, 28, 28)
+    assert torch.equal(got.images[:, 0], torch.from_numpy(imgs.astype(np.uint8)))
+    assert got.labels.tolist() == list(range(7))
+
+
+def test_truncated_idx_is_one_clear_error(tmp_path):
+    p = tmp_path / "t10k-images-idx3-ubyte.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, 5, 28, 28) + b"\0" * 100)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(5))
+    with pytest.raises(UserError, match="truncated"):
+        load_fashion_mnist(tmp_path, "test")
+
+
+def test_image_folder_with_train_and_val_splits(tmp_path, cifar_test):
+    write_image_folder(tmp_path / "train", cifar_test, [3, 7], 4)
+    write_image_folder(tmp_path / "val", cifar_test, [3, 7], 2)
+    tr = open_dataset(str(tmp_path), "train", image_size=32)
+    te = open_dataset(str(tmp_path), "test", image_size=32)
+    assert tr.class_names == sorted([cifar_test.class_names[3], cifar_test.class_names[7]])
+    assert len(tr) == 8 and len(te) == 4
+    first = cifar_test.images[(cifar_test.labels == 3).nonzero()[0, 0]]
+    idx = tr.class_names.index(cifar_test.class_names[3])
+    assert torch.equal(tr.images[tr.labels == idx][0], first), "PNG round trip is lossless at the same size"
+
+
+def test_image_folder_without_class_folders_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no class folders"):
+        load_image_folder(tmp_path, 32)
+
+
+def test_splitter_and_class_order():
+    order = class_order(100, 1993)
+    assert sorted(order) == list(range(100)) and order != list(range(100))
+    assert order == class_order(100, 1993)
+    groups = incremental_split(order, 50, 5)
+    assert [len(g) for g in groups] == [50, 10, 10, 10, 10, 10]
+    assert sorted(c for g in groups for c in g) == list(range(100))
+    with pytest.raises(UserError, match="--steps"):
+        incremental_split(order[:10], 8, 3)
+
+
+def test_reorder_select_split(cifar_test):
+    order = [5, 2, 9]
+    d = cifar_test.reorder(order)
+    assert d.class_names == [cifar_test.class_names[c] for c in order]
+    assert set(d.labels.tolist()) == {0, 1, 2} and len(d) == 300
+    s = d.select([1], per_class=10)
+    assert len(s) == 10 and set(s.labels.tolist()) == {1}
+    a, b = d.split(0.2)
+    assert len(a) == 240 and len(b) == 60
+    assert torch.equal(torch.bincount(b.labels), torch.tensor([20, 20, 20]))
+
+
+def test_to_input_resizes_and_normalises():
+    x = torch.full((2, 3, 28, 28), 255, dtype=torch.uint8)
+    y = to_input(x, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert y.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(y, torch.ones_like(y))
+
+
+def test_shared_data_location_is_used_by_default():
+    if not (CIFAR_DIR / "test.bin").is_file():
+        pytest.skip("no ../shared/data")
+    assert len(open_dataset(f"cifar100:{CIFAR_DIR}", "test")) == 10000

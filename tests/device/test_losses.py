@@ -1,0 +1,113 @@
+"""LC / LD / LAD: the gradients that make LwM LwM."""
+
+import torch
+import torch.nn.functional as F
+
+from fieldlearn.device import losses
+from fieldlearn.device.attention import gradcam_autograd, l2_normalize
+from fieldlearn.device.methods import Batch, make_method
+from fieldlearn.device.config import LossConfig
+from fieldlearn.device.ops import attention_distill_ref
+
+
+def _setup(seed=0, b=5, c=12, hw=(4, 4), k=6, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(b, c, *hw, generator=g, dtype=dtype).requires_grad_(True)
+    head = torch.nn.Linear(c, k).to(dtype)
+    t_feats = torch.randn(b, c, *hw, generator=g, dtype=dtype)
+    t_w = torch.randn(k - 2, c, generator=g, dtype=dtype)
+    t_logits = t_feats.mean((2, 3)) @ t_w.T                           # [B, K_old]
+    return feats, head, t_feats, t_w, t_logits
+
+
+def test_lad_gradient_reaches_student_features_and_head():
+    feats, head, t_feats, t_w, t_logits = _setup()
+    b, q_t = losses.teacher_maps(t_feats, t_w, t_logits)
+    loss = losses.lad(feats, head.weight, b, q_t)
+    loss.backward()
+    assert loss.item() > 0
+    assert feats.grad is not None and feats.grad.abs().sum() > 0, "LAD must reach the student's features"
+    assert head.weight.grad is not None and head.weight.grad[b].abs().sum() > 0, "LAD must reach W_s[b]"
+    rows_not_b = sorted(set(range(head.weight.shape[0])) - set(b.tolist()))
+    assert head.weight.grad[rows_not_b].abs().sum() == 0
+
+
+def test_lad_gradient_equals_double_backward_gradcam_oracle():
+    """The closed-form LAD's gradient == the gradient of LAD built from autograd
+    Grad-CAM with create_graph=True (a double backward through the head)."""
+    feats, head, t_feats, t_w, t_logits = _setup(seed=1)
+    b, q_t = losses.teacher_maps(t_feats, t_w, t_logits)
+
+    loss = losses.lad(feats, head.weight, b, q_t)
+    g_feats, g_w = torch.autograd.grad(loss, (feats, head.weight))
+
+    def logits_fn(a):
+        return head(a.mean((2, 3)))
+
+    q_s = l2_normalize(gradcam_autograd(feats, logits_fn, b, create_graph=True))
+    oracle = (q_s - q_t).abs().sum(1).mean()
+    o_feats, o_w = torch.autograd.grad(oracle, (feats, head.weight))
+    torch.testing.assert_close(loss, oracle)
+    torch.testing.assert_close(g_feats, o_feats, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(g_w, o_w, rtol=1e-7, atol=1e-10)
+
+
+def test_lad_gradient_matches_finite_differences():
+    feats, head, t_feats, t_w, t_logits = _setup(seed=2, b=3, c=5, hw=(3, 3))
+    b, q_t = losses.teacher_maps(t_feats, t_w, t_logits)
+    w_s = head.weight[b].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(attention_distill_ref, (feats, w_s, q_t.double()))
+
+
+def test_detached_maps_would_be_caught():
+    """Guard against the public-code bug: a LAD built from detached maps has no gradient."""
+    feats, head, t_feats, t_w, t_logits = _setup(seed=3)
+    b, q_t = losses.teacher_maps(t_feats, t_w, t_logits)
+    loss = attention_distill_ref(feats.detach(), head.weight[b].detach(), q_t)
+    assert not loss.requires_grad
+    loss = losses.lad(feats, head.weight, b, q_t)
+    assert loss.requires_grad
+
+
+def test_ld_bce_is_minimised_at_the_teacher_logits():
+    t = torch.randn(8, 5, dtype=torch.float64)
+    s = t.clone().requires_grad_(True)
+    losses.ld_bce(s, t).backward()
+    assert s.grad.abs().max() < 1e-12, "full BCE has zero gradient when student == teacher"
+    # The one-term form -sum s(y) log s(y^) keeps pushing logits up at the same point.
+    s2 = t.clone().requires_grad_(True)
+    (-(torch.sigmoid(t) * F.logsigmoid(s2)).sum(1).mean()).backward()
+    assert (s2.grad < 0).all()
+
+
+def test_ld_kd_zero_at_teacher_and_positive_elsewhere():
+    t = torch.randn(4, 6)
+    assert losses.ld_kd(t, t, 2.0).abs() < 1e-6
+    assert losses.ld_kd(t + torch.randn(4, 6), t, 2.0) > 0
+
+
+def test_lc_spans():
+    logits = torch.randn(4, 7, requires_grad=True)
+    labels = torch.tensor([4, 5, 6, 4])
+    losses.lc(logits, labels, n_old=4, span="new").backward()
+    assert logits.grad[:, :4].abs().sum() == 0, "span new must not touch old logits"
+    logits.grad = None
+    losses.lc(logits, labels, n_old=4, span="calibrated").backward()
+    assert logits.grad[:, :4].abs().sum() == 0, "calibrated treats old logits as constants"
+    assert logits.grad[:, 4:].abs().sum() > 0
+    logits.grad = None
+    losses.lc(logits, labels, n_old=4, span="all").backward()
+    assert logits.grad[:, :4].abs().sum() > 0
+
+
+def test_methods_return_their_terms():
+    feats, head, t_feats, t_w, t_logits = _setup(dtype=torch.float32)
+    b, q_t = losses.teacher_maps(t_feats, t_w, t_logits)
+    logits = head(feats.mean((2, 3)))
+    batch = Batch(labels=torch.tensor([4, 5, 4, 5, 4]), n_old=4, feats=feats, logits=logits,
+                  head_weight=head.weight, teacher_logits=t_logits, teacher_class=b, teacher_map=q_t)
+    cfg = LossConfig()
+    assert set(make_method("finetune", cfg).terms(batch)) == {"lc"}
+    assert set(make_method("lwf_mc", cfg).terms(batch)) == {"lc", "ld"}
+    assert set(make_method("lwm", cfg).terms(batch)) == {"lc", "ld", "lad"}
+    assert set(make_method("lc_lad", cfg).terms(batch)) == {"lc", "lad"}
