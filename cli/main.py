@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fieldlearn.device.commands.evaluate", "evaluate a state on a dataset's classes"),
     "explain": ("fieldlearn.device.commands.explain", "PNG of teacher vs student attention maps for some images"),
     "export": ("fieldlearn.device.commands.export", "write the current version as ONNX (+ labels, + TensorRT engine) and check parity"),
+    "bench": ("fieldlearn.device.commands.bench", "benchmarks: accuracy (LwM vs baselines vs joint upper bound on a class-incremental protocol)"),
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
 }
 
