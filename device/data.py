@@ -24,10 +24,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fieldlearn.device.store import check_class_names
 from fieldlearn.runtime.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for user-supplied images
+# One ImageFolder load (an increment, or a base dataset) is held in memory as uint8
+# [N, 3, S, S]: refuse more images, or more bytes, than a Jetson can hold.
+MAX_IMAGES = 50_000
+MAX_IMAGE_BYTES = 2 << 30
+
+
+class SkippedImage(UserWarning):
+    """An image file that could not be read was left out (the message names it)."""
 
 CIFAR100_PLACES = ["../shared/data/cifar-100-binary", "~/data/cifar-100-binary", "~/data/cifar-100-python",
                    "~/.cache/fieldlearn/data/cifar-100-binary", "./data/cifar-100-python", "./data/cifar-100-binary"]
@@ -273,7 +282,9 @@ def read_image(path: Path, size: int) -> np.ndarray | None:
                 return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
-        warnings.warn(f"{path}: skipped, not a readable image ({type(e).__name__}: {e})", stacklevel=2)
+        reason = " ".join(str(e).split())[:200]   # one line, whatever the decoder said
+        warnings.warn(f"{path}: skipped, not a readable image ({type(e).__name__}: {reason})", SkippedImage,
+                      stacklevel=2)
         return None
 
 
@@ -292,9 +303,15 @@ def load_image_folder(root: Path, size: int, classes: list[str] | None = None) -
         folders = [by_name[c] for c in classes if c in by_name]
     if not folders:
         raise UserError(f"{root}: no class folders (expected ROOT/<class name>/<images>)")
+    check_class_names([p.name for p in folders], root)
+    listed = [sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+              for folder in folders]
+    n = sum(map(len, listed))
+    if n > MAX_IMAGES or n * 3 * size * size > MAX_IMAGE_BYTES:
+        raise UserError(f"{root}: {n} images at {size}x{size} exceed the limit of one load ({MAX_IMAGES} images, "
+                        f"{MAX_IMAGE_BYTES >> 20} MiB in memory); split them into several increments")
     images, labels, names = [], [], []
-    for folder in folders:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for folder, files in zip(folders, listed):
         got = [a for a in (read_image(p, size) for p in files) if a is not None]
         if not got:
             raise UserError(f"{folder}: class folder has no readable images")

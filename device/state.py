@@ -28,12 +28,12 @@ from fieldlearn.device import __version__
 from fieldlearn.device.atomic import fsync_dir, fsync_tree, write_text
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
+from fieldlearn.device.store import FORMAT, META, WEIGHTS, clean_leftovers, disk_full_reason, read_meta
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import VERSION_RE, current_version_dir, current_version_name, versions_dir
 
-FORMAT = 1  # bump when meta.json changes incompatibly
-WEIGHTS = "model.safetensors"
-META = "meta.json"
+# FORMAT, WEIGHTS, META, read_meta and clean_leftovers live in fieldlearn.device.store (no torch)
+# so that history/rollback/prune and the lock stay light; they are re-exported here.
 
 
 @dataclass
@@ -51,22 +51,15 @@ class LoadedState:
 
 
 def init_state_dir(state_dir: Path) -> Path:
+    """Create the state dir owner-only (0700: weights and class names are the user's data)."""
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     versions_dir(state_dir).mkdir(exist_ok=True, mode=0o700)
+    for d in (state_dir, versions_dir(state_dir)):
+        if d.stat().st_mode & 0o077:
+            os.chmod(d, 0o700)
     clean_leftovers(state_dir)
     return state_dir
-
-
-def clean_leftovers(state_dir: Path) -> None:
-    """Remove half-written versions and temp files that a crash left behind."""
-    vd = versions_dir(state_dir)
-    if vd.is_dir():
-        for p in vd.iterdir():
-            if p.name.startswith(".tmp-"):
-                shutil.rmtree(p, ignore_errors=True)
-    for p in Path(state_dir).glob(".current.*.tmp"):
-        p.unlink(missing_ok=True)
 
 
 def has_state(state_dir: Path) -> bool:
@@ -90,10 +83,11 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         raise ValueError(f"{len(classes)} class names for a head of {student.num_classes}")
     state_dir = init_state_dir(state_dir)
     vd = versions_dir(state_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vd))
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vd))   # 0700
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS))
+        os.chmod(tmp / WEIGHTS, 0o600)
         m = config.model
         meta = {
             "format": FORMAT,
@@ -110,7 +104,8 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
             "history": history,
             **(extra or {}),
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        with open(os.open(tmp / META, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2, sort_keys=True))
         for w in writers or []:
             w(tmp)
         fsync_tree(tmp)
@@ -118,27 +113,30 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         final = vd / name
         os.rename(tmp, final)
         fsync_dir(vd)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, state_dir)
         raise
-    write_text(state_dir / "current", name + "\n")
+    try:
+        write_text(state_dir / "current", name + "\n")
+    except BaseException as e:
+        # Not current, so not published: take it back out of the namespace (a crash right
+        # here leaves a complete but never-current version, which is harmless). If the
+        # pointer did switch (only its directory fsync failed), the version stays.
+        if (state_dir / "current").read_text().strip() != name:
+            back = vd / f".tmp-unpublished-{name}"
+            os.rename(final, back)
+            shutil.rmtree(back, ignore_errors=True)
+        _raise_if_disk_full(e, state_dir)
+        raise
     return final
 
 
-def read_meta(version_dir: Path) -> dict[str, Any]:
-    path = Path(version_dir) / META
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or "format" not in meta:
-        raise UserError(f"{path}: not a fieldlearn state")
-    if meta["format"] > FORMAT:
-        raise UserError(f"{path}: written by a newer fieldlearn ({meta.get('fieldlearn_version')}, "
-                        f"format {meta['format']} > {FORMAT}); upgrade fieldlearn to read it")
-    return meta
+def _raise_if_disk_full(e: BaseException, state_dir: Path) -> None:
+    reason = disk_full_reason(e)
+    if reason is not None:
+        raise UserError(f"{state_dir}: {reason} while writing a new version; nothing was published "
+                        f"and the current version is unchanged") from None
 
 
 def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
@@ -157,14 +155,21 @@ def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
         raise UserError(f"{wpath}: not a readable safetensors file ({e})") from None
     cfg = config.model
     cfg_nopre = type(cfg)(**{**cfg.__dict__, "pretrained": False})  # weights come from the file
-    student = build_student(cfg_nopre, int(meta["num_classes"]))
-    missing, unexpected = student.load_state_dict(tensors, strict=False)
+    try:
+        student = build_student(cfg_nopre, int(meta["num_classes"]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"{version_dir / META}: cannot build its architecture ({e})") from None
+    expected = student.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         raise UserError(f"{wpath}: weights do not match the architecture in {META} "
                         f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
-    for k, v in student.state_dict().items():
-        if v.shape != tensors[k].shape:
-            raise UserError(f"{wpath}: tensor {k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}")
+    for k, v in expected.items():   # before load_state_dict, which raises on a shape mismatch
+        if v.shape != tensors[k].shape or v.dtype != tensors[k].dtype:
+            raise UserError(f"{wpath}: tensor {k} is {tuple(tensors[k].shape)} {tensors[k].dtype}, expected "
+                            f"{tuple(v.shape)} {v.dtype}: weights do not match the architecture in {META}")
+    student.load_state_dict(tensors)
     student.to(device).eval()
     return LoadedState(student=student, classes=list(meta["classes"]), config=config, step=int(meta["step"]),
                        version_dir=version_dir, meta=meta)

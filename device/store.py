@@ -1,0 +1,477 @@
+"""The version store around state.py, without torch: meta checks, history, rollback, prune,
+leftover cleanup, and the lock that every command which writes a state dir holds.
+
+    STATE/lock      JSON {pid, hostname, boot_id, proc_start, started, command}: who holds it
+
+Lock protocol. `state_lock` takes a short flock on the state directory itself (serialising
+only the take-over step), then creates STATE/lock with O_CREAT|O_EXCL. A lock whose owner is
+gone (same host, and the pid is dead, a zombie, reused by a process that started later, or the
+machine rebooted since) is stale: it is removed and taken. A live owner, or one on another
+host, makes the command fail with one line naming the owner. While holding the lock, a
+command first removes what an interrupted run left (versions/.tmp-*, .current.*.tmp, export
+work dirs), so a crash at any point costs nothing but the work in flight.
+
+Disk full: an ENOSPC/EFBIG/EDQUOT escaping a command that holds the lock becomes one
+UserError line; the writers publish by rename only after a complete write, so the current
+version is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import sys
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import VERSION_RE, current_version_name, versions_dir
+
+FORMAT = 1  # bump when meta.json changes incompatibly
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+LOCK = "lock"
+MAX_CLASS_NAME = 200  # characters; a class name also names an ONNX label and a folder
+
+# ------------------------------------------------------------------------- class names
+
+_BIDI_CONTROLS = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def class_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a class name, or None. Class names arrive as folder names and in
+    meta.json; they end up in labels.txt, ONNX metadata and printed output, and must never
+    act as a path: no separators, no '.'/'..', no control/bidi/unassigned/surrogate
+    characters (a surrogate is how Python spells a folder name that is not valid UTF-8),
+    no blank or edge-space names. Ordinary unicode (accents, CJK, emoji) is fine."""
+    if not isinstance(name, str):
+        return f"is a {type(name).__name__}, not text"
+    if not name.strip():
+        return "is blank"
+    if name != name.strip():
+        return "has leading or trailing spaces"
+    if name in (".", ".."):
+        return "is a relative path"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if len(name) > MAX_CLASS_NAME:
+        return f"is longer than {MAX_CLASS_NAME} characters"
+    for ch in name:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cs", "Cn", "Co") or ch in _BIDI_CONTROLS or ch in "\u2028\u2029":
+            return f"contains the character U+{ord(ch):04X}"
+    return None
+
+
+def check_class_names(names: list, where: str | Path) -> None:
+    """UserError naming `where` unless every name is valid and they are distinct (compared
+    in NFC, so 'café' typed two ways is one class, not two that print the same)."""
+    seen: dict[str, str] = {}
+    for n in names:
+        why = class_name_problem(n)
+        if why:
+            raise UserError(f"{where}: class name {n!r} {why}")
+        key = unicodedata.normalize("NFC", n)
+        if key in seen:
+            raise UserError(f"{where}: class name {n!r} appears twice" +
+                            (f" (as {seen[key]!r})" if seen[key] != n else ""))
+        seen[key] = n
+
+
+# ------------------------------------------------------------------------- reading versions
+
+def read_meta(version_dir: Path) -> dict[str, Any]:
+    """meta.json of a version, checked: a fieldlearn state of a format this version reads,
+    with valid class names that agree with num_classes. UserError naming the file otherwise."""
+    path = Path(version_dir) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{path}: unreadable ({e.strerror})") from None
+    if not isinstance(meta, dict) or "format" not in meta:
+        raise UserError(f"{path}: not a fieldlearn state")
+    fmt = meta["format"]
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise UserError(f"{path}: format {fmt!r} is not a fieldlearn state format")
+    if fmt > FORMAT:
+        raise UserError(f"{path}: written by a newer fieldlearn ({meta.get('fieldlearn_version')}, "
+                        f"format {fmt} > {FORMAT}); upgrade fieldlearn to read it")
+    classes, n = meta.get("classes"), meta.get("num_classes")
+    if not isinstance(classes, list):
+        raise UserError(f"{path}: 'classes' is not a list")
+    check_class_names(classes, path)
+    if n != len(classes):
+        raise UserError(f"{path}: num_classes {n!r} but {len(classes)} class names")
+    if not isinstance(meta.get("step"), int):
+        raise UserError(f"{path}: 'step' is not an integer")
+    return meta
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file, from its header alone (no torch)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return "shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                return "header length beyond the end of the file"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    end = 0
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        try:
+            end = max(end, int(v["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            return f"tensor {k!r} has no data offsets"
+    if 8 + n + end > size:
+        return f"truncated ({size} bytes, tensors need {8 + n + end})"
+    return None
+
+
+def version_problem(version_dir: Path) -> str | None:
+    """Why a version dir is not complete and loadable, or None (meta checked, weights' header
+    and length checked; the weights themselves are checked against the architecture on load)."""
+    try:
+        read_meta(version_dir)
+    except UserError as e:
+        return str(e)
+    why = safetensors_problem(Path(version_dir) / WEIGHTS)
+    return f"{Path(version_dir) / WEIGHTS}: {why}" if why else None
+
+
+def version_names(state_dir: Path) -> list[str]:
+    """Published versions, oldest first."""
+    vd = versions_dir(state_dir)
+    if not vd.is_dir():
+        return []
+    return sorted((p.name for p in vd.iterdir() if VERSION_RE.match(p.name) and p.is_dir()), key=int)
+
+
+def _accuracies(entry: dict) -> dict[str, float]:
+    keys = ("test_accuracy", "new_class_val_accuracy", "eval_accuracy")
+    return {k: entry[k] for k in keys if isinstance(entry.get(k), (int, float))}
+
+
+def history(state_dir: Path) -> list[dict[str, Any]]:
+    """One record per published version, oldest first: version, current, step, class counts,
+    accuracies of the step that produced it, method, exports present, and 'problem' (None for
+    a complete version)."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        raise UserError(f"{state_dir}: no such state directory")
+    try:
+        current = current_version_name(state_dir)
+    except UserError:
+        current = None
+    out = []
+    for name in version_names(state_dir):
+        vdir = versions_dir(state_dir) / name
+        rec: dict[str, Any] = {"version": name, "current": name == current}
+        problem = version_problem(vdir)
+        if problem is None:
+            meta = read_meta(vdir)
+            steps = meta.get("history") or [{}]
+            last = steps[-1] if isinstance(steps[-1], dict) else {}
+            new = last.get("new_classes", [])
+            rec.update(step=meta["step"], classes=meta["num_classes"],
+                       new_classes=len(new) if isinstance(new, list) else None,
+                       method=last.get("method"), accuracy=_accuracies(last),
+                       fieldlearn_version=meta.get("fieldlearn_version"))
+        rec["exported"] = (vdir / "model.onnx").is_file()
+        rec["engine"] = (vdir / "model.engine").is_file()
+        rec["created"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(vdir.stat().st_mtime))
+        rec["problem"] = problem
+        out.append(rec)
+    return out
+
+
+# ------------------------------------------------------------------------- switching and pruning
+
+def _write_current(state_dir: Path, name: str) -> None:
+    from fieldlearn.device.atomic import write_text  # noqa: PLC0415 - stdlib-only module
+
+    write_text(Path(state_dir) / "current", name + "\n")
+
+
+def _resolve(state_dir: Path, to: int | str) -> str:
+    names = version_names(state_dir)
+    try:
+        n = int(to)
+    except ValueError:
+        raise UserError(f"--to {to}: not a version number") from None
+    for name in names:
+        if int(name) == n:
+            return name
+    raise UserError(f"--to {to}: no such version in {state_dir} (have {', '.join(names) or 'none'})")
+
+
+def rollback(state_dir: Path, to: int | str | None = None) -> tuple[str, str]:
+    """Make version `to` (default: the newest complete version older than the current one)
+    current, atomically. Returns (previous current, new current). Hold state_lock."""
+    state_dir = Path(state_dir)
+    cur = current_version_name(state_dir)
+    if to is None:
+        older = [n for n in version_names(state_dir) if int(n) < int(cur)]
+        target = next((n for n in reversed(older) if version_problem(versions_dir(state_dir) / n) is None), None)
+        if target is None:
+            raise UserError(f"{state_dir}: no complete version older than the current {cur} to roll back to")
+    else:
+        target = _resolve(state_dir, to)
+        problem = version_problem(versions_dir(state_dir) / target)
+        if problem:
+            raise UserError(f"--to {to}: version {target} is not complete ({problem})")
+    if target != cur:
+        _write_current(state_dir, target)
+    return cur, target
+
+
+def _discard(state_dir: Path, name: str) -> None:
+    """Remove a version: an atomic rename out of the namespace first (a crash leaves a
+    .tmp-* leftover, never a half-deleted version), then delete."""
+    from fieldlearn.device.atomic import fsync_dir  # noqa: PLC0415
+
+    vd = versions_dir(state_dir)
+    gone = vd / f".tmp-discard-{name}-{os.getpid()}"
+    os.rename(vd / name, gone)
+    fsync_dir(vd)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def prune(state_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` versions; the current one is always kept (on top of
+    `keep` when it is older). Returns the removed names. Hold state_lock."""
+    if keep < 1:
+        raise UserError(f"--keep {keep}: must be at least 1")
+    state_dir = Path(state_dir)
+    cur = current_version_name(state_dir)
+    names = version_names(state_dir)
+    keep_set = set(names[-keep:]) | {cur}
+    removed = [n for n in names if n not in keep_set]
+    for n in removed:
+        _discard(state_dir, n)
+    return removed
+
+
+# ------------------------------------------------------------------------- leftovers
+
+def clean_leftovers(state_dir: Path) -> list[Path]:
+    """Remove what an interrupted run left behind: versions/.tmp-* (a version being written or
+    discarded), STATE/.current.*.tmp (a pointer being replaced), and inside versions the
+    export's .export-* work dirs and .NAME.*.tmp files. Returns what was removed. Call it
+    only while holding state_lock (it would delete a concurrent writer's work otherwise)."""
+    state_dir = Path(state_dir)
+    removed: list[Path] = []
+
+    def rm(p: Path) -> None:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+
+    vd = versions_dir(state_dir)
+    if vd.is_dir():
+        for p in list(vd.iterdir()):
+            if p.name.startswith(".tmp-"):
+                rm(p)
+            elif VERSION_RE.match(p.name) and p.is_dir():
+                for q in list(p.iterdir()):
+                    if q.name.startswith(".export-") or (q.name.startswith(".") and q.name.endswith(".tmp")):
+                        rm(q)
+    for p in state_dir.glob(".current.*.tmp"):
+        rm(p)
+    return removed
+
+
+# ------------------------------------------------------------------------- the lock
+
+@dataclass
+class LockOwner:
+    pid: int
+    hostname: str
+    boot_id: str
+    proc_start: int | None   # /proc/<pid>/stat start time (clock ticks since boot): tells pid reuse
+    started: float           # time.time() when taken
+    command: str
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"{self.command} (pid {self.pid} on {self.hostname}, since {when})"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in ticks) of a process from /proc, or None where unknown."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()   # after "pid (comm) ": field 3 onwards
+    return fields[0], int(fields[19])            # state (field 3), starttime (field 22)
+
+
+def _me(command: str) -> LockOwner:
+    st = _proc_stat(os.getpid())
+    return LockOwner(pid=os.getpid(), hostname=socket.gethostname(), boot_id=_boot_id(),
+                     proc_start=st[1] if st else None, started=time.time(), command=command)
+
+
+def read_lock(state_dir: Path) -> LockOwner | None:
+    """The lock's owner, or None when there is no lock or it is unreadable (a writer that died
+    between creating and filling it: the take-over flock makes that the only way)."""
+    try:
+        d = json.loads((Path(state_dir) / LOCK).read_text())
+        return LockOwner(pid=int(d["pid"]), hostname=str(d["hostname"]), boot_id=str(d.get("boot_id", "")),
+                         proc_start=d.get("proc_start"), started=float(d["started"]), command=str(d["command"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def owner_alive(owner: LockOwner) -> bool:
+    """False only when the owner is known to be gone; a lock from another host counts as live."""
+    if owner.hostname != socket.gethostname():
+        return True
+    boot = _boot_id()
+    if owner.boot_id and boot and owner.boot_id != boot:
+        return False                     # the machine rebooted (power loss): nothing of it runs
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                             # exists, another user's
+    st = _proc_stat(owner.pid)
+    if st is None:
+        return True
+    state, start = st
+    if state in ("Z", "X"):
+        return False                     # killed, not yet reaped
+    return owner.proc_start is None or start == owner.proc_start
+
+
+class StateLocked(UserError):
+    """Another fieldlearn command holds the state."""
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def disk_full_reason(exc: BaseException) -> str | None:
+    """'No space left on device' etc. when `exc` (or what it wraps) is a disk-full write error:
+    OSError's errno, or the 'os error N' that Rust writers (safetensors) put in their message."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return os.strerror(e.errno)
+        for m in _OS_ERROR.finditer(str(e)):
+            if int(m.group(1)) in DISK_FULL:
+                return os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _say(msg: str) -> None:
+    print(f"fieldlearn: {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[LockOwner]:
+    """Hold STATE/lock for the block; see the module docstring. create: make the state dir
+    (0700) if absent, and remove it again on the way out if it is still empty."""
+    state_dir = Path(state_dir)
+    made = False
+    if create and not state_dir.exists():
+        state_dir.mkdir(parents=True, mode=0o700)
+        made = True
+    if not state_dir.is_dir():
+        raise UserError(f"{state_dir}: no such state directory")
+    me = _me(command)
+    path = state_dir / LOCK
+    stale = None
+    dfd = os.open(state_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)     # only the take-over step; released below
+        while True:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            except FileExistsError:
+                owner = read_lock(state_dir)
+                if owner is not None and owner_alive(owner):
+                    hint = "" if owner.hostname == me.hostname else f"; if that machine is down, delete {path}"
+                    raise StateLocked(f"{state_dir}: in use by {owner.describe()}; wait for it to finish{hint}") \
+                        from None
+                stale = owner or "an unreadable lock"
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(asdict(me)))
+                f.flush()
+                os.fsync(f.fileno())
+            os.fsync(dfd)
+            break
+    finally:
+        os.close(dfd)                        # drops the flock
+    try:
+        if stale is not None:
+            who = stale.describe() if isinstance(stale, LockOwner) else stale
+            _say(f"removed the stale lock of {who}, which is no longer running")
+        left = clean_leftovers(state_dir)
+        if left:
+            _say(f"removed {len(left)} leftover(s) of an interrupted run in {state_dir}")
+        try:
+            yield me
+        except BaseException as e:
+            reason = disk_full_reason(e)
+            if reason is None:
+                raise
+            try:
+                cur = f"the current version {current_version_name(state_dir)} is unchanged"
+            except UserError:
+                cur = "nothing was saved"
+            clean_leftovers(state_dir)
+            raise UserError(f"{state_dir}: {reason} while writing; {cur}") from None
+    finally:
+        if read_lock(state_dir) == me:
+            path.unlink(missing_ok=True)
+        if made and not any(p for p in state_dir.iterdir() if p.name != "versions") and \
+                not any(versions_dir(state_dir).iterdir() if versions_dir(state_dir).is_dir() else []):
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+__all__ = ["FORMAT", "WEIGHTS", "META", "LOCK", "LockOwner", "StateLocked", "read_meta", "version_problem",
+           "safetensors_problem", "version_names", "history", "rollback", "prune", "clean_leftovers",
+           "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names",
+           "disk_full_reason"]
