@@ -8,8 +8,10 @@ code (fieldlearn.device) and works on an inference-only device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
 
 from fieldlearn.runtime.errors import UserError
 
@@ -22,8 +24,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("fieldlearn.device.commands.explain", "PNG of teacher vs student attention maps for some images"),
     "export": ("fieldlearn.device.commands.export", "write the current version as ONNX (+ labels, + TensorRT engine) and check parity"),
     "bench": ("fieldlearn.device.commands.bench", "benchmarks: accuracy (LwM vs baselines vs joint upper bound on a class-incremental protocol)"),
+    "history": ("fieldlearn.device.commands.history", "list a state's versions with class counts and accuracies"),
+    "rollback": ("fieldlearn.device.commands.rollback", "make an earlier version current again (atomic)"),
+    "prune": ("fieldlearn.device.commands.prune", "delete all but the newest K versions (never the current one)"),
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
 }
+
+# Commands that write a state dir run holding STATE/lock (fieldlearn.device.store.state_lock).
+LOCKED = {"init", "learn", "export", "rollback", "prune"}
+
+
+def _state_lock(name: str, args: argparse.Namespace):
+    if name not in LOCKED or getattr(args, "state", None) is None:
+        return contextlib.nullcontext()
+    from fieldlearn.device.store import state_lock  # noqa: PLC0415 - classify must not import device
+
+    return state_lock(args.state, f"fieldlearn {name}", create=name == "init")
 
 
 def _usage() -> str:
@@ -52,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"fieldlearn {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)  # exits 2 with a one-line message on a bad argument
+    warnings.formatwarning = lambda msg, *_, **__: f"fieldlearn {name}: warning: {msg}\n"
     try:
-        return int(module.run(args) or 0)
+        with _state_lock(name, args):
+            return int(module.run(args) or 0)
     except UserError as e:
         print(f"fieldlearn {name}: error: {e}", file=sys.stderr)
         return 2

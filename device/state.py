@@ -123,7 +123,11 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         # Not current, so not published: take it back out of the namespace (a crash right
         # here leaves a complete but never-current version, which is harmless). If the
         # pointer did switch (only its directory fsync failed), the version stays.
-        if (state_dir / "current").read_text().strip() != name:
+        try:
+            switched = (state_dir / "current").read_text().strip() == name
+        except OSError:
+            switched = False
+        if not switched:
             back = vd / f".tmp-unpublished-{name}"
             os.rename(final, back)
             shutil.rmtree(back, ignore_errors=True)
