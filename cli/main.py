@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("fieldlearn.device.commands.prune", "delete all but the newest K versions (never the current one)"),
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
     "watch": ("fieldlearn.device.commands.watch", "daemon: learn class folders that arrive in an inbox, serve the new model"),
+    "capture": ("fieldlearn.device.commands.capture", "grab N camera frames into INBOX/LABEL/ for watch"),
 }
 
 # Commands that write a state dir run holding STATE/lock (fieldlearn.device.store.state_lock).
