@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
     "watch": ("fieldlearn.device.commands.watch", "daemon: learn class folders that arrive in an inbox, serve the new model"),
     "capture": ("fieldlearn.device.commands.capture", "grab N camera frames into INBOX/LABEL/ for watch"),
+    "doctor": ("fieldlearn.device.commands.doctor", "what this device has and what fieldlearn will use; how to fix what is missing"),
 }
 
 # Commands that write a state dir run holding STATE/lock (fieldlearn.device.store.state_lock).
