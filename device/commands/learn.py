@@ -73,7 +73,7 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     data = ImageSet(new.images, new.labels + n_old, classes)
     train, val = data.split(val_fraction, seed=cfg.train.seed) if val_fraction > 0 else (data, None)
     log(f"learning {n_new} new classes ({len(train)} images) on top of {n_old} with {cfg.method}")
-    student = state.student
+    student = state.student.to(cfg.train.device)   # load_state reads onto the CPU
     t0 = time.perf_counter()
     report = learn_increment(student, train, n_new, cfg, step=state.step + 1)
     seconds = time.perf_counter() - t0
