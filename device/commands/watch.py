@@ -85,6 +85,23 @@ def _unit_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def check_config(watcher: Watcher, args: argparse.Namespace) -> None:
+    """Fail at start (exit 2) on options that cannot work here, e.g. --device cuda without a
+    GPU, rather than on every increment (which would end with the folders set aside)."""
+    from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
+    from fieldlearn.device.commands.common import setup_torch  # noqa: PLC0415
+    from fieldlearn.device.config import RunConfig  # noqa: PLC0415
+    from fieldlearn.device.state import read_meta  # noqa: PLC0415
+    from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
+
+    meta = read_meta(current_version_dir(watcher.state_dir))
+    try:
+        base = RunConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{watcher.state_dir}: the current version's config is unreadable ({e})") from None
+    setup_torch(config_from_args(args, base=base))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.poll <= 0:
         raise UserError(f"--poll {args.poll}: must be > 0")
@@ -101,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
         print(systemd_unit(watcher.inbox, watcher.state_dir, executable=_executable(),
                            extra_args=_unit_args(args), user=user, scope=args.unit_scope), end="")
         return 0
+
+    check_config(watcher, args)
 
     def on_term(signum, frame):  # noqa: ARG001
         raise Stopped()

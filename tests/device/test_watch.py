@@ -328,3 +328,17 @@ def test_print_unit_restarts_on_failure(base_state, tmp_path, capsys):
     assert "--quiet-seconds 120" in exec_line and f"--keep-images {(tmp_path / 'kept').resolve()}" in exec_line
     assert "--epochs 3" in exec_line and "--print-unit" not in exec_line
     assert not (state / W.STATUS).exists()      # printing a unit starts nothing
+
+
+def test_unusable_options_fail_at_start_not_per_increment(base_state, tmp_path, cifar_train, capsys):
+    """If this fails, a daemon started with --device cuda on a GPU-less box would fail every
+    increment and end by setting the user's folders aside."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is usable here")
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, cifar_train)
+    before = snapshot(inbox)
+    assert main(["watch", str(inbox), "--state", str(state), "--once", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert snapshot(inbox) == before and not (state / W.JOURNAL).exists()
