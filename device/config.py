@@ -55,6 +55,10 @@ class TrainConfig:
     num_threads: int = 0               # 0: leave torch's default
     progress: bool = True
     max_grad_norm: float = 10.0
+    # Recompute the trainable blocks' activations during backward (torch.utils.checkpoint,
+    # one segment per block) instead of keeping them: less memory, about one more forward
+    # of the top per step. `fieldlearn profile` turns it on when a budget needs it.
+    checkpoint_top: bool = False
 
 
 @dataclass

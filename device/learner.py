@@ -125,6 +125,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     report.seconds["teacher"] = time.perf_counter() - t0
 
     params = student.trainable_parameters()
+    student.checkpoint_top = tc.checkpoint_top   # activation checkpointing of the trainable blocks
     lr = tc.lr if lr is None else lr
     opt = torch.optim.SGD(params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     n = len(data)

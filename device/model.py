@@ -10,6 +10,8 @@ inference engine) and train only the top, which is what fits on a Jetson.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 from torchvision.models import mobilenet_v2
@@ -25,6 +27,10 @@ class PretrainedWeightsMissing(RuntimeError):
 
 
 class Student(nn.Module):
+    # Activation checkpointing of the trainable blocks (TrainConfig.checkpoint_top; the
+    # learner sets it for the step). Off: every block keeps its activations for backward.
+    checkpoint_top: bool = False
+
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
         if not 0 <= cfg.freeze_blocks < N_BLOCKS:
@@ -62,7 +68,10 @@ class Student(nn.Module):
 
     def forward_top(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Trainable part: z (trunk output) -> (A [B, C, h, w], logits [B, K])."""
-        feats = self.top(z)                                    # [B, C, h, w]
+        if self.checkpoint_top and self.training and torch.is_grad_enabled():
+            feats = checkpoint_blocks(self.top, z)             # same values, activations recomputed
+        else:
+            feats = self.top(z)                                # [B, C, h, w]
         logits = self.head(self.dropout(feats.mean((2, 3))))   # [B, K]
         return feats, logits
 
@@ -106,6 +115,36 @@ class Student(nn.Module):
         for m in self.top.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
+
+
+def checkpoint_blocks(blocks: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
+    """blocks(z), keeping only each block's input for backward and recomputing the rest.
+
+    In train mode a BatchNorm normalises the recomputation with the batch's statistics
+    again, but must not fold them into its running statistics a second time.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        z = checkpoint(block, z, use_reentrant=False,
+                       context_fn=lambda b=block: (contextlib.nullcontext(), _running_stats_frozen(b)))
+    return z
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """BatchNorms in train mode leave running_mean/var and num_batches_tracked as they are."""
+    saved = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m, _, _ in saved:
+        m.momentum = 0.0    # running = (1 - 0) * running + 0 * batch statistic
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def load_imagenet_state_dict() -> dict[str, torch.Tensor]:
