@@ -52,12 +52,13 @@ ALL_METHODS = ["finetune", "lwf_mc", "lwm", "lc_lad", "joint"]
 JOINT_NOTE = "stores data — upper bound, benchmark only"
 
 # Settings a method runs with unless --sweep chooses them (keys: LossConfig/TrainConfig
-# fields). Chosen on validation by the sweep recorded in benchmarks/README.md.
+# fields): each method's choice on validation in the sweep recorded in benchmarks/README.md
+# (CIFAR-100 10x10, orders 1993 and 1, 32x32 cifar variant; the 128x128 sweep chose the same).
 METHOD_SETTINGS: dict[str, dict] = {
-    "finetune": {"lc_span": "new", "lr": 0.01},
-    "lwf_mc": {"lc_span": "new", "ld": "bce", "beta": 1.0, "lr": 0.01},
-    "lwm": {"lc_span": "new", "ld": "bce", "beta": 1.0, "gamma": 1.0, "lr": 0.01},
-    "lc_lad": {"lc_span": "new", "gamma": 1.0, "lr": 0.01},
+    "finetune": {"lc_span": "new", "lr": 0.02},
+    "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.02},
+    "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 1.0, "lr": 0.02},
+    "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.02},
     "joint": {"lr": 0.01},
 }
 
@@ -80,9 +81,11 @@ PRESETS: dict[str, dict] = {
     "cpu45": {"per_class": 200, "test_per_class": 100, "val_fraction": 0.1,
               "model": {"variant": "cifar", "input_size": 32, "pretrained": True, "freeze_blocks": 14},
               "train": {"epochs": 5, "base_epochs": 10, "batch_size": 64}},
+    # gpu: the 128x128 setting the GPU sweep ran (README), with all 500 images per class;
+    # batch size kept at 64 so the swept learning rates still apply. Not yet run in full.
     "gpu": {"per_class": 500, "test_per_class": 100, "val_fraction": 0.1,
-            "model": {"variant": "imagenet", "input_size": 128, "pretrained": True, "freeze_blocks": 10},
-            "train": {"epochs": 15, "base_epochs": 20, "batch_size": 128, "device": "cuda"}},
+            "model": {"variant": "imagenet", "input_size": 128, "pretrained": True, "freeze_blocks": 14},
+            "train": {"epochs": 6, "base_epochs": 10, "batch_size": 64, "device": "cuda"}},
 }
 
 
@@ -181,8 +184,8 @@ class Protocol:
     of (method, settings) runs from copies of the base."""
 
     def __init__(self, cfg: RunConfig, train: ImageSet, val: ImageSet, test: ImageSet,
-                 groups: list[list[int]], log: Callable[[str], None] = log):
-        self.cfg, self.groups, self.log = cfg, groups, log
+                 groups: list[list[int]], log: Callable[[str], None] = log, align_head: bool = False):
+        self.cfg, self.groups, self.log, self.align_head = cfg, groups, log, align_head
         torch.manual_seed(cfg.train.seed)
         self.student = build_student(cfg.model, len(groups[0])).to(cfg.train.device)
         t0 = time.perf_counter()
@@ -221,7 +224,10 @@ class Protocol:
                     rep = joint_step(st, data, len(self.groups[t]), mcfg, t, z)
                 else:
                     data, z = self.train.take(self.groups[t])
+                    n_old = st.num_classes
                     rep = learn_increment(st, data, len(self.groups[t]), mcfg, step=t, method=method, z=z)
+                    if self.align_head:   # investigation: data-free weight aligning after the step
+                        rep.loss_terms["align_factor"] = st.align_head(n_old)
             except UserError as e:  # TrainingDiverged: record it, the other runs go on
                 res.error = f"step {t}: {e}"
                 self.log(f"step {t}: {method}{tag} failed: {e}")
@@ -238,30 +244,36 @@ class Protocol:
         return res
 
 
-def sweep(proto: Protocol, method: str, start: dict) -> tuple[dict, list[dict], MethodResult]:
-    """Staged grid on validation average incremental accuracy. Returns (best settings,
-    every trial as a dict, the best run)."""
-    tried: dict[str, MethodResult] = {}
+def sweep(protos: list[Protocol], method: str, start: dict) -> tuple[dict, list[dict], list[MethodResult]]:
+    """Staged grid, scored by validation average incremental accuracy averaged over the
+    class orders. Returns (best settings, every trial, the best setting's run per order)."""
+    tried: dict[str, list[MethodResult]] = {}
     best = dict(start)
 
     def key(s: dict) -> str:
         return json.dumps(s, sort_keys=True)
 
-    def score(r: MethodResult) -> float:
-        return r.val.average_incremental if not r.error else float("-inf")
+    def score(rs: list[MethodResult]) -> float:
+        if any(r.error for r in rs):
+            return float("-inf")
+        return sum(r.val.average_incremental for r in rs) / len(rs)
 
-    if key(best) not in tried:
-        tried[key(best)] = proto.run(method, best, tag=f" {_short(best, method)}")
+    def trial(s: dict) -> None:
+        if key(s) not in tried:
+            tried[key(s)] = [p.run(method, s, tag=f" {_short(s, method)}") for p in protos]
+
+    trial(best)
     for stage in SWEEP_STAGES:
         for cand in sweep_candidates(method, best, stage):
-            if key(cand) not in tried:
-                tried[key(cand)] = proto.run(method, cand, tag=f" {_short(cand, method)}")
+            trial(cand)
         best = max((json.loads(k) for k in tried), key=lambda s: score(tried[key(s)]))
-        proto.log(f"sweep {method}: best so far {_short(best, method)} "
-                  f"(val avg {100 * score(tried[key(best)]):.1f}%)")
-    trials = [{"settings": r.settings, "val_average_incremental": r.val.average_incremental,
-               "test_average_incremental": r.test.average_incremental, "test_last": r.test.last,
-               "seconds": r.seconds, "error": r.error} for r in tried.values()]
+        protos[0].log(f"sweep {method}: best so far {_short(best, method)} "
+                      f"(val avg incr. {100 * score(tried[key(best)]):.1f}%)")
+    trials = [{"settings": rs[0].settings, "val_average_incremental": score(rs),
+               "test_average_incremental": sum(r.test.average_incremental for r in rs) / len(rs),
+               "test_last": sum(r.test.last for r in rs) / len(rs),
+               "seconds": sum(r.seconds for r in rs), "error": "; ".join(r.error for r in rs if r.error)}
+              for rs in tried.values()]
     return best, trials, tried[key(best)]
 
 
@@ -380,6 +392,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose each method's settings on validation (staged grid), report test at those")
     p.add_argument("--settings", type=Path, default=None,
                    help="results.json of an earlier --sweep: run each method at the settings it chose")
+    p.add_argument("--align-head", action="store_true",
+                   help="investigation: rescale the new head rows to the old rows' norm after each increment "
+                        "(weight aligning, data-free; not part of any method)")
     p.add_argument("--out", type=Path, default=Path("bench-accuracy"), help="output directory")
     add_config_arguments(p, run_fields=("teacher_backend",))
 
@@ -457,35 +472,38 @@ def run(args: argparse.Namespace) -> int:
         f"order seed(s) {seeds}, methods {', '.join(methods)}{' (sweep)' if args.sweep else ''}; "
         f"{torch.get_num_threads()} threads, load {_machine().get('load_average')}")
     report = {"benchmark": "accuracy", "fieldlearn_version": _version(), "git_commit": _git_commit(),
-              "command": command, "data": args.data, "preset": args.preset, "sweep": args.sweep,
+              "command": command, "data": args.data, "align_head": args.align_head, "preset": args.preset, "sweep": args.sweep,
               "sweep_stages": SWEEP_STAGES if args.sweep else None,
               "protocol": {"base": args.base, "steps": args.steps, **proto, "order_seeds": seeds},
               "config": cfg.to_dict(), "machine_start": _machine(), "orders": [], "chosen": {}}
+    protos = []
     for seed in seeds:
         order = class_order(len(train_all.class_names), seed)
         train = train_all.reorder(order).select(list(range(used)), proto["per_class"], seed=cfg.train.seed)
         train, val = train.split(proto["val_fraction"], seed=cfg.train.seed)
         test = test_all.reorder(order).select(list(range(used)), proto["test_per_class"], seed=cfg.train.seed)
         log(f"order {seed}: {len(train)} train, {len(val)} validation, {len(test)} test images")
-        p = Protocol(cfg, train, val, test, groups)
-        entry = {"order_seed": seed, "class_order": [train.class_names[c] for c in range(used)],
-                 "groups": [[train.class_names[c] for c in g] for g in groups],
-                 "encode_seconds": p.encode_seconds, "base_seconds": p.base_seconds,
-                 "base": {"test": p.base_test[0], "val": p.base_val[0]}, "methods": {}, "sweep": {}}
-        report["orders"].append(entry)
-        for name in methods:
-            start = {**METHOD_SETTINGS[name], **chosen_from_file.get(name, {})}
-            if args.sweep and name != "joint":
-                best, trials, res = sweep(p, name, start)
-                entry["sweep"][name] = trials
-                report["chosen"].setdefault(name, best)
-            else:
-                res = p.run(name, start)
+        p = Protocol(cfg, train, val, test, groups, align_head=args.align_head)
+        protos.append(p)
+        report["orders"].append({
+            "order_seed": seed, "class_order": [train.class_names[c] for c in range(used)],
+            "groups": [[train.class_names[c] for c in g] for g in groups],
+            "encode_seconds": p.encode_seconds, "base_seconds": p.base_seconds,
+            "base": {"test": p.base_test[0], "val": p.base_val[0]}, "methods": {}, "sweep": {}})
+    for name in methods:
+        start = {**METHOD_SETTINGS[name], **chosen_from_file.get(name, {})}
+        if args.sweep and name != "joint":
+            best, trials, results = sweep(protos, name, start)
+            report["chosen"][name] = best
+            report["orders"][0]["sweep"][name] = trials   # scored over all orders
+        else:
+            results = [p.run(name, start) for p in protos]
+        for entry, res in zip(report["orders"], results):
             entry["methods"][name] = res.to_dict(cfg)
-            log(f"order {seed}: {name}{' (' + JOINT_NOTE + ')' if name == 'joint' else ''}: "
+            log(f"order {entry['order_seed']}: {name}{' (' + JOINT_NOTE + ')' if name == 'joint' else ''}: "
                 f"avg incremental {100 * res.test.average_incremental:.1f}%, last {100 * res.test.last:.1f}% "
                 f"[{res.seconds:.0f} s]")
-            _write(args.out, report, command, t_start)   # partial results survive an interrupted run
+        _write(args.out, report, command, t_start)   # partial results survive an interrupted run
     summary = _write(args.out, report, command, t_start)
     log("")
     log((args.out / "results.md").read_text())
