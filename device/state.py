@@ -139,8 +139,8 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
 def _raise_if_disk_full(e: BaseException, state_dir: Path) -> None:
     reason = disk_full_reason(e)
     if reason is not None:
-        raise UserError(f"{state_dir}: {reason} while writing a new version; nothing was published "
-                        f"and the current version is unchanged") from None
+        raise UserError(f"{state_dir}: no new version written ({reason}); the current version is unchanged") \
+            from None
 
 
 def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:

@@ -389,17 +389,18 @@ _OS_ERROR = re.compile(r"os error (\d+)")
 
 def disk_full_reason(exc: BaseException) -> str | None:
     """'No space left on device' etc. when `exc` (or what it wraps) is a disk-full write error:
-    OSError's errno, or the 'os error N' that Rust writers (safetensors) put in their message."""
+    OSError's errno (with the file, where known), or the 'os error N' that Rust writers
+    (safetensors) put in their message."""
     seen = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return os.strerror(e.errno)
+            return os.strerror(e.errno) + (f" (writing {e.filename})" if e.filename else "")
         for m in _OS_ERROR.finditer(str(e)):
             if int(m.group(1)) in DISK_FULL:
                 return os.strerror(int(m.group(1)))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return None
 
 
@@ -454,7 +455,7 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
         try:
             yield me
         except BaseException as e:
-            reason = disk_full_reason(e)
+            reason = None if isinstance(e, UserError) else disk_full_reason(e)
             if reason is None:
                 raise
             try:
@@ -462,7 +463,7 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
             except UserError:
                 cur = "nothing was saved"
             clean_leftovers(state_dir)
-            raise UserError(f"{state_dir}: {reason} while writing; {cur}") from None
+            raise UserError(f"{state_dir}: {reason}; {cur}") from None
     finally:
         if read_lock(state_dir) == me:
             path.unlink(missing_ok=True)
