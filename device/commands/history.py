@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _pct(v) -> str:
-    return f"{100 * v:5.1f}%" if isinstance(v, (int, float)) else "    - "
+    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "-"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,16 +29,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print("   version  step  classes  new  method    test   new-val  eval   exported  created")
+    print(f"   {'version':>7}  {'step':>4}  {'classes':>7}  {'new':>3}  {'method':<8}  {'test':>6}  {'new-val':>7}  "
+          f"{'eval':>6}  {'exported':<9}  created")
     for r in rows:
         mark = "*" if r["current"] else " "
         if r["problem"]:
-            print(f"{mark}  {r['version']:>6}  unreadable: {r['problem']}")
+            print(f"{mark}  {r['version']:>7}  unreadable: {r['problem']}")
             continue
         acc = r["accuracy"]
-        print(f"{mark}  {r['version']:>6}  {r['step']:>4}  {r['classes']:>7}  {r['new_classes'] or 0:>3}  "
-              f"{str(r['method'] or '-'):<8} {_pct(acc.get('test_accuracy'))} {_pct(acc.get('new_class_val_accuracy'))} "
-              f"{_pct(acc.get('eval_accuracy'))}  {'onnx' + (' +trt' if r['engine'] else '') if r['exported'] else '-':<8}  "
+        exported = ("onnx+trt" if r["engine"] else "onnx") if r["exported"] else "-"
+        print(f"{mark}  {r['version']:>7}  {r['step']:>4}  {r['classes']:>7}  {r['new_classes'] or 0:>3}  "
+              f"{str(r['method'] or '-'):<8}  {_pct(acc.get('test_accuracy')):>6}  "
+              f"{_pct(acc.get('new_class_val_accuracy')):>7}  {_pct(acc.get('eval_accuracy')):>6}  {exported:<9}  "
               f"{r['created']}")
     print("(* = current)")
     return 0
