@@ -51,8 +51,9 @@ from fieldlearn.runtime.errors import UserError
 ALL_METHODS = ["finetune", "lwf_mc", "lwm", "lc_lad", "joint"]
 JOINT_NOTE = "stores data — upper bound, benchmark only"
 
-# Settings a method runs with unless --sweep chooses them (keys: LossConfig/TrainConfig
-# fields): each method's choice on validation in the sweep recorded in benchmarks/README.md
+# Settings a method runs with unless --sweep chooses them, --settings gives them, or the
+# command line sets one of them for all methods (e.g. --lr 0.01); keys are LossConfig/TrainConfig
+# fields: each method's choice on validation in the sweep recorded in benchmarks/README.md
 # (CIFAR-100 10x10, orders 1993 and 1, 32x32 cifar variant; the 128x128 sweep chose the same).
 METHOD_SETTINGS: dict[str, dict] = {
     "finetune": {"lc_span": "new", "lr": 0.02},
@@ -71,6 +72,7 @@ SWEEP_STAGES: list[dict[str, list]] = [
     {"beta": [0.5, 2.0], "gamma": [0.5, 2.0]},
     {"lr": [0.005, 0.02]},
 ]
+SETTING_KEYS = {"lc_span", "ld", "beta", "gamma", "lr"}
 SWEEP_EXTRA = {"finetune": [{"lc_span": "all"}]}   # added to stage 1
 USES = {"finetune": {"lc_span", "lr"}, "lwf_mc": {"lc_span", "ld", "beta", "lr"},
         "lwm": {"lc_span", "ld", "beta", "gamma", "lr"}, "lc_lad": {"lc_span", "gamma", "lr"}, "joint": {"lr"}}
@@ -490,8 +492,12 @@ def run(args: argparse.Namespace) -> int:
             "groups": [[train.class_names[c] for c in g] for g in groups],
             "encode_seconds": p.encode_seconds, "base_seconds": p.base_seconds,
             "base": {"test": p.base_test[0], "val": p.base_val[0]}, "methods": {}, "sweep": {}})
+    # Loss/train options given on the command line override every method's settings.
+    given = {dest.partition(".")[2]: v for dest, v in vars(args).items()
+             if dest.partition(".")[0] in ("loss", "train") and dest.partition(".")[2] in SETTING_KEYS}
     for name in methods:
-        start = {**METHOD_SETTINGS[name], **chosen_from_file.get(name, {})}
+        start = {**METHOD_SETTINGS[name], **chosen_from_file.get(name, {}),
+                 **{k: v for k, v in given.items() if k in USES[name]}}
         if args.sweep and name != "joint":
             best, trials, results = sweep(protos, name, start)
             report["chosen"][name] = best

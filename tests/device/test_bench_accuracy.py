@@ -76,3 +76,9 @@ def test_sweep_chooses_on_validation(folder, tmp_path):
                  str(out / "results.json"), "--out", str(out2), *TINY]) == 0
     r2 = json.loads((out2 / "results.json").read_text())
     assert r2["orders"][0]["methods"]["lwm"]["settings"] == r["chosen"]["lwm"]
+    # an option given on the command line overrides the per-method settings
+    out3 = tmp_path / "override"
+    assert _run(["--data", str(folder), "--base", "3", "--steps", "2", "--methods", "lwm", "--lr", "0.003",
+                 "--out", str(out3), *TINY]) == 0
+    r3 = json.loads((out3 / "results.json").read_text())
+    assert r3["orders"][0]["methods"]["lwm"]["config"]["train"]["lr"] == 0.003
