@@ -49,7 +49,7 @@ def run_protocol(cfg: RunConfig, train: ImageSet, test: ImageSet, groups: list[l
     consecutive ranges of those labels. `method_cfgs` overrides the config per method.
     `joint_step(student, seen_train, n_new, cfg, step)` trains the benchmark's joint upper bound."""
     torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg.model, len(groups[0]))
+    student = build_student(cfg.model, len(groups[0])).to(cfg.train.device)
     t0 = time.perf_counter()
     base_report = train_base(student, _take(train, groups[0]), cfg)
     base_seconds = time.perf_counter() - t0

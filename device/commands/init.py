@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     train = train.reorder(order).select(list(range(n)), args.per_class, seed=cfg.train.seed)
     log(f"base training: {n} classes, {len(train)} images")
     torch.manual_seed(cfg.train.seed)
-    student = build_student(cfg.model, n)
+    student = build_student(cfg.model, n).to(cfg.train.device)
     t0 = time.perf_counter()
     report = train_base(student, train, cfg)
     seconds = time.perf_counter() - t0
