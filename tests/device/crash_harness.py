@@ -242,6 +242,7 @@ class Tally:
     completed: int = 0
     corrupt: int = 0
     lost: int = 0
+    leftovers_seen: int = 0      # kills after which a leftover was there to clean
     leftovers_kept: int = 0
     reruns_failed: int = 0
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -356,6 +357,7 @@ class Harness:
         tally.lost += bool(lost)
         tally.problems += [f"{where}: {p}" for p in corrupt + lost]
         left = leftovers(self.state)
+        tally.leftovers_seen += bool(left)
         # The next start: what every writing command does first (stale lock, leftovers).
         from fieldlearn.device.store import state_lock  # noqa: PLC0415
 
@@ -406,5 +408,6 @@ def run(work: Path, cifar_test, kills: int, seed: int = 0, timed_share: float = 
 
 def summary(t: Tally) -> str:
     return json.dumps({"kills": t.kills, "by_kind": t.kinds, "completed_runs": t.completed, "current_after_kill": t.outcomes,
-                       "corrupt": t.corrupt, "lost": t.lost, "leftovers_kept": t.leftovers_kept,
+                       "corrupt": t.corrupt, "lost": t.lost, "kills_leaving_leftovers": t.leftovers_seen,
+                       "leftovers_kept": t.leftovers_kept,
                        "reruns_failed": t.reruns_failed})
