@@ -424,7 +424,10 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
     stale = None
     dfd = os.open(state_dir, os.O_RDONLY)
     try:
-        fcntl.flock(dfd, fcntl.LOCK_EX)     # only the take-over step; released below
+        try:
+            fcntl.flock(dfd, fcntl.LOCK_EX)     # only the take-over step; released below
+        except OSError:
+            pass                                # (no flock on this file system: O_EXCL alone)
         while True:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -437,6 +440,9 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
                 stale = owner or "an unreadable lock"
                 path.unlink(missing_ok=True)
                 continue
+            except OSError as e:
+                raise UserError(f"{path}: cannot create the state lock ({e.strerror}); "
+                                f"fieldlearn needs write access to {state_dir}") from None
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(asdict(me)))
                 f.flush()

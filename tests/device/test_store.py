@@ -271,3 +271,19 @@ def test_disk_full_is_recognised_through_wrappers():
     except RuntimeError as e:
         assert store.disk_full_reason(e) == os.strerror(errno.EDQUOT)
     assert store.disk_full_reason(OSError(errno.EACCES, "x")) is None
+
+
+def test_a_read_only_state_dir_is_one_line(state, capsys, monkeypatch):
+    """If this fails, a state on a read-only mount (or another user's) gives a traceback."""
+    real_open = os.open
+
+    def ro_open(path, flags, *a, **k):     # what a read-only mount answers (root ignores mode bits)
+        if str(path).endswith("/lock") and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", ro_open)
+    rc, _, err = run(capsys, "rollback", "--state", state)
+    monkeypatch.undo()
+    assert rc == 2 and f"{state / 'lock'}: cannot create the state lock (Read-only file system)" in err
+    assert current(state) == "0003"
