@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_image_folder
-from tests.device.crash_harness import INIT_ARGS, LEARN_ARGS, ROOT, Harness, leftovers, run, summary
+from tests.device.crash_harness import LEARN_ARGS, ROOT, Harness, leftovers, run, summary
 
 
 def tree_hash(root: Path) -> str:
