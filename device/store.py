@@ -229,11 +229,17 @@ def _resolve(state_dir: Path, to: int | str) -> str:
     raise UserError(f"--to {to}: no such version in {state_dir} (have {', '.join(names) or 'none'})")
 
 
-def rollback(state_dir: Path, to: int | str | None = None) -> tuple[str, str]:
+def rollback(state_dir: Path, to: int | str | None = None) -> tuple[str | None, str]:
     """Make version `to` (default: the newest complete version older than the current one)
-    current, atomically. Returns (previous current, new current). Hold state_lock."""
+    current, atomically. Returns (previous current, new current). With `to`, this also
+    repairs a damaged or missing `current` pointer (previous current: None). Hold state_lock."""
     state_dir = Path(state_dir)
-    cur = current_version_name(state_dir)
+    try:
+        cur = current_version_name(state_dir)
+    except UserError as e:
+        if to is None:
+            raise UserError(f"{e}; choose a version with --to N (see fieldlearn history)") from None
+        cur = None
     if to is None:
         older = [n for n in version_names(state_dir) if int(n) < int(cur)]
         target = next((n for n in reversed(older) if version_problem(versions_dir(state_dir) / n) is None), None)

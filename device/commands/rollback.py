@@ -26,5 +26,5 @@ def run(args: argparse.Namespace) -> int:
     if old == new:
         print(f"version {new} is already current")
     else:
-        print(f"current: {old} -> {new} (step {meta['step']}, {meta['num_classes']} classes)")
+        print(f"current: {old or '(unreadable)'} -> {new} (step {meta['step']}, {meta['num_classes']} classes)")
     return 0

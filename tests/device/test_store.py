@@ -103,6 +103,15 @@ def test_rollback_skips_and_refuses_incomplete_versions(state, capsys):
     assert rc == 2 and "version 0002 is not complete" in err and current(state) == "0001"
 
 
+def test_rollback_to_repairs_a_damaged_current_pointer(state, capsys):
+    """If this fails, a damaged `current` leaves the user no command to serve a model again."""
+    (state / "current").write_text("garbage\n")
+    rc, _, err = run(capsys, "rollback", "--state", state)
+    assert rc == 2 and "--to N" in err
+    rc, out, _ = run(capsys, "rollback", "--state", state, "--to", "2")
+    assert rc == 0 and "(unreadable) -> 0002" in out and load_state(state).classes == ["apple", "pear", "c1"]
+
+
 def test_prune_keeps_the_newest_and_always_the_current(state, capsys):
     """If this fails, pruning deletes the model being served (after a rollback it is not the newest)."""
     run(capsys, "rollback", "--state", state, "--to", "1")
