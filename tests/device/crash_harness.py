@@ -261,7 +261,9 @@ class Harness:
 
         self.work, self.data, self.rng, self.log = Path(work), cifar_test, random.Random(seed), log
         self.write_image_folder = write_image_folder
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        # Children get their own TMPDIR: a killed learn leaves its teacher temp dir there, not in /tmp.
+        (self.work / "tmp").mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(self.work / "tmp")}
         self.state = self.work / "state"
         self.next_class = 0
         self.n_events = {"learn": 0, "export": 0}
