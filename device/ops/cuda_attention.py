@@ -137,24 +137,27 @@ def _compile(arch: str, extra: Sequence[str] = ()) -> tuple[bytes, str]:
         opts = [o.encode() for o in (*NVRTC_OPTIONS, f"--gpu-architecture={arch}", *extra)]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
+        # Output buffers must be mutable: NVRTC writes into them, and `b" " * 1` is CPython's
+        # shared one-byte bytes object (writing a NUL into it broke every later b" " in the
+        # process, e.g. torch.load's unpickler).
+        log = bytearray(size)
         nvrtc.nvrtcGetProgramLog(prog, log)
-        log_text = log.rstrip(b"\0 ").decode(errors="replace")
+        log_text = bytes(log).rstrip(b"\0 ").decode(errors="replace")
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise RuntimeError(f"NVRTC failed to compile {SOURCE.name} for {arch}:\n{log_text}")
         if arch.startswith("sm_"):
             err, size = nvrtc.nvrtcGetCUBINSize(prog)
             _check_nvrtc(err, "nvrtcGetCUBINSize")
-            image = b" " * size
+            image = bytearray(size)
             (err,) = nvrtc.nvrtcGetCUBIN(prog, image)
             _check_nvrtc(err, "nvrtcGetCUBIN")
         else:
             err, size = nvrtc.nvrtcGetPTXSize(prog)
             _check_nvrtc(err, "nvrtcGetPTXSize")
-            image = b" " * size
+            image = bytearray(size)
             (err,) = nvrtc.nvrtcGetPTX(prog, image)
             _check_nvrtc(err, "nvrtcGetPTX")
-        return image, log_text
+        return bytes(image), log_text
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
