@@ -335,8 +335,12 @@ def best_engine(onnx_path: str | Path, prefer: str = "auto", *, threads: int = 0
     return OrtEngine(onnx_path, threads=threads)
 
 
-class ParityError(AssertionError):
+class ParityError(UserError, AssertionError):
     """Two engines disagree on the same inputs by more than the tolerance."""
+
+
+class DegenerateReference(ParityError):
+    """The reference output is ~0 or the same for every input: nothing to compare."""
 
 
 def relative_error(a: Batch, b: Batch) -> float:
@@ -367,12 +371,12 @@ def cross_validate(a: Engine, b: Engine, inputs: Batch | Mapping[str, Batch], rt
         ref = to_numpy(out_b[name], np.float64)
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
         if scale < min_scale:
-            raise ParityError(f"{name}: reference output max |x| = {scale:.3g} is too small to compare "
+            raise DegenerateReference(f"{name}: reference output max |x| = {scale:.3g} is too small to compare "
                               "(untrained or collapsed net?)")
         if ref.ndim and ref.shape[0] > 1:
             spread = float(np.max(np.abs(ref - ref.mean(axis=0))))
             if spread < max(min_scale, 1e-5 * scale):
-                raise ParityError(f"{name}: reference output is the same for every input (spread {spread:.3g}): "
+                raise DegenerateReference(f"{name}: reference output is the same for every input (spread {spread:.3g}): "
                                   "nothing to compare (untrained net? warm its BatchNorm or use real images)")
         errors[name] = relative_error(out_a[name], out_b[name])
     bad = {n: e for n, e in errors.items() if not e <= rtol}
