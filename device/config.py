@@ -29,6 +29,7 @@ class ModelConfig:
 class LossConfig:
     # LC: cross-entropy over all seen classes, or only over the classes of this increment.
     lc_span: Literal["all", "new", "calibrated"] = "new"
+    lc_calibration: float = 0.0        # with span "new": weight of the calibrated CE blended in
     # LD: "bce" = full binary cross-entropy between sigmoid(teacher) and sigmoid(student)
     # on base-class logits (LwF-MC); "kd" = softmax KD with temperature.
     # Defaults chosen on validation by `fieldlearn bench accuracy --sweep` (benchmarks/README.md):

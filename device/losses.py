@@ -9,7 +9,7 @@ from fieldlearn.device.attention import gradcam_normalized
 from fieldlearn.device.ops import attention_distill
 
 
-def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str) -> torch.Tensor:
+def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibration: float = 0.0) -> torch.Tensor:
     """Classification loss on new-class data.
 
     logits [B, K_old + K_new], labels [B] (global indices, all >= n_old in an increment).
@@ -21,11 +21,16 @@ def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str) -> tor
     span "calibrated": cross-entropy over every seen class with the old logits as
     constants (stop-gradient): the new classes learn to score above the old ones on
     their own images, and the old logits are left to LD.
+    calibration (span "new" only): weight a of the "calibrated" term blended in,
+    (1 - a) * CE_new + a * CE_calibrated, between the two failure modes above.
     """
     if span == "all" or n_old == 0:
         return F.cross_entropy(logits, labels)
     if span == "new":
-        return F.cross_entropy(logits[:, n_old:], labels - n_old)
+        ce_new = F.cross_entropy(logits[:, n_old:], labels - n_old)
+        if calibration <= 0:
+            return ce_new
+        return (1 - calibration) * ce_new + calibration * lc(logits, labels, n_old, "calibrated")
     if span == "calibrated":
         return F.cross_entropy(torch.cat([logits[:, :n_old].detach(), logits[:, n_old:]], dim=1), labels)
     raise ValueError(f"lc span must be 'all', 'new' or 'calibrated', got {span!r}")

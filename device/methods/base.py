@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fieldlearn.device import losses
 from fieldlearn.device.config import LossConfig
 
 
@@ -36,3 +37,15 @@ class Method:
 
     def terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # The three terms, weighted as configured, for the methods to combine.
+    def lc(self, batch: Batch) -> torch.Tensor:
+        c = self.cfg
+        return losses.lc(batch.logits, batch.labels, batch.n_old, c.lc_span, c.lc_calibration)
+
+    def ld(self, batch: Batch) -> torch.Tensor:
+        c = self.cfg
+        return c.beta * losses.ld(batch.logits[:, : batch.n_old], batch.teacher_logits, c.ld, c.temperature)
+
+    def lad(self, batch: Batch) -> torch.Tensor:
+        return self.cfg.gamma * losses.lad(batch.feats, batch.head_weight, batch.teacher_class, batch.teacher_map)

@@ -1,6 +1,5 @@
 """LwF-MC: LC + beta * LD (distillation of the base-class logits)."""
 
-from fieldlearn.device import losses
 from fieldlearn.device.methods.base import Batch, Method
 
 
@@ -9,8 +8,4 @@ class LwFMC(Method):
     uses_teacher_logits = True
 
     def terms(self, batch: Batch):
-        c = self.cfg
-        return {
-            "lc": losses.lc(batch.logits, batch.labels, batch.n_old, c.lc_span),
-            "ld": c.beta * losses.ld(batch.logits[:, : batch.n_old], batch.teacher_logits, c.ld, c.temperature),
-        }
+        return {"lc": self.lc(batch), "ld": self.ld(batch)}

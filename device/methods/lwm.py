@@ -1,6 +1,5 @@
 """Learning without Memorizing (Dhar et al., CVPR 2019): LC + beta * LD + gamma * LAD."""
 
-from fieldlearn.device import losses
 from fieldlearn.device.methods.base import Batch, Method
 
 
@@ -10,9 +9,4 @@ class LwM(Method):
     uses_teacher_maps = True
 
     def terms(self, batch: Batch):
-        c = self.cfg
-        return {
-            "lc": losses.lc(batch.logits, batch.labels, batch.n_old, c.lc_span),
-            "ld": c.beta * losses.ld(batch.logits[:, : batch.n_old], batch.teacher_logits, c.ld, c.temperature),
-            "lad": c.gamma * losses.lad(batch.feats, batch.head_weight, batch.teacher_class, batch.teacher_map),
-        }
+        return {"lc": self.lc(batch), "ld": self.ld(batch), "lad": self.lad(batch)}
