@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "history": ("fieldlearn.device.commands.history", "list a state's versions with class counts and accuracies"),
     "rollback": ("fieldlearn.device.commands.rollback", "make an earlier version current again (atomic)"),
     "prune": ("fieldlearn.device.commands.prune", "delete all but the newest K versions (never the current one)"),
+    "profile": ("fieldlearn.device.commands.profile", "measure an increment's peak memory and plan a config that fits a budget (SIZE or Jetson preset)"),
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
     "watch": ("fieldlearn.device.commands.watch", "daemon: learn class folders that arrive in an inbox, serve the new model"),
     "capture": ("fieldlearn.device.commands.capture", "grab N camera frames into INBOX/LABEL/ for watch"),

@@ -61,10 +61,19 @@ def _inputs(student: Student, images: torch.Tensor, cfg: RunConfig) -> torch.Ten
     return to_input(images, m.input_size, m.mean, m.std).to(cfg.train.device)
 
 
+def chunk_size(cfg: RunConfig) -> int:
+    """Images per forward outside the training loop (encode, teacher targets, evaluation):
+    the training batch size, at most EVAL_BATCH. The frozen trunk's early maps are the
+    largest tensors of an increment (at 128 px, batch 128: ~0.5 GB), so this pass follows
+    the batch size a user lowers to fit a memory budget (fieldlearn profile)."""
+    return max(1, min(EVAL_BATCH, cfg.train.batch_size))
+
+
 @torch.no_grad()
-def encode(student: Student, images: torch.Tensor, cfg: RunConfig, batch: int = EVAL_BATCH) -> torch.Tensor:
+def encode(student: Student, images: torch.Tensor, cfg: RunConfig, batch: int | None = None) -> torch.Tensor:
     """Frozen trunk over uint8 images [N, 3, S, S] -> z [N, C_k, H', W'] (in memory)."""
     student.trunk.eval()
+    batch = batch or chunk_size(cfg)
     out = [student.encode(_inputs(student, images[i: i + batch], cfg)) for i in range(0, len(images), batch)]
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -121,7 +130,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     z_all = (z if z is not None else encode(student, data.images, cfg)) if cached else None
     report.seconds["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    targets = _teacher_targets(teacher, z_all, method) if (cached and teacher is not None) else None
+    targets = _teacher_targets(teacher, z_all, method, chunk_size(cfg)) if (cached and teacher is not None) else None
     report.seconds["teacher"] = time.perf_counter() - t0
 
     params = student.trainable_parameters()
@@ -218,8 +227,9 @@ def predict_logits(student: Student, images: torch.Tensor, cfg: RunConfig,
     """uint8 images [N, 3, S, S] (or precomputed trunk output z) -> logits [N, K]."""
     student.eval()
     out = []
-    for i in range(0, len(images) if z is None else len(z), EVAL_BATCH):
-        zi = z[i: i + EVAL_BATCH] if z is not None else student.encode(_inputs(student, images[i: i + EVAL_BATCH], cfg))
+    step = chunk_size(cfg)
+    for i in range(0, len(images) if z is None else len(z), step):
+        zi = z[i: i + step] if z is not None else student.encode(_inputs(student, images[i: i + step], cfg))
         out.append(student.forward_top(zi)[1].float())
     return torch.cat(out) if out else torch.zeros(0, student.num_classes)
 

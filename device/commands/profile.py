@@ -1,0 +1,108 @@
+"""fieldlearn profile: measure an increment's peak memory, estimate it, and plan a config for a budget.
+
+    fieldlearn profile --budget orin-nano-4gb                 # the default config
+    fieldlearn profile --state DIR --budget 2GiB --out DIR    # the state's config
+
+Prints the configured increment's memory by component and phase, measured (a fresh
+process; see fieldlearn.device.profile.measure) next to the analytic estimate, then the
+plan: the configuration with the most training throughput whose measured peak fits the
+budget, with the options that select it. Writes profile.json and profile.png (stacked
+bars by component) into --out. Nothing fitting is a one-line error naming the smallest
+configuration tried and its peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.commands.common import log, setup_torch, write_json
+from fieldlearn.device.profile.budget import PRESETS, fmt_bytes, parse_budget
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", required=True, metavar="SIZE|PRESET",
+                   help=f"memory for the whole learner process: a size (2GiB, 512MB) or a preset ({', '.join(PRESETS)})")
+    p.add_argument("--state", type=Path, default=None,
+                   help="profile this state's config and class count (its input size stays; more blocks may be frozen)")
+    p.add_argument("--out", type=Path, default=Path("fieldlearn-profile"), help="where profile.json/.png go")
+    p.add_argument("--images", type=int, default=1000,
+                   help="images of one increment held in memory (default 1000: 10 classes x 100)")
+    p.add_argument("--new-classes", type=int, default=10, help="classes per increment (default 10)")
+    p.add_argument("--old-classes", type=int, default=50, help="classes already known, without --state (default 50)")
+    p.add_argument("--max-measured", type=int, default=3,
+                   help="candidates measured in a fresh process at most, the configured one included (default 3)")
+    add_config_arguments(p, sections=("model", "loss", "train"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from fieldlearn.device.profile.chart import plot_plan  # noqa: PLC0415
+    from fieldlearn.device.profile.planner import NothingFits, make_plan  # noqa: PLC0415
+    from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
+
+    budget = parse_budget(args.budget)
+    if args.images < 2:
+        raise UserError(f"--images {args.images}: need at least 2")
+    n_old, fixed_input, min_freeze = args.old_classes, False, 0
+    if args.state is not None:
+        from fieldlearn.device.state import load_state  # noqa: PLC0415
+
+        state = load_state(args.state)
+        cfg = config_from_args(args, base=state.config)
+        n_old, fixed_input, min_freeze = len(state.classes), True, state.config.model.freeze_blocks
+    else:
+        cfg = config_from_args(args)
+    setup_torch(cfg)
+    log(f"budget {budget.describe()}; method {cfg.method}, {n_old} known + {args.new_classes} new classes, "
+        f"{args.images} images in memory")
+    try:
+        result = make_plan(cfg, budget, n_images=args.images, n_old=n_old, n_new=args.new_classes,
+                           fixed_input=fixed_input, min_freeze=min_freeze, max_measured=args.max_measured, log=log)
+        failure = None
+    except NothingFits as e:
+        result, failure = e.result, e
+    log("")
+    log(format_reference(result.reference))
+    log("")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "profile.json", result.to_dict())
+    png = plot_plan(result, args.out / "profile.png")
+    if failure is not None:
+        log(f"wrote {args.out / 'profile.json'} and {png}")
+        raise failure
+    c = result.chosen
+    log(f"plan for {budget.describe()}:")
+    log(f"  {c.candidate.label()}")
+    log(f"  peak: predicted {fmt_bytes(c.predicted_total)}, measured {fmt_bytes(c.measured_total)} "
+        f"(whole process; {fmt_bytes(budget.bytes - c.measured_total)} to spare)")
+    log(f"  training step: {c.measured['images_per_second']:.0f} images/s measured "
+        f"(predicted {c.throughput:.0f})")
+    log(f"  options: {c.candidate.options()}" + ("  (fp16 autocast: profiled only; the learner trains in fp32)"
+                                                  if c.candidate.fp16 else ""))
+    log(f"wrote {args.out / 'profile.json'} and {png}")
+    return 0
+
+
+def format_reference(ev) -> str:
+    """Measured vs analytic, by component and by phase, for the configured candidate."""
+    m, e = ev.measured, ev.estimate
+    lines = [f"configured: {ev.candidate.label()}; bytes above the runtime baseline "
+             f"({fmt_bytes(m['baseline_bytes'])}: torch and its libraries, {m['what']})",
+             f"  {'':24} {'analytic':>11} {'measured':>11} {'diff':>7}"]
+
+    def row(name, a, b):
+        diff = f"{100 * (b - a) / a:+.0f}%" if a else ""
+        lines.append(f"  {name:24} {fmt_bytes(a):>11} {fmt_bytes(b):>11} {diff:>7}")
+
+    names = list(e.components) + [k for k in m["components"] if k not in e.components]
+    for k in names:
+        row(k, e.components.get(k, 0), m["components"].get(k, 0))
+    lines.append("  phase peaks:")
+    for k in e.phases:
+        row(k, e.phases[k], m["phases"].get(k, 0))
+    lines.append(f"  peak ({m['peak_phase']})".ljust(26) + f" {fmt_bytes(e.peak_bytes):>11} {fmt_bytes(m['peak_bytes']):>11} "
+                 f"{100 * (m['peak_bytes'] - e.peak_bytes) / max(1, e.peak_bytes):+.0f}%")
+    lines.append("  (measured components come from RSS between phases and from the step's live tensors; RSS keeps "
+                 "what the C allocator holds, so they do not add up exactly)")
+    return "\n".join(lines)

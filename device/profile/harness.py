@@ -1,0 +1,216 @@
+"""One training step of the learner, set up outside the learner so it can be timed and measured.
+
+    StepHarness(spec).step()   one optimiser step of `spec.method` on one batch
+
+The batch is what the learner's loop hands the model for a frozen trunk: z = trunk(x)
+[B, C_k, h', w'] cut from the in-memory cache, the labels, and (for methods with a teacher)
+the teacher's logits and Grad-CAM maps precomputed once per image. The step body mirrors
+fieldlearn.device.learner.train_step's inner loop line for line: forward_top -> method
+terms -> zero_grad -> backward -> clip -> SGD step. With freeze_blocks=0 the batch is
+normalised pixels and the teacher runs on each batch, as in the learner.
+
+`naive_lwm` (fieldlearn.device.bench_cost.NaiveLwM) is the baseline the way public LwM
+code computes the step; it is set up here too so that the profiler and the cost
+benchmark measure every method with the same harness.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, asdict
+
+import torch
+
+from fieldlearn.device.config import RunConfig
+from fieldlearn.device.losses import teacher_maps
+from fieldlearn.device.methods import METHODS, Batch, make_method
+from fieldlearn.device.model import Student, build_student
+
+NAIVE = ("naive_lwm", "naive_lwm_pixels")
+
+
+@dataclass
+class StepSpec:
+    """What to set up: a config, a method, and the increment's shape."""
+    cfg: RunConfig
+    method: str = "lwm"
+    n_old: int = 50           # classes the teacher knows
+    n_new: int = 10           # classes of the increment
+    fp16: bool = False        # CUDA autocast around forward and loss (profiler only; see planner)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cfg"] = self.cfg.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepSpec":
+        return cls(**{**d, "cfg": RunConfig.from_dict(d["cfg"])})
+
+
+def method_names() -> list[str]:
+    return [*METHODS, *NAIVE]
+
+
+def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [n, 3, size, size] noise images (memory and speed do not depend on content)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8, device="cpu")
+
+
+class StepHarness:
+    """A student (with n_old + n_new outputs), its teacher (when the method has one), one
+    batch and an optimiser, ready for `step()`.
+
+    build=False leaves every part to the caller (the profiler builds them one by one to
+    measure each). Attributes: student, teacher, method, opt, z (the batch input), labels,
+    targets (teacher logits, b, q_t for the batch, or None).
+    """
+
+    def __init__(self, spec: StepSpec, device: str | None = None, build: bool = True):
+        self.spec = spec
+        cfg = spec.cfg
+        self.device = torch.device(device or cfg.train.device)
+        self.naive = spec.method in NAIVE
+        self.method = None if self.naive else make_method(spec.method, cfg.loss)
+        self.uses_teacher = self.naive or self.method.uses_teacher_logits or self.method.uses_teacher_maps
+        self.cached = cfg.model.freeze_blocks > 0 and spec.method != "naive_lwm_pixels"
+        self.student = self.teacher = self.naive_step = self.opt = self.targets = None
+        if build:
+            self.build_student()
+            self.make_teacher()
+            self.widen()
+            images = random_images(cfg.train.batch_size, cfg.model.input_size, spec.seed)
+            z = self.encode_images(images)
+            self.set_batch(z, self.precompute(z))
+            self.make_optimizer()
+
+    # -- set-up in the order the learner does it: student, teacher, widen, encode, teacher
+    #    targets, batch, optimiser. The profiler calls these one by one to measure each.
+
+    def build_student(self) -> None:
+        torch.manual_seed(self.spec.seed)
+        self.student = build_student(self.spec.cfg.model, self.spec.n_old).to(self.device).eval()
+
+    def make_teacher(self) -> None:
+        if not self.uses_teacher:
+            return
+        if self.naive:
+            from fieldlearn.device.bench_cost import NaiveLwM  # noqa: PLC0415 - baseline lives with the bench
+
+            self.naive_step = NaiveLwM(self.student, self.spec.cfg, from_pixels=not self.cached)
+            self.teacher = self.naive_step.teacher
+        else:
+            from fieldlearn.device.learner import EVAL_BATCH  # noqa: PLC0415
+            from fieldlearn.device.teacher import make_teacher  # noqa: PLC0415
+
+            self.teacher = make_teacher(self.student, self.spec.cfg.teacher_backend, batch_size=EVAL_BATCH)
+
+    def widen(self) -> None:
+        torch.manual_seed(self.spec.seed + 1)
+        self.student.widen(self.spec.n_new)
+        self.student.checkpoint_top = self.spec.cfg.train.checkpoint_top
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> what the step's batch is cut from: z (cached trunk output, by the
+        learner's own encode) or normalised pixels."""
+        from fieldlearn.device.data import to_input  # noqa: PLC0415
+        from fieldlearn.device.learner import encode  # noqa: PLC0415
+
+        cfg = self.spec.cfg
+        if self.cached:
+            return encode(self.student, images, cfg)
+        return to_input(images, cfg.model.input_size, cfg.model.mean, cfg.model.std).to(self.device)
+
+    def precompute(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The teacher's targets for every cached image (None where the step runs the teacher itself)."""
+        if self.teacher is None or self.naive or not self.cached:
+            return None
+        from fieldlearn.device.learner import chunk_size  # noqa: PLC0415
+
+        return teacher_targets(self.teacher, z, chunk_size(self.spec.cfg))
+
+    def set_batch(self, z_all: torch.Tensor, targets_all: tuple[torch.Tensor, ...] | None) -> None:
+        """The first batch_size rows, gathered as the learner's loop does (z_all[idx])."""
+        spec = self.spec
+        idx = torch.arange(min(spec.cfg.train.batch_size, len(z_all)), device=z_all.device)
+        self.z = z_all[idx]
+        self.targets = None if targets_all is None else tuple(t[idx] for t in targets_all)
+        g = torch.Generator().manual_seed(spec.seed)
+        labels = torch.randint(0, spec.n_new, (len(idx),), generator=g, device="cpu")
+        self.labels = (spec.n_old + labels).to(self.device)
+
+    def make_optimizer(self) -> None:
+        tc = self.spec.cfg.train
+        self.params = self.student.trainable_parameters()
+        self.opt = torch.optim.SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        self.student.train()
+        if tc.freeze_bn_in_increments:
+            self.student.freeze_bn()
+        if self.naive_step is not None:
+            self.naive_step.bind(self.labels, self.spec.n_old)
+
+    def step(self) -> torch.Tensor:
+        """One optimiser step; returns the loss (detached, not synchronised)."""
+        if self.naive_step is not None:
+            loss = self.naive_step.loss(self.z)
+        else:
+            loss = self._loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        tc = self.spec.cfg.train
+        if tc.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
+        self.opt.step()
+        return loss.detach()
+
+    def _loss(self) -> torch.Tensor:
+        z = self.z
+        if not self.cached and self.teacher is not None:
+            with torch.no_grad():      # learner without a frozen trunk: the teacher runs per batch
+                self.targets = teacher_targets(self.teacher, self.student.encode(z))
+        with _autocast(self.spec.fp16, self.device):
+            feats, logits = self.student.forward_top(z if self.cached else self.student.encode(z))
+            t = self.targets
+            batch = Batch(labels=self.labels, n_old=self.spec.n_old, feats=feats, logits=logits,
+                          head_weight=self.student.head.weight,
+                          teacher_logits=t[0] if t else None, teacher_class=t[1] if t else None,
+                          teacher_map=t[2] if t else None)
+            return sum(self.method.terms(batch).values())
+
+
+def _autocast(fp16: bool, device: torch.device):
+    import contextlib  # noqa: PLC0415
+
+    if fp16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def teacher_targets(teacher, z: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, ...]:
+    """(logits [N, K_old], b [N], q_t [N, h*w]) from the teacher, as the learner precomputes them."""
+    logits, bs, qs = [], [], []
+    for i in range(0, len(z), batch):
+        out = teacher(z[i: i + batch])
+        b, q = teacher_maps(out.features, teacher.head_weight, out.logits)
+        logits.append(out.logits.float())
+        bs.append(b)
+        qs.append(q)
+    return torch.cat(logits), torch.cat(bs), torch.cat(qs)
+
+
+def copy_config(cfg: RunConfig, **changes) -> RunConfig:
+    """A deep copy of cfg with dotted fields replaced: copy_config(cfg, **{"train.batch_size": 32})."""
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        target = getattr(out, section) if name else out
+        setattr(target, name or section, value)
+    return out
+
+
+__all__ = ["StepSpec", "StepHarness", "teacher_targets", "copy_config", "random_images", "method_names",
+           "Student"]
