@@ -62,6 +62,10 @@ class TrainConfig:
     # one segment per block) instead of keeping them: less memory, about one more forward
     # of the top per step. `fieldlearn profile` turns it on when a budget needs it.
     checkpoint_top: bool = False
+    # Where the frozen trunk runs for the encode and evaluation passes (it never trains):
+    # "auto" = ONNX Runtime on a CPU where it is installed (several times faster than torch
+    # eager there; docs/COST.md), torch otherwise. fieldlearn.device.trunk_encoder.
+    trunk_backend: Literal["auto", "torch", "onnxruntime"] = "auto"
 
 
 @dataclass

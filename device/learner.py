@@ -27,6 +27,7 @@ from fieldlearn.device.losses import teacher_maps
 from fieldlearn.device.methods import Batch, Method, make_method
 from fieldlearn.device.model import Student
 from fieldlearn.device.teacher import Teacher, make_teacher
+from fieldlearn.device.trunk_encoder import trunk_encoder
 from fieldlearn.runtime.errors import UserError
 
 EVAL_BATCH = 128
@@ -74,7 +75,8 @@ def encode(student: Student, images: torch.Tensor, cfg: RunConfig, batch: int | 
     """Frozen trunk over uint8 images [N, 3, S, S] -> z [N, C_k, H', W'] (in memory)."""
     student.trunk.eval()
     batch = batch or chunk_size(cfg)
-    out = [student.encode(_inputs(student, images[i: i + batch], cfg)) for i in range(0, len(images), batch)]
+    run = trunk_encoder(student, cfg)          # torch, or the trunk in ONNX Runtime (TrainConfig.trunk_backend)
+    out = [run(_inputs(student, images[i: i + batch], cfg)) for i in range(0, len(images), batch)]
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -228,8 +230,9 @@ def predict_logits(student: Student, images: torch.Tensor, cfg: RunConfig,
     student.eval()
     out = []
     step = chunk_size(cfg)
+    run = trunk_encoder(student, cfg) if z is None else None
     for i in range(0, len(images) if z is None else len(z), step):
-        zi = z[i: i + step] if z is not None else student.encode(_inputs(student, images[i: i + step], cfg))
+        zi = z[i: i + step] if z is not None else run(_inputs(student, images[i: i + step], cfg))
         out.append(student.forward_top(zi)[1].float())
     return torch.cat(out) if out else torch.zeros(0, student.num_classes)
 
