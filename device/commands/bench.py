@@ -13,6 +13,8 @@ import importlib
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "accuracy": ("fieldlearn.device.bench_accuracy",
                  "class-incremental accuracy: finetune, lwf_mc, lwm, lc_lad and the joint upper bound in one run"),
+    "cost": ("fieldlearn.device.bench_cost",
+             "step time and peak memory of LwM vs fine-tuning, LwF-MC and a naive LwM; time to learn one increment"),
 }
 
 
