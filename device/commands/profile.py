@@ -95,14 +95,20 @@ def format_reference(ev) -> str:
         diff = f"{100 * (b - a) / a:+.0f}%" if a else ""
         lines.append(f"  {name:24} {fmt_bytes(a):>11} {fmt_bytes(b):>11} {diff:>7}")
 
-    names = list(e.components) + [k for k in m["components"] if k not in e.components]
-    for k in names:
-        row(k, e.components.get(k, 0), m["components"].get(k, 0))
+    ec = dict(e.components)
+    rest = sum(ec.pop(k, 0) for k in ("workspace", "runtime (model)", "allocator (model)"))
+    mc = dict(m["components"])
+    if "workspace + allocator" in mc:
+        ec["workspace + allocator"] = rest
+    else:
+        ec["workspace"] = rest
+    for k in list(ec) + [k for k in mc if k not in ec]:
+        row(k, ec.get(k, 0), mc.get(k, 0))
     lines.append("  phase peaks:")
     for k in e.phases:
         row(k, e.phases[k], m["phases"].get(k, 0))
     lines.append(f"  peak ({m['peak_phase']})".ljust(26) + f" {fmt_bytes(e.peak_bytes):>11} {fmt_bytes(m['peak_bytes']):>11} "
                  f"{100 * (m['peak_bytes'] - e.peak_bytes) / max(1, e.peak_bytes):+.0f}%")
-    lines.append("  (measured components come from RSS between phases and from the step's live tensors; RSS keeps "
-                 "what the C allocator holds, so they do not add up exactly)")
+    lines.append("  (components at the training step's peak; measured ones are live tensor bytes, an engine's RSS growth, "
+                 "and the rest of the measured peak)")
     return "\n".join(lines)

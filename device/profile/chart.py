@@ -48,7 +48,7 @@ def plot_plan(result, path: Path, max_bars: int = 14) -> Path:
     ax.axhline(result.budget.bytes / MiB, color="red", linestyle="--", linewidth=1, label=f"budget {result.budget.label}")
     labels = []
     for e in bars:
-        tag = " (configured)" if e is result.reference else (" (chosen)" if e is result.chosen else "")
+        tag = "\n(configured)" if e is result.reference else ("\n(chosen)" if e is result.chosen else "")
         labels.append(e.candidate.label().replace(", ", "\n") + tag)
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels, fontsize=6.5)

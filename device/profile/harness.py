@@ -16,7 +16,6 @@ benchmark measure every method with the same harness.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.losses import teacher_maps
 from fieldlearn.device.methods import METHODS, Batch, make_method
-from fieldlearn.device.model import Student, build_student
+from fieldlearn.device.model import build_student
 
 NAIVE = ("naive_lwm", "naive_lwm_pixels")
 
@@ -202,15 +201,4 @@ def teacher_targets(teacher, z: torch.Tensor, batch: int = 128) -> tuple[torch.T
     return torch.cat(logits), torch.cat(bs), torch.cat(qs)
 
 
-def copy_config(cfg: RunConfig, **changes) -> RunConfig:
-    """A deep copy of cfg with dotted fields replaced: copy_config(cfg, **{"train.batch_size": 32})."""
-    out = copy.deepcopy(cfg)
-    for key, value in changes.items():
-        section, _, name = key.partition(".")
-        target = getattr(out, section) if name else out
-        setattr(target, name or section, value)
-    return out
-
-
-__all__ = ["StepSpec", "StepHarness", "teacher_targets", "copy_config", "random_images", "method_names",
-           "Student"]
+__all__ = ["NAIVE", "StepSpec", "StepHarness", "teacher_targets", "random_images", "method_names"]

@@ -15,11 +15,13 @@ A fresh process per measurement, because RSS never goes down reliably within one
 (freed memory stays with the C allocator), so a second candidate would be measured on
 top of the first one's leftovers.
 
-The step's breakdown: gradients, optimiser state and saved activations are counted from
-the live tensors themselves (saved_tensors_hooks during the step; deduplicated by
-storage, the batch and the weights left out); "workspace" is the rest of the step's peak
-(backward's transient buffers, kernel scratch, and allocator overhead; on CUDA the
-allocator overhead, reserved - allocated, is reported separately).
+The breakdown at the training step's peak: weights, images, z cache, teacher targets,
+batch, gradients and optimiser state are the bytes of the live tensors; saved
+activations are counted with saved_tensors_hooks during a step (each storage once, the
+batch and the weights left out); an inference-engine teacher is its RSS growth (CPU).
+"workspace + allocator" is the rest of the step's peak: backward's transient buffers,
+kernel scratch and, on CPU, what the C allocator holds beyond the live tensors. On CUDA
+the allocator's overhead (reserved - allocated) is reported on its own.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ WARMUP = 2
 
 def _nbytes(t) -> int:
     return t.untyped_storage().nbytes()
+
+
+def _module_bytes(m) -> int:
+    return sum(_nbytes(t) for t in [*m.parameters(), *m.buffers()])
 
 
 def _warm_up(device) -> None:
@@ -123,16 +129,18 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
         out["system_before_bytes"] = system_before if system_before is not None else meter.system_current()
 
     h.build_student()
-    comp["weights"] = now() - base
-    mark = now()
+    comp["weights"] = _module_bytes(h.student)
     images = random_images(max(n_images, cfg.train.batch_size), cfg.model.input_size, spec.seed)
-    comp["images"] = (now() - mark) if meter.kind == "cpu" else 0
+    comp["images"] = _nbytes(images) if meter.kind != "cuda" else 0    # host memory: not the GPU's
     phases["load"] = meter.peak() - base
 
     mark = now()
     meter.reset_peak()
     h.make_teacher()
-    comp["teacher"] = now() - mark
+    torch_teacher = getattr(h.teacher, "model", h.teacher) if h.teacher is not None else None
+    engine = h.teacher is not None and not isinstance(torch_teacher, torch.nn.Module)
+    # a torch teacher is counted by its tensors; an engine only shows in RSS (CPU) or the allocator
+    comp["teacher"] = (now() - mark) if engine else (_module_bytes(torch_teacher) if torch_teacher is not None else 0)
     phases["teacher setup"] = meter.peak() - base
     h.widen()
 
@@ -141,7 +149,7 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
     z_all = h.encode_images(images if h.cached else images[: cfg.train.batch_size])
     phases["encode"] = meter.peak() - base
     out.setdefault("rss_parts", {})["after encode"] = rss_parts()
-    comp["z cache"] = now() - mark
+    comp["z cache"] = _nbytes(z_all) if h.cached else 0
 
     mark = now()
     meter.reset_peak()
@@ -150,16 +158,15 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
     grown = now() - mark
     target_bytes = sum(_nbytes(t) for t in targets_all) if targets_all else 0
     comp["targets"] = target_bytes
-    comp["teacher"] += max(0, grown - target_bytes)    # an engine's arena kept after its first run
+    if engine:
+        comp["teacher"] += max(0, grown - target_bytes)    # an engine's arena kept after its first run
 
-    mark = now()
     h.set_batch(z_all, targets_all)
     h.make_optimizer()
-    comp["batch"] = now() - mark
+    comp["batch"] = sum(_nbytes(t) for t in (h.z, h.labels, *(h.targets or ())))
     if not h.cached:
         del z_all
 
-    before_step = now()
     meter.reset_peak()
     times = []
     saved = _SavedBytes([*h.student.parameters(), *h.student.buffers(), h.z])
@@ -179,11 +186,14 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
     comp["gradients"] = sum(_nbytes(p.grad) for p in h.params if p.grad is not None)
     comp["optimizer"] = sum(_nbytes(v) for st in h.opt.state.values() for v in st.values() if torch.is_tensor(v))
     comp["activations"] = saved.total
-    rest = step_peak - before_step - comp["gradients"] - comp["optimizer"] - comp["activations"]
-    if meter.kind != "cpu":
-        over = meter.peak_reserved() - step_peak
-        comp["allocator overhead"] = max(0, over)
-    comp["workspace"] = rest
+    # the rest of the step's peak: backward's transient buffers and kernel scratch, and on
+    # CPU whatever the C allocator holds beyond the live tensors (RSS cannot tell them apart)
+    rest = phases["train step"] - sum(comp.values())
+    if meter.kind == "cpu":
+        comp["workspace + allocator"] = rest
+    else:
+        comp["workspace"] = rest
+        comp["allocator overhead"] = max(0, meter.peak_reserved() - step_peak)
     out["components"] = comp
     out["phases"] = phases
     out["peak_phase"] = max(phases, key=phases.get)

@@ -7,9 +7,9 @@ Knobs, searched in this order of preference:
     input resolution (down from the configured one) and frozen depth (up from it)
         change what the model learns, so they are "levels": the planner keeps the
         configured ones if anything fits there, and gives them up one level at a time;
-    batch size, activation checkpointing of the trainable blocks, fp16 autocast (CUDA)
-        change only speed and memory: within a level, every combination is estimated
-        and the one with the most predicted throughput that fits is taken.
+    batch size (down from the configured one), activation checkpointing of the trainable
+        blocks, fp16 autocast (CUDA) change only speed and memory: within a level, the
+        combination with the most predicted throughput that fits is taken.
 
 Every candidate is estimated analytically (fieldlearn.device.profile.analytic: meta
 device, milliseconds). The configured one is also measured in a fresh process first: that
@@ -179,7 +179,10 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
     seen = {ref_cand: ref}
     n_measured = 1
     fp16s = (False, True) if cuda else (False,)
-    batches = [b for b in sorted({*BATCHES, cfg.train.batch_size}, reverse=True) if b <= max(n_images, 2)]
+    # never above the configured batch: a larger one would change the training recipe
+    # (steps per epoch, gradient noise) for speed alone
+    batches = [b for b in sorted({*BATCHES, cfg.train.batch_size}, reverse=True)
+               if b <= min(cfg.train.batch_size, max(n_images, 2))]
 
     def fits(e: Evaluated) -> bool:
         return e.measured_total + MARGIN * e.measured["peak_bytes"] <= budget.bytes

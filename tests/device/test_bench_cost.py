@@ -46,15 +46,15 @@ def test_bench_cost_end_to_end_writes_the_promised_report(tmp_path, capsys):
 
     out = tmp_path / "cost"
     rc = main(["bench", "cost", "--out", str(out), "--repeats", "2", "--warmup", "1", "--old-classes", "4",
-               "--new-classes", "2", "--per-class", "6", "--methods", "finetune,lwm,naive_lwm_pixels", *TINY])
+               "--new-classes", "2", "--per-class", "6", "--methods", "finetune,lwm,naive_lwm", *TINY])
     assert rc == 0
     report = json.loads((out / "cost.json").read_text())
-    assert [r["method"] for r in report["rows"]] == ["finetune", "lwm", "naive_lwm_pixels"]
+    assert [r["method"] for r in report["rows"]] == ["finetune", "lwm", "naive_lwm"]
     for r in report["rows"]:
         for key in ("step_s", "step_plus_precompute_s", "step_x_finetune", "step_peak_bytes", "step_peak_x_finetune"):
             assert r[key] > 0, (r["method"], key)
     assert report["rows"][0]["step_x_finetune"] == 1.0
-    assert set(report["memory"]) == {"finetune", "lwm", "naive_lwm_pixels"}
+    assert set(report["memory"]) == {"finetune", "lwm", "naive_lwm"}
     assert all(m["meter"] == "cpu" for m in report["memory"].values())
     teachers = report["precompute"]["teacher"]
     assert teachers["torch"]["available"] and teachers["torch"]["s_per_image"] > 0
