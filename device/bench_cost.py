@@ -142,9 +142,14 @@ def time_steps(cfg: RunConfig, methods: list[str], *, n_old: int, n_new: int, wa
     for m in methods:
         ts = sorted(times[m])
         out[m] = {"median_s": statistics.median(ts), "p10_s": ts[len(ts) // 10], "p90_s": ts[(9 * len(ts)) // 10],
-                  "teacher_backend": getattr(harnesses[m].teacher, "backend", "none") if harnesses[m].teacher is not None
-                  else "none", "repeats": len(ts)}
+                  "teacher_backend": _backend(harnesses[m]), "repeats": len(ts)}
     return out
+
+
+def _backend(h) -> str:
+    if h.teacher is None:
+        return "none"
+    return "torch, per batch" if h.naive else getattr(h.teacher, "backend", "torch")
 
 
 # ---------------------------------------------------------------------------- per-image precompute

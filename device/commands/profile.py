@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", required=True, metavar="SIZE|PRESET",
                    help=f"memory for the whole learner process: a size (2GiB, 512MB) or a preset ({', '.join(PRESETS)})")
     p.add_argument("--state", type=Path, default=None,
-                   help="profile this state's config and class count (its input size stays; more blocks may be frozen)")
+                   help="profile this state's config and class count; its model stays as it is, only the "
+                        "training options that `fieldlearn learn` takes are planned")
     p.add_argument("--out", type=Path, default=Path("fieldlearn-profile"), help="where profile.json/.png go")
     p.add_argument("--images", type=int, default=1000,
                    help="images of one increment held in memory (default 1000: 10 classes x 100)")
@@ -44,13 +45,14 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget)
     if args.images < 2:
         raise UserError(f"--images {args.images}: need at least 2")
-    n_old, fixed_input, min_freeze = args.old_classes, False, 0
+    n_old, fixed_arch = args.old_classes, args.state is not None
     if args.state is not None:
         from fieldlearn.device.state import load_state  # noqa: PLC0415
 
         state = load_state(args.state)
         cfg = config_from_args(args, base=state.config)
-        n_old, fixed_input, min_freeze = len(state.classes), True, state.config.model.freeze_blocks
+        cfg.model = state.config.model          # the state's network, whatever the model options say
+        n_old = len(state.classes)
     else:
         cfg = config_from_args(args)
     setup_torch(cfg)
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.images} images in memory")
     try:
         result = make_plan(cfg, budget, n_images=args.images, n_old=n_old, n_new=args.new_classes,
-                           fixed_input=fixed_input, min_freeze=min_freeze, max_measured=args.max_measured, log=log)
+                           fixed_arch=fixed_arch, max_measured=args.max_measured, log=log)
         failure = None
     except NothingFits as e:
         result, failure = e.result, e
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         f"(whole process; {fmt_bytes(budget.bytes - c.measured_total)} to spare)")
     log(f"  training step: {c.measured['images_per_second']:.0f} images/s measured "
         f"(predicted {c.throughput:.0f})")
-    log(f"  options: {c.candidate.options()}" + ("  (fp16 autocast: profiled only; the learner trains in fp32)"
+    log(f"  options: {c.candidate.options(model=not fixed_arch)}" + ("  (fp16 autocast: profiled only; the learner trains in fp32)"
                                                   if c.candidate.fp16 else ""))
     log(f"wrote {args.out / 'profile.json'} and {png}")
     return 0

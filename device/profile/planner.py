@@ -76,11 +76,13 @@ class Candidate:
             parts.append("fp16")
         return ", ".join(parts)
 
-    def options(self) -> str:
-        """The command-line options that select this candidate."""
-        opts = [f"--batch-size {self.batch_size}", f"--input-size {self.input_size}",
-                f"--freeze-blocks {self.freeze_blocks}",
+    def options(self, model: bool = True) -> str:
+        """The command-line options that select this candidate (model=False: only the
+        training options, which are all `fieldlearn learn` takes for an existing state)."""
+        opts = [f"--batch-size {self.batch_size}",
                 "--checkpoint-top" if self.checkpoint_top else "--no-checkpoint-top"]
+        if model:
+            opts[1:1] = [f"--input-size {self.input_size}", f"--freeze-blocks {self.freeze_blocks}"]
         return " ".join(opts)
 
 
@@ -129,9 +131,11 @@ def measured_total(measured: dict) -> int:
     return int(measured["baseline_bytes"] + measured["peak_bytes"])
 
 
-def levels(cfg: RunConfig, fixed_input: bool, min_freeze: int) -> list[tuple[int, int]]:
+def levels(cfg: RunConfig, fixed_input: bool, min_freeze: int, fixed_arch: bool = False) -> list[tuple[int, int]]:
     """(input size, frozen blocks) pairs, most faithful to the configured model first."""
     size, freeze = cfg.model.input_size, max(cfg.model.freeze_blocks, min_freeze)
+    if fixed_arch:
+        return [(size, freeze)]
     sizes = [size] if fixed_input else [size] + list(range(size - INPUT_STEP, MIN_INPUT - 1, -INPUT_STEP))
     freezes = sorted({freeze, *range(freeze + FREEZE_STEP, N_BLOCKS - 1, FREEZE_STEP), N_BLOCKS - 2})
     freezes = [f for f in freezes if f >= freeze]
@@ -151,6 +155,7 @@ def throughput(est: Estimate, cand: Candidate, ref: tuple[Estimate, Candidate, f
 
 def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_images: int = 1000,
               n_old: int = 50, n_new: int = 10, fixed_input: bool = False, min_freeze: int = 0,
+              fixed_arch: bool = False,
               max_measured: int = 3, measure: Callable | None = None,
               log: Callable[[str], None] = lambda s: None) -> PlanResult:
     """Search the knobs (module docstring) for the fastest candidate whose measured total fits."""
@@ -197,7 +202,7 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
             result.evaluated.append(seen[c])
         return seen[c]
 
-    all_levels = levels(cfg, fixed_input, min_freeze)
+    all_levels = levels(cfg, fixed_input, min_freeze, fixed_arch)
     # Fail fast: the least memory the search can reach is at the last level, smallest batch,
     # checkpointed (or not: on CPU the allocator can make either the smaller), fp16 on CUDA
     size, freeze = all_levels[-1]
