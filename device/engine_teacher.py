@@ -63,6 +63,8 @@ class EngineTeacher:
             self.engine = OrtEngine(self.onnx_path, threads=threads)
 
     def __call__(self, z: torch.Tensor) -> TeacherOutput:
+        if self.engine is None:
+            raise RuntimeError("teacher used after close()")
         z = z.detach()
         if self.max_batch is None or len(z) <= self.max_batch:
             out = self.engine(z)           # torch in -> torch out, on z's device
@@ -70,6 +72,18 @@ class EngineTeacher:
         parts = [self(chunk) for chunk in z.split(self.max_batch)]   # beyond the TensorRT profile
         return TeacherOutput(logits=torch.cat([p.logits for p in parts]),
                              features=torch.cat([p.features for p in parts]))
+
+    def close(self) -> None:
+        """Free the engine (session, arena, device buffers) and its files now, not at garbage collection."""
+        if self.engine is not None:
+            from fieldlearn.runtime.heap import trim_heap  # noqa: PLC0415
+
+            self.engine.close()
+            self.engine = None
+            trim_heap()   # the session's arena goes back to the OS, not only to malloc
+        cleanup = getattr(self, "_cleanup", None)
+        if cleanup is not None:
+            cleanup()
 
     def __repr__(self) -> str:
         return f"EngineTeacher({self.backend}, {self.onnx_path})"

@@ -23,10 +23,9 @@ import torch
 
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import ImageSet, to_input
-from fieldlearn.device.losses import teacher_maps
 from fieldlearn.device.methods import Batch, Method, make_method
 from fieldlearn.device.model import Student
-from fieldlearn.device.teacher import Teacher, make_teacher
+from fieldlearn.device.teacher import Teacher, make_teacher, teacher_targets
 from fieldlearn.device.trunk_encoder import trunk_encoder
 from fieldlearn.runtime.errors import UserError
 
@@ -84,40 +83,24 @@ def _uses_cache(cfg: RunConfig) -> bool:
     return cfg.model.freeze_blocks > 0
 
 
-@dataclass
-class _TeacherTargets:
-    logits: torch.Tensor | None   # [N, K_old]
-    b: torch.Tensor | None        # [N]
-    q_t: torch.Tensor | None      # [N, h*w]
-
-
-@torch.no_grad()
-def _teacher_targets(teacher: Teacher, z: torch.Tensor, method: Method, batch: int = EVAL_BATCH) -> _TeacherTargets:
-    if not (method.uses_teacher_logits or method.uses_teacher_maps):
-        return _TeacherTargets(None, None, None)
-    logits, bs, qs = [], [], []
-    for i in range(0, len(z), batch):
-        out = teacher(z[i: i + batch])
-        b, q = teacher_maps(out.features, teacher.head_weight, out.logits)
-        logits.append(out.logits.float())
-        bs.append(b)
-        qs.append(q)
-    return _TeacherTargets(torch.cat(logits), torch.cat(bs), torch.cat(qs))
-
-
 def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epochs: int,
                cfg: RunConfig, teacher: Teacher | None = None, step: int = 0,
-               lr: float | None = None, z: torch.Tensor | None = None) -> StepReport:
+               lr: float | None = None, z: torch.Tensor | None = None,
+               release_teacher: bool = False) -> StepReport:
     """Train `student` in place on `data` (labels are global indices) with `method`.
 
     n_old: classes the teacher knows (0 for the base step). The student's head must
     already have n_old + n_new rows. z: the frozen trunk's output for data.images, when
     the caller already has it (the accuracy benchmark encodes once for all methods).
+    release_teacher: close the teacher as soon as it is no longer needed (with a cached
+    trunk: once its targets are computed, before the first batch), so its model or
+    engine is not resident while the step trains. Only for a teacher the caller made for
+    this step.
     """
     tc = cfg.train
     if len(data) == 0:
         raise UserError("no training images for this step")
-    if (method.uses_teacher_logits or method.uses_teacher_maps) and teacher is None:
+    if method.uses_teacher and teacher is None:
         raise ValueError(f"method {method.name} needs a teacher")
     torch.manual_seed(tc.seed + 1000 * step)
     gen = torch.Generator().manual_seed(tc.seed + 1000 * step)
@@ -132,7 +115,12 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     z_all = (z if z is not None else encode(student, data.images, cfg)) if cached else None
     report.seconds["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    targets = _teacher_targets(teacher, z_all, method, chunk_size(cfg)) if (cached and teacher is not None) else None
+    targets = None
+    if cached and teacher is not None and method.uses_teacher:
+        targets = teacher_targets(teacher, z_all, chunk_size(cfg))   # [N, K_old], [N], [N, h*w]
+        if release_teacher:
+            teacher.close()
+            teacher = None
     report.seconds["teacher"] = time.perf_counter() - t0
 
     params = student.trainable_parameters()
@@ -156,8 +144,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                 continue  # BatchNorm in train mode needs more than one sample
             if cached:
                 z = z_all[idx]
-                tgt = _TeacherTargets(*(None if t is None else t[idx] for t in
-                                        (targets.logits, targets.b, targets.q_t))) if targets else None
+                tgt = targets.select(idx) if targets is not None else None
             else:
                 imgs = data.images[idx]
                 if tc.augment:
@@ -165,9 +152,9 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                     imgs = torch.where(flip[:, None, None, None], imgs.flip(-1), imgs)
                 z = _inputs(student, imgs, cfg)
                 tgt = None
-                if teacher is not None:
+                if teacher is not None and method.uses_teacher:
                     tt = time.perf_counter()
-                    tgt = _teacher_targets(teacher, z, method)
+                    tgt = teacher_targets(teacher, z, EVAL_BATCH)
                     teacher_seconds += time.perf_counter() - tt
             feats, logits = student.forward_top(z)
             batch = Batch(labels=labels[idx], n_old=n_old, feats=feats, logits=logits,
@@ -193,6 +180,8 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     report.seconds["train"] = time.perf_counter() - t0 - teacher_seconds
     report.seconds["teacher"] += teacher_seconds
     del z_all, targets  # the step's activations go with the step
+    if release_teacher and teacher is not None:
+        teacher.close()
     student.eval()
     return report
 
@@ -216,11 +205,13 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     bad = data.labels[(data.labels < n_old) | (data.labels >= n_old + n_new)]
     if bad.numel():
         raise UserError(f"increment data has label {int(bad[0])} outside the new classes {n_old}..{n_old + n_new - 1}")
-    if teacher is None and (m.uses_teacher_logits or m.uses_teacher_maps):
+    own_teacher = teacher is None and m.uses_teacher
+    if own_teacher:
         teacher = make_teacher(student, cfg.teacher_backend, batch_size=EVAL_BATCH)
     torch.manual_seed(cfg.train.seed + 1000 * step)  # the new head rows' init is part of the run's seed
     student.widen(n_new)
-    return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step, z=z)
+    return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step, z=z,
+                      release_teacher=own_teacher)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from fieldlearn.device.losses import teacher_maps
 from fieldlearn.device.model import Student
 
 
@@ -30,6 +31,36 @@ class Teacher(Protocol):
 
     def __call__(self, z: torch.Tensor) -> TeacherOutput: ...
 
+    def close(self) -> None:
+        """Free the model or engine; head_weight stays. Calling the teacher after is an error."""
+
+
+@dataclass
+class TeacherTargets:
+    """What the losses need from the teacher, per image: computed once per step."""
+    logits: torch.Tensor   # [N, K_old] float32
+    b: torch.Tensor        # [N] long: the teacher's top-1 base class
+    q_t: torch.Tensor      # [N, h*w] float32: its L2-normalised Grad-CAM of class b
+
+    def select(self, idx: torch.Tensor) -> "TeacherTargets":
+        return TeacherTargets(self.logits[idx], self.b[idx], self.q_t[idx])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.logits, self.b, self.q_t
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Teacher, z: torch.Tensor, batch: int = 128) -> TeacherTargets:
+    """Run the teacher over z [N, ...] in chunks of `batch`: logits, b and q_t for every row."""
+    logits, bs, qs = [], [], []
+    for i in range(0, len(z), batch):
+        out = teacher(z[i: i + batch])
+        b, q = teacher_maps(out.features, teacher.head_weight, out.logits)
+        logits.append(out.logits.float())
+        bs.append(b)
+        qs.append(q)
+    return TeacherTargets(torch.cat(logits), torch.cat(bs), torch.cat(qs))
+
 
 class TorchTeacher:
     """A frozen deep copy of the student, eval mode, no grad."""
@@ -44,8 +75,13 @@ class TorchTeacher:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> TeacherOutput:
+        if self.model is None:
+            raise RuntimeError("teacher used after close()")
         feats, logits = self.model.forward_top(z)
         return TeacherOutput(logits=logits, features=feats)
+
+    def close(self) -> None:
+        self.model = None
 
 
 def make_teacher(student: Student, backend: str = "torch", **engine_options) -> Teacher:

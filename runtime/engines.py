@@ -62,6 +62,9 @@ class Engine:
     def _run(self, feeds: dict[str, Batch]) -> dict[str, Batch]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Free the model, session or engine now (calling the engine after is an error)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.input_names} -> {self.output_names})"
 
@@ -80,6 +83,8 @@ class TorchEngine(Engine):
     def _run(self, feeds: dict[str, Batch]) -> dict[str, Batch]:
         import torch  # noqa: PLC0415
 
+        if self.module is None:
+            raise RuntimeError("torch engine used after close()")
         want_torch = any(is_torch(v) for v in feeds.values())
         param = next(self.module.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
@@ -92,6 +97,9 @@ class TorchEngine(Engine):
         if want_torch:
             return dict(zip(self.output_names, outs))
         return {n: o.detach().cpu().numpy() for n, o in zip(self.output_names, outs)}
+
+    def close(self) -> None:
+        self.module = None
 
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -158,7 +166,12 @@ class OrtEngine(Engine):
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
+    def close(self) -> None:
+        self.session = None   # the session owns its arena and thread pools: freed with it
+
     def _run(self, feeds: dict[str, Batch]) -> dict[str, Batch]:
+        if self.session is None:
+            raise RuntimeError(f"{self.path}: onnxruntime engine used after close()")
         ref = next((v for v in feeds.values() if is_torch(v)), None)
         outs = self.session.run(self.output_names, {n: to_numpy(v, self._dtypes[n]) for n, v in feeds.items()})
         if ref is None:
@@ -214,6 +227,8 @@ class TrtEngine(Engine):
                              "optimisation profile (rebuild with a larger max batch)")
 
     def _run(self, feeds: dict[str, Batch]) -> dict[str, Batch]:
+        if self.context is None:
+            raise RuntimeError(f"{self.path}: TensorRT engine used after close()")
         if self._torch is not None:
             return self._run_torch(feeds)
         return self._run_cudart(feeds)
@@ -277,6 +292,7 @@ class TrtEngine(Engine):
             if self._stream is not None:
                 self._cudart.cudaStreamDestroy(self._stream)
                 self._stream = None
+        self.context = self.engine = None   # context before engine, as TensorRT requires
 
     def __del__(self):
         try:

@@ -35,6 +35,10 @@ class Method:
     def __init__(self, loss: LossConfig):
         self.cfg = loss
 
+    @property
+    def uses_teacher(self) -> bool:
+        return self.uses_teacher_logits or self.uses_teacher_maps
+
     def terms(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

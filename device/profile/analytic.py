@@ -26,6 +26,14 @@ the project's CPU machine (torch 2.14.1, onnxruntime 1.32; docs/COST.md):
   ONNX model, its initializers and the pre-packed convolution weights) + an arena as
   large as the largest forward it has run (simulated: the torch teacher's forward peak).
 - TensorRT: weights + the same forward peak as workspace (not measured: no TensorRT here).
+- the frozen trunk in ONNX Runtime (the CPU default, no arena, one session per pass):
+  ORT_TRUNK_FRACTION x the activations torch would hold for one chunk (its memory
+  planner shares buffers that eager torch allocates anew; measured 0.80-0.89 at the
+  defaults), and torch's oneDNN runtime term starts with the teacher targets instead.
+- the teacher is closed once its targets are computed (the learner's release_teacher),
+  so it is not resident in the train step phase, except, for ONNX Runtime, ORT_ENV_BYTES
+  that stay with the process after its session is gone (its global environment and
+  thread pools; measured: a 39 MiB teacher session gave back 20 MiB).
 
 The allocator's overhead beyond that (fragmentation) is what measured minus analytic shows.
 """
@@ -42,11 +50,14 @@ from torch.utils._pytree import tree_flatten
 
 from fieldlearn.device.profile.harness import StepHarness, StepSpec
 from fieldlearn.device.profile.meter import is_jetson
+from fieldlearn.device.trunk_encoder import resolve as resolve_trunk
 
 CPU_RUNTIME_BYTES = 24 << 20
 GLIBC_STEP_FRACTION = 0.4
 ORT_FIXED_BYTES = 29 << 20
 ORT_WEIGHT_COPIES = 5
+ORT_TRUNK_FRACTION = 0.85
+ORT_ENV_BYTES = 19 << 20
 
 # Steps run after the first, so that the optimiser state (made by the first step) and
 # the previous step's gradients (alive during the next forward) are present.
@@ -91,6 +102,7 @@ class Estimate:
     components: dict[str, int] = field(default_factory=dict)
     phases: dict[str, int] = field(default_factory=dict)
     teacher_backend: str = ""
+    teacher_released: bool = False    # closed after its targets: not resident in the train step
     notes: list[str] = field(default_factory=list)
     flops: dict[str, int] = field(default_factory=dict)     # forward FLOPs per image: trunk, top
 
@@ -109,6 +121,8 @@ class Estimate:
         components; the rest of the peak phase is that phase's transient."""
         c, phase = self.components, self.peak_phase
         out = {k: c.get(k, 0) for k in ("weights", "images", "teacher")}
+        if phase == "train step" and self.teacher_released:
+            out["teacher"] = c.get("teacher (released, kept)", 0)
         if phase != "load":
             out["runtime (model)"] = c.get("runtime (model)", 0)
         if phase == "train step":
@@ -123,7 +137,8 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"components": self.components, "stack_at_peak": self.stack(), "phases": self.phases, "peak_bytes": self.peak_bytes,
-                "peak_phase": self.peak_phase, "teacher_backend": self.teacher_backend, "notes": self.notes,
+                "peak_phase": self.peak_phase, "teacher_backend": self.teacher_backend,
+                "teacher_released": self.teacher_released, "notes": self.notes,
                 "flops_per_image": self.flops}
 
 
@@ -134,7 +149,7 @@ def resolve_teacher_backend(spec: StepSpec) -> str:
     from fieldlearn.device.methods import METHODS  # noqa: PLC0415
 
     m = METHODS[spec.method]
-    if not (m.uses_teacher_logits or m.uses_teacher_maps):
+    if not m.uses_teacher:
         return "none"
     backend = spec.cfg.teacher_backend
     if backend == "auto":
@@ -184,6 +199,7 @@ def estimate(spec: StepSpec, n_images: int) -> Estimate:
         z_all = h.encode_images(images if h.cached else images[: cfg.train.batch_size])
         ph["encode"] = mode.peak
         c["z cache"] = mode.live - mark
+        encode_transient = mode.peak - mode.live      # the trunk's activations of one chunk
 
         mark = mode.live
         mode.reset_peak()
@@ -191,6 +207,7 @@ def estimate(spec: StepSpec, n_images: int) -> Estimate:
         ph["teacher targets"] = mode.peak
         c["targets"] = mode.live - mark
         teacher_forward_peak = mode.peak - mark
+        est.teacher_released = h.release_teacher()    # as the learner does: not resident while training
 
         mark = mode.live
         h.set_batch(z_all, targets)
@@ -226,15 +243,26 @@ def estimate(spec: StepSpec, n_images: int) -> Estimate:
                 engine_bytes = graph + teacher_forward_peak
             delta = engine_bytes - c["teacher"]
             c["teacher"] = engine_bytes
-            for name in ("teacher setup", "encode", "teacher targets", "train step"):
+            for name in ("teacher setup", "encode", "teacher targets"):
                 ph[name] += delta
+            if est.teacher_released and backend == "onnxruntime":
+                c["teacher (released, kept)"] = ORT_ENV_BYTES   # ONNX Runtime's process-wide environment
+                ph["train step"] += ORT_ENV_BYTES
+            elif not est.teacher_released:
+                ph["train step"] += delta
             est.notes.append(f"{backend} teacher modelled (module docstring), not simulated")
         elif backend == "none":
             c["teacher"] = 0
         est.flops = forward_flops(h.student, cfg.model.input_size)
+    ort_trunk = (spec.cfg.model.freeze_blocks > 0 and h.cached
+                 and resolve_trunk(spec.cfg.train.trunk_backend, spec.cfg.train.device) == "onnxruntime")
+    if ort_trunk:
+        # the encode pass runs in ONNX Runtime (fieldlearn.device.trunk_encoder), not torch
+        ph["encode"] -= int((1 - ORT_TRUNK_FRACTION) * encode_transient)
+        est.notes.append("encode in ONNX Runtime: modelled as a fraction of torch's activations")
     if spec.cfg.train.device == "cpu":
         c["runtime (model)"] = CPU_RUNTIME_BYTES
-        for name in ("encode", "teacher targets", "train step"):
+        for name in ("teacher targets", "train step") + (() if ort_trunk else ("encode",)):
             ph[name] += CPU_RUNTIME_BYTES
         c["allocator (model)"] = int(GLIBC_STEP_FRACTION * forward_allocated)
         ph["train step"] += c["allocator (model)"]

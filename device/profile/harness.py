@@ -4,7 +4,8 @@
 
 The batch is what the learner's loop hands the model for a frozen trunk: z = trunk(x)
 [B, C_k, h', w'] cut from the in-memory cache, the labels, and (for methods with a teacher)
-the teacher's logits and Grad-CAM maps precomputed once per image. The step body mirrors
+the teacher's logits and Grad-CAM maps precomputed once per image, after which the
+learner closes the teacher (release_teacher()). The step body mirrors
 fieldlearn.device.learner.train_step's inner loop line for line: forward_top -> method
 terms -> zero_grad -> backward -> clip -> SGD step. With freeze_blocks=0 the batch is
 normalised pixels and the teacher runs on each batch, as in the learner.
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field, asdict
 import torch
 
 from fieldlearn.device.config import RunConfig
-from fieldlearn.device.losses import teacher_maps
 from fieldlearn.device.methods import METHODS, Batch, make_method
 from fieldlearn.device.model import build_student
+from fieldlearn.device.teacher import TeacherTargets, teacher_targets
 
 NAIVE = ("naive_lwm", "naive_lwm_pixels")
 
@@ -74,7 +75,7 @@ class StepHarness:
         self.device = torch.device(device or cfg.train.device)
         self.naive = spec.method in NAIVE
         self.method = None if self.naive else make_method(spec.method, cfg.loss)
-        self.uses_teacher = self.naive or self.method.uses_teacher_logits or self.method.uses_teacher_maps
+        self.uses_teacher = self.naive or self.method.uses_teacher
         self.cached = cfg.model.freeze_blocks > 0 and spec.method != "naive_lwm_pixels"
         self.student = self.teacher = self.naive_step = self.opt = self.targets = None
         if build:
@@ -84,6 +85,7 @@ class StepHarness:
             images = random_images(cfg.train.batch_size, cfg.model.input_size, spec.seed)
             z = self.encode_images(images)
             self.set_batch(z, self.precompute(z))
+            self.release_teacher()
             self.make_optimizer()
 
     # -- set-up in the order the learner does it: student, teacher, widen, encode, teacher
@@ -123,7 +125,7 @@ class StepHarness:
             return encode(self.student, images, cfg)
         return to_input(images, cfg.model.input_size, cfg.model.mean, cfg.model.std).to(self.device)
 
-    def precompute(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def precompute(self, z: torch.Tensor) -> TeacherTargets | None:
         """The teacher's targets for every cached image (None where the step runs the teacher itself)."""
         if self.teacher is None or self.naive or not self.cached:
             return None
@@ -131,12 +133,21 @@ class StepHarness:
 
         return teacher_targets(self.teacher, z, chunk_size(self.spec.cfg))
 
-    def set_batch(self, z_all: torch.Tensor, targets_all: tuple[torch.Tensor, ...] | None) -> None:
+    def release_teacher(self) -> bool:
+        """Close the teacher once its targets are precomputed, as the learner does
+        (train_step's release_teacher). True if it was released."""
+        if self.teacher is None or self.naive or not self.cached:
+            return False
+        self.teacher.close()
+        self.teacher = None
+        return True
+
+    def set_batch(self, z_all: torch.Tensor, targets_all: TeacherTargets | None) -> None:
         """The first batch_size rows, gathered as the learner's loop does (z_all[idx])."""
         spec = self.spec
         idx = torch.arange(min(spec.cfg.train.batch_size, len(z_all)), device=z_all.device)
         self.z = z_all[idx]
-        self.targets = None if targets_all is None else tuple(t[idx] for t in targets_all)
+        self.targets = None if targets_all is None else targets_all.select(idx)
         g = torch.Generator().manual_seed(spec.seed)
         labels = torch.randint(0, spec.n_new, (len(idx),), generator=g, device="cpu")
         self.labels = (spec.n_old + labels).to(self.device)
@@ -169,14 +180,14 @@ class StepHarness:
         z = self.z
         if not self.cached and self.teacher is not None:
             with torch.no_grad():      # learner without a frozen trunk: the teacher runs per batch
-                self.targets = teacher_targets(self.teacher, self.student.encode(z))
+                self.targets = teacher_targets(self.teacher, self.student.encode(z), len(z))
         with _autocast(self.spec.fp16, self.device):
             feats, logits = self.student.forward_top(z if self.cached else self.student.encode(z))
             t = self.targets
             batch = Batch(labels=self.labels, n_old=self.spec.n_old, feats=feats, logits=logits,
                           head_weight=self.student.head.weight,
-                          teacher_logits=t[0] if t else None, teacher_class=t[1] if t else None,
-                          teacher_map=t[2] if t else None)
+                          teacher_logits=t.logits if t else None, teacher_class=t.b if t else None,
+                          teacher_map=t.q_t if t else None)
             return sum(self.method.terms(batch).values())
 
 
@@ -188,17 +199,4 @@ def _autocast(fp16: bool, device: torch.device):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def teacher_targets(teacher, z: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, ...]:
-    """(logits [N, K_old], b [N], q_t [N, h*w]) from the teacher, as the learner precomputes them."""
-    logits, bs, qs = [], [], []
-    for i in range(0, len(z), batch):
-        out = teacher(z[i: i + batch])
-        b, q = teacher_maps(out.features, teacher.head_weight, out.logits)
-        logits.append(out.logits.float())
-        bs.append(b)
-        qs.append(q)
-    return torch.cat(logits), torch.cat(bs), torch.cat(qs)
-
-
-__all__ = ["NAIVE", "StepSpec", "StepHarness", "teacher_targets", "random_images", "method_names"]
+__all__ = ["NAIVE", "StepSpec", "StepHarness", "random_images", "method_names"]

@@ -6,7 +6,8 @@
 The phases follow fieldlearn.device.learner.learn_increment: the student (weights), the
 increment's images in memory, the teacher (built from the student before its head is
 widened), encode (frozen trunk over every image, z kept), teacher targets (once per
-image, kept), then training steps. Each phase's peak is read with the meter's high-water
+image, kept; with a cached trunk the teacher is then closed, as the learner does), then
+training steps. Each phase's peak is read with the meter's high-water
 mark reset at its start (fieldlearn.device.profile.meter). Everything is reported in
 bytes above the baseline: the process after imports and a warm-up of torch's CPU kernels
 (its thread pool and kernel caches would otherwise be charged to the first phase).
@@ -18,7 +19,8 @@ top of the first one's leftovers.
 The breakdown at the training step's peak: weights, images, z cache, teacher targets,
 batch, gradients and optimiser state are the bytes of the live tensors; saved
 activations are counted with saved_tensors_hooks during a step (each storage once, the
-batch and the weights left out); an inference-engine teacher is its RSS growth (CPU).
+batch and the weights left out); an inference-engine teacher is its RSS growth (CPU),
+reported as teacher_bytes, and 0 in the breakdown once it has been released.
 "workspace + allocator" is the rest of the step's peak: backward's transient buffers,
 kernel scratch and, on CPU, what the C allocator holds beyond the live tensors. On CUDA
 the allocator's overhead (reserved - allocated) is reported on its own.
@@ -156,14 +158,20 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
     targets_all = h.precompute(z_all)
     phases["teacher targets"] = meter.peak() - base
     grown = now() - mark
-    target_bytes = sum(_nbytes(t) for t in targets_all) if targets_all else 0
+    target_bytes = sum(_nbytes(t) for t in targets_all.tensors()) if targets_all else 0
     comp["targets"] = target_bytes
     if engine:
         comp["teacher"] += max(0, grown - target_bytes)    # an engine's arena kept after its first run
+    out["teacher_bytes"] = comp["teacher"]
+    mark = now()
+    out["teacher_released"] = h.release_teacher()          # as the learner does, before training
+    if out["teacher_released"]:
+        out["teacher_returned_bytes"] = mark - now()       # what the process gave back (RSS / allocator)
+        comp["teacher"] = 0
 
     h.set_batch(z_all, targets_all)
     h.make_optimizer()
-    comp["batch"] = sum(_nbytes(t) for t in (h.z, h.labels, *(h.targets or ())))
+    comp["batch"] = sum(_nbytes(t) for t in (h.z, h.labels, *(h.targets.tensors() if h.targets else ())))
     if not h.cached:
         del z_all
 

@@ -135,3 +135,17 @@ def test_make_teacher_backends(setup):
     assert make_teacher(student, "auto", threads=1).backend == "onnxruntime"   # CPU student, no TensorRT
     with pytest.raises(UserError, match="--teacher-backend tensorrt"):
         make_teacher(student, "tensorrt")
+
+
+def test_close_frees_the_session_and_files(setup):
+    """If this fails, a closed teacher keeps its ONNX Runtime session (and its arena) or its files."""
+    student, z, _, _ = setup
+    teacher = EngineTeacher(student, "onnxruntime", threads=1)
+    teacher(z)
+    work = teacher.work_dir
+    teacher.close()
+    assert teacher.engine is None and not work.exists()
+    assert teacher.head_weight.shape == (N_OLD, student.head.in_features)   # the closed-form Grad-CAM still has it
+    with pytest.raises(RuntimeError, match="after close"):
+        teacher(z)
+    teacher.close()   # twice is harmless
