@@ -1,36 +1,18 @@
-"""Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the directory."""
+"""Crash-safe writes of the learner's state: fieldlearn.runtime.atomic's writes with the
+state's private permissions, and fsync of a whole version directory before it is published."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from fieldlearn.runtime.atomic import atomic_write_bytes, fsync_dir
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["fsync_dir", "fsync_tree", "write_bytes", "write_text"]
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -66,6 +66,11 @@ class TrainConfig:
     # "auto" = ONNX Runtime on a CPU where it is installed (several times faster than torch
     # eager there; docs/COST.md), torch otherwise. fieldlearn.device.trunk_encoder.
     trunk_backend: Literal["auto", "torch", "onnxruntime"] = "auto"
+    # How the new classes' head rows start: "random" (random directions at the old rows'
+    # norm, the old rows' mean bias) or "imprint" (each row = the mean L2-normalised pooled
+    # feature of its class's images under the current model, at the old rows' norm: Qi et
+    # al., CVPR 2018), so new logits start on the old ones' scale. Uses new-class images only.
+    new_head_init: Literal["random", "imprint"] = "random"
 
 
 @dataclass

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 from fieldlearn.device.store import check_class_names
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.images import UnreadableImage, decode_rgb
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for user-supplied images
 # One ImageFolder load (an increment, or a base dataset) is held in memory as uint8
 # [N, 3, S, S]: refuse more images, or more bytes, than a Jetson can hold.
 MAX_IMAGES = 50_000
@@ -267,24 +267,11 @@ def load_fashion_mnist(root: Path, split: str) -> ImageSet:
 
 def read_image(path: Path, size: int) -> np.ndarray | None:
     """One image file -> uint8 [3, size, size], or None (with a warning) if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    im = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
-                im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        reason = " ".join(str(e).split())[:200]   # one line, whatever the decoder said
-        warnings.warn(f"{path}: skipped, not a readable image ({type(e).__name__}: {reason})", SkippedImage,
-                      stacklevel=2)
+        return decode_rgb(path, size).transpose(2, 0, 1).copy()
+    except (FileNotFoundError, UnreadableImage) as e:   # a file removed while listing is skipped too
+        reason = str(e) if isinstance(e, UnreadableImage) else "FileNotFoundError"
+        warnings.warn(f"{path}: skipped, not a readable image ({reason})", SkippedImage, stacklevel=2)
         return None
 
 

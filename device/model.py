@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models import mobilenet_v2
 
 from fieldlearn.device.config import ModelConfig
@@ -97,6 +98,17 @@ class Student(nn.Module):
                 new.weight[old.out_features:].mul_(scale)
                 new.bias[old.out_features:].fill_(old.bias.mean())
         self.head = new
+
+    def imprint(self, n_old: int, class_means: torch.Tensor) -> None:
+        """Weight imprinting of the new rows: class_means [K_new, C] (mean pooled feature of
+        each new class) -> unit directions at the old rows' mean norm; bias = old rows' mean."""
+        w, b = self.head.weight, self.head.bias
+        if not 0 < n_old < w.shape[0] or class_means.shape != (w.shape[0] - n_old, w.shape[1]):
+            raise ValueError(f"imprint: {tuple(class_means.shape)} class means for a head of {tuple(w.shape)}, n_old {n_old}")
+        with torch.no_grad():
+            dirs = F.normalize(class_means.to(w), dim=1)                     # [K_new, C]
+            w[n_old:].copy_(dirs * w[:n_old].norm(dim=1).mean())
+            b[n_old:].fill_(float(b[:n_old].mean()))
 
     def align_head(self, n_old: int) -> float:
         """Weight aligning (Zhao et al., CVPR 2020), data-free: scale the new rows of the

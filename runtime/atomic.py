@@ -1,5 +1,6 @@
-"""Crash-safe writes for the export side (fieldlearn.device has its own twin in
-device/atomic.py, which runtime and export must not import)."""
+"""Crash-safe file writes: temp file in the same directory, fsync, rename, fsync the
+directory. The one implementation: export, runtime and device (state, journals, the
+kernel cache) all write through it."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     """Write to a temp file in the same directory, fsync, rename over `path`, fsync the dir:
-    a reader (or a crash) sees the old file or the new one, never half of one."""
+    a reader (or a crash) sees the old file or the new one, never half of one.
+    mode: the file's permissions (models and labels are meant to be read by others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -28,10 +30,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; models and labels are meant to be read by others
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)

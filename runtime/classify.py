@@ -16,17 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fieldlearn.runtime.engines import BACKENDS, best_engine
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.images import UnreadableImage, decode_rgb
 from fieldlearn.runtime.layout import current_version_dir
 from fieldlearn.runtime.metadata import ONNX_FILE, ModelInfo, model_info
 
-MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard, as in the learner's loader
 BATCH = 32  # images per engine call (also the TensorRT profile's max batch for ad-hoc engines)
 
 
@@ -58,24 +57,12 @@ def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
     """One image -> normalised float32 [3, S, S] (S = the model's input_size), or UserError
     naming the file. The same steps as the learner's image loader, so a model sees what it
     was trained on: RGB, bilinear resize to S x S, uint8, /255, (x - mean) / std."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
-
-    size = info.input_size
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
-                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    im = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
-                rgb = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        rgb = decode_rgb(path, info.input_size)                                     # [S, S, 3] uint8
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+    except UnreadableImage as e:
+        raise UserError(f"{path}: not a readable image ({str(e).partition(':')[0]})") from None
     x = rgb.astype(np.float32) / 255.0                                              # [S, S, 3]
     x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))                              # [3, S, S]

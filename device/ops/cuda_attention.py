@@ -33,7 +33,6 @@ import functools
 import hashlib
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from fieldlearn.device.ops.attention_distill import EPS, attention_distill_ref, check_shapes
+from fieldlearn.runtime.atomic import atomic_write_bytes
+from fieldlearn.runtime.engines import cache_dir as runtime_cache_dir
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "attention_distill.cu"
 BLOCK = 256                     # threads per block of the partial/backward kernels (FL_BLOCK)
@@ -200,9 +201,8 @@ def parse_ptxas_log(log: str) -> dict[str, dict[str, int]]:
 # ----------------------------------------------------------------------------- disk cache
 
 def cache_dir() -> Path:
-    root = os.environ.get("FIELDLEARN_CACHE")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fieldlearn"
-    return base / "kernels"
+    """The kernels' folder in fieldlearn's cache ($FIELDLEARN_CACHE, else ~/.cache/fieldlearn)."""
+    return runtime_cache_dir() / "kernels"
 
 
 def cache_key(arch: str) -> str:
@@ -228,18 +228,7 @@ def kernel_image(arch: str) -> bytes:
         pass
     image = _compile(arch)[0]
     try:  # atomic: a concurrent reader sees the old file or the whole new one
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(image)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, image)
     except OSError:
         pass  # read-only home: compile every run, still correct
     return image

@@ -1,0 +1,40 @@
+"""Decode one image file the way every fieldlearn model sees images: RGB, bilinear resize
+to size x size, uint8. The learner's loader (fieldlearn.device.data) and the inference
+CLI (fieldlearn.runtime.classify) both call decode_rgb, so a deployed model gets exactly
+the pixels it was trained on."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for user-supplied images
+
+
+class UnreadableImage(Exception):
+    """The file exists but is not an image PIL can decode (message: one line, the reason)."""
+
+
+def decode_rgb(path: str | Path, size: int) -> np.ndarray:
+    """Image file -> uint8 [size, size, 3]. FileNotFoundError if absent, UnreadableImage
+    if corrupt, truncated, not an image or larger than MAX_IMAGE_PIXELS."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im, dtype=np.float64)
+                    im = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
+                return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        reason = " ".join(str(e).split())[:200]   # one line, whatever the decoder said
+        raise UnreadableImage(f"{type(e).__name__}: {reason}") from None
