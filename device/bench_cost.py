@@ -147,9 +147,7 @@ def time_steps(cfg: RunConfig, methods: list[str], *, n_old: int, n_new: int, wa
 
 
 def _backend(h) -> str:
-    if h.teacher is None:
-        return "none"
-    return "torch, per batch" if h.naive else getattr(h.teacher, "backend", "torch")
+    return h.teacher_backend    # the harness has released a cached-trunk teacher by now
 
 
 # ---------------------------------------------------------------------------- per-image precompute

@@ -78,6 +78,7 @@ class StepHarness:
         self.uses_teacher = self.naive or self.method.uses_teacher
         self.cached = cfg.model.freeze_blocks > 0 and spec.method != "naive_lwm_pixels"
         self.student = self.teacher = self.naive_step = self.opt = self.targets = None
+        self.teacher_backend = "none"     # kept after release_teacher()
         if build:
             self.build_student()
             self.make_teacher()
@@ -108,6 +109,7 @@ class StepHarness:
             from fieldlearn.device.teacher import make_teacher  # noqa: PLC0415
 
             self.teacher = make_teacher(self.student, self.spec.cfg.teacher_backend, batch_size=EVAL_BATCH)
+        self.teacher_backend = "torch, per batch" if self.naive else getattr(self.teacher, "backend", "torch")
 
     def widen(self) -> None:
         torch.manual_seed(self.spec.seed + 1)
