@@ -149,7 +149,7 @@ def resolve_teacher_backend(spec: StepSpec) -> str:
     from fieldlearn.device.methods import METHODS  # noqa: PLC0415
 
     m = METHODS[spec.method]
-    if not m.uses_teacher:
+    if not (m.uses_teacher_logits or m.uses_teacher_maps):   # m is the class: no property
         return "none"
     backend = spec.cfg.teacher_backend
     if backend == "auto":
