@@ -9,7 +9,8 @@ from fieldlearn.device.attention import gradcam_normalized
 from fieldlearn.device.ops import attention_distill
 
 
-def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibration: float = 0.0) -> torch.Tensor:
+def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibration: float = 0.0,
+       margin: float = 1.0) -> torch.Tensor:
     """Classification loss on new-class data.
 
     logits [B, K_old + K_new], labels [B] (global indices, all >= n_old in an increment).
@@ -23,6 +24,9 @@ def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibr
     their own images, and the old logits are left to LD.
     calibration (span "new" only): weight a of the "calibrated" term blended in,
     (1 - a) * CE_new + a * CE_calibrated, between the two failure modes above.
+    span "margin": CE over the new classes + a hinge that asks the true class's logit to
+    beat the largest old logit (a constant) by `margin` on its own images, and stops
+    pushing once it does: the bounded form of "calibrated", which keeps pushing for ever.
     """
     if span == "all" or n_old == 0:
         return F.cross_entropy(logits, labels)
@@ -31,9 +35,14 @@ def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibr
         if calibration <= 0:
             return ce_new
         return (1 - calibration) * ce_new + calibration * lc(logits, labels, n_old, "calibrated")
+    if span == "margin":
+        ce_new = F.cross_entropy(logits[:, n_old:], labels - n_old)
+        true = logits.gather(1, labels[:, None]).squeeze(1)                 # [B]
+        top_old = logits[:, :n_old].detach().amax(dim=1)                     # [B]
+        return ce_new + F.relu(margin + top_old - true).mean()
     if span == "calibrated":
         return F.cross_entropy(torch.cat([logits[:, :n_old].detach(), logits[:, n_old:]], dim=1), labels)
-    raise ValueError(f"lc span must be 'all', 'new' or 'calibrated', got {span!r}")
+    raise ValueError(f"lc span must be 'all', 'new', 'calibrated' or 'margin', got {span!r}")
 
 
 def ld_bce(student_old: torch.Tensor, teacher_old: torch.Tensor) -> torch.Tensor:

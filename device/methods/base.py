@@ -45,7 +45,7 @@ class Method:
     # The three terms, weighted as configured, for the methods to combine.
     def lc(self, batch: Batch) -> torch.Tensor:
         c = self.cfg
-        return losses.lc(batch.logits, batch.labels, batch.n_old, c.lc_span, c.lc_calibration)
+        return losses.lc(batch.logits, batch.labels, batch.n_old, c.lc_span, c.lc_calibration, c.lc_margin)
 
     def ld(self, batch: Batch) -> torch.Tensor:
         c = self.cfg

@@ -100,6 +100,21 @@ def test_lc_spans():
     assert logits.grad[:, :4].abs().sum() > 0
 
 
+def test_lc_margin_pushes_the_true_logit_only_until_it_beats_the_old_ones():
+    """If this fails, span "margin" either touches old logits or keeps pushing like "calibrated"."""
+    labels = torch.tensor([4, 5])
+    logits = torch.tensor([[1.0, 3.0, 0.0, 0.0, 2.0, 0.0, 0.0],     # true 2.0 < old max 3.0 + margin
+                           [0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0]], requires_grad=True)  # true 9 beats 0 + 1
+    ce_only = losses.lc(logits, labels, n_old=4, span="new")
+    loss = losses.lc(logits, labels, n_old=4, span="margin", margin=1.0)
+    assert torch.isclose(loss - ce_only, torch.tensor((1.0 + 3.0 - 2.0) / 2))     # hinge of row 0 only
+    loss.backward()
+    assert logits.grad[:, :4].abs().sum() == 0, "old logits are constants"
+    g_ce = torch.autograd.grad(losses.lc(logits, labels, n_old=4, span="new"), logits)[0]
+    assert torch.isclose(logits.grad[0, 4] - g_ce[0, 4], torch.tensor(-0.5))      # the hinge pulls row 0's true logit up
+    assert torch.allclose(logits.grad[1], g_ce[1]), "row 1 already beats the old logits: no hinge gradient"
+
+
 def test_methods_return_their_terms():
     feats, head, t_feats, t_w, t_logits = _setup(dtype=torch.float32)
     b, q_t = losses.teacher_maps(t_feats, t_w, t_logits)
