@@ -81,7 +81,10 @@ class TorchTeacher:
         return TeacherOutput(logits=logits, features=feats)
 
     def close(self) -> None:
+        from fieldlearn.runtime.heap import trim_heap  # noqa: PLC0415
+
         self.model = None
+        trim_heap()   # its weights' pages go back to the OS, not only to malloc
 
 
 def make_teacher(student: Student, backend: str = "torch", **engine_options) -> Teacher:

@@ -28,6 +28,6 @@ def _malloc_trim():
 
 
 def trim_heap() -> bool:
-    """Release free heap pages to the OS; True if the C library could (glibc)."""
+    """Release free heap pages to the OS; True if glibc gave any back (False elsewhere)."""
     fn = _malloc_trim()
     return bool(fn(0)) if fn is not None else False
