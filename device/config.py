@@ -28,7 +28,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     # LC: cross-entropy over all seen classes, or only over the classes of this increment.
-    lc_span: Literal["all", "new", "calibrated", "margin"] = "new"
+    lc_span: Literal["all", "new", "calibrated", "margin", "anchored"] = "new"
     lc_calibration: float = 0.0        # with span "new": weight of the calibrated CE blended in
     lc_margin: float = 1.0             # with span "margin": how far the true new logit must beat the old ones
     # LD: "bce" = full binary cross-entropy between sigmoid(teacher) and sigmoid(student)

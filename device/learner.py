@@ -162,7 +162,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                     teacher_seconds += time.perf_counter() - tt
             feats, logits = student.forward_top(z)
             batch = Batch(labels=labels[idx], n_old=n_old, feats=feats, logits=logits,
-                          head_weight=student.head.weight,
+                          head_weight=student.head.weight, head_bias=student.head.bias,
                           teacher_logits=tgt.logits if tgt else None,
                           teacher_class=tgt.b if tgt else None,
                           teacher_map=tgt.q_t if tgt else None)

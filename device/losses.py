@@ -76,6 +76,25 @@ def ld(student_old: torch.Tensor, teacher_old: torch.Tensor, form: str, temperat
     raise ValueError(f"ld form must be 'bce' or 'kd', got {form!r}")
 
 
+def lc_anchored(logits: torch.Tensor, labels: torch.Tensor, n_old: int, feats: torch.Tensor,
+                head_weight: torch.Tensor, head_bias: torch.Tensor) -> torch.Tensor:
+    """LC span "anchored" (investigation): the calibrated CE pushes the new logits above the
+    old ones on new images; a data-free anchor pushes them below on stand-ins for old-class
+    features, built from the old head rows alone (no old data): p_c = ReLU(W[c]) scaled to
+    the batch's mean pooled-feature norm, which must still be classified as c. Only the new
+    rows and biases get the anchor's gradient (old rows and logits are constants).
+
+    logits [B, K], labels [B], feats [B, C, h, w], head_weight [K, C], head_bias [K] -> scalar
+    """
+    ce_cal = lc(logits, labels, n_old, "calibrated")
+    scale = feats.detach().float().mean(dim=(2, 3)).norm(dim=1).mean()           # typical |f|
+    w_old, b_old = head_weight[:n_old].detach(), head_bias[:n_old].detach()
+    p = F.normalize(w_old.clamp_min(0), dim=1) * scale                             # [K_old, C]
+    anchor_logits = torch.cat([p @ w_old.T + b_old, p @ head_weight[n_old:].T + head_bias[n_old:]], dim=1)
+    anchor = F.cross_entropy(anchor_logits, torch.arange(n_old, device=logits.device))
+    return ce_cal + anchor
+
+
 def teacher_maps(teacher_feats: torch.Tensor, teacher_head_weight: torch.Tensor,
                  teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """b = teacher's top-1 base class and its normalised Grad-CAM.

@@ -126,3 +126,20 @@ def test_methods_return_their_terms():
     assert set(make_method("lwf_mc", cfg).terms(batch)) == {"lc", "ld"}
     assert set(make_method("lwm", cfg).terms(batch)) == {"lc", "ld", "lad"}
     assert set(make_method("lc_lad", cfg).terms(batch)) == {"lc", "lad"}
+
+
+def test_lc_anchored_pushes_new_rows_down_on_old_row_anchors_only():
+    """If this fails, span "anchored" moves old rows, or its anchor term does not see the new rows."""
+    torch.manual_seed(0)
+    n_old, n_new, c = 3, 2, 8
+    w = torch.randn(n_old + n_new, c, requires_grad=True)
+    b = torch.zeros(n_old + n_new, requires_grad=True)
+    feats = torch.rand(4, c, 2, 2)
+    logits = feats.mean(dim=(2, 3)) @ w.T + b
+    labels = torch.tensor([3, 4, 3, 4])
+    loss = losses.lc_anchored(logits, labels, n_old, feats, w, b)
+    cal = losses.lc(logits, labels, n_old, "calibrated")
+    assert loss > cal                                    # the anchor adds a positive CE
+    g_w, g_b = torch.autograd.grad(loss - cal, (w, b))   # the anchor's own gradient
+    assert g_w[:n_old].abs().sum() == 0 and g_b[:n_old].abs().sum() == 0, "old rows are constants"
+    assert g_b[n_old:].gt(0).all(), "descending the anchor lowers the new classes' biases"
