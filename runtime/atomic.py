@@ -37,7 +37,3 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)

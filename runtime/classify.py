@@ -62,7 +62,7 @@ def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
     except UnreadableImage as e:
-        raise UserError(f"{path}: not a readable image ({str(e).partition(':')[0]})") from None
+        raise UserError(f"{path}: not a readable image ({e.kind})") from None
     x = rgb.astype(np.float32) / 255.0                                              # [S, S, 3]
     x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))                              # [3, S, S]

@@ -14,7 +14,12 @@ MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for user-supplied imag
 
 
 class UnreadableImage(Exception):
-    """The file exists but is not an image PIL can decode (message: one line, the reason)."""
+    """The file exists but is not an image PIL can decode. kind: the decoder's exception
+    type name; reason: its message on one line. str(): "kind: reason"."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(f"{kind}: {reason}")
+        self.kind, self.reason = kind, reason
 
 
 def decode_rgb(path: str | Path, size: int) -> np.ndarray:
@@ -37,4 +42,4 @@ def decode_rgb(path: str | Path, size: int) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
         reason = " ".join(str(e).split())[:200]   # one line, whatever the decoder said
-        raise UnreadableImage(f"{type(e).__name__}: {reason}") from None
+        raise UnreadableImage(type(e).__name__, reason) from None
