@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fieldlearn.device import losses
 from fieldlearn.device.config import RunConfig
+from fieldlearn.device.methods import Batch, make_method
 from fieldlearn.device.model import Student
 
 
@@ -57,6 +57,7 @@ class NaiveLwM:
         self.teacher.top[-1].register_forward_hook(self._save("teacher", leaf=True))
         self.labels = None
         self.n_old = 0
+        self.method = make_method("lwm", cfg.loss)
 
     def _save(self, name: str, leaf: bool = False):
         def hook(module, inputs, output):
@@ -84,9 +85,11 @@ class NaiveLwM:
         feats = self._acts["student"]
         q_s = _gradcam(logits, feats, b, create_graph=True)         # differentiable: double backward
         lad = (q_s - q_t).abs().sum(1).mean()
-        lc = losses.lc(logits, self.labels, self.n_old, c.lc_span)
-        ld = losses.ld(logits[:, : self.n_old], logits_t, c.ld, c.temperature)
-        return lc + c.beta * ld + c.gamma * lad
+        # LC and LD as LwM computes them (every LC span and LD form); only LAD is done the naive way
+        batch = Batch(labels=self.labels, n_old=self.n_old, feats=feats, logits=logits,
+                      head_weight=self.student.head.weight, head_bias=self.student.head.bias,
+                      teacher_logits=logits_t)
+        return self.method.lc(batch) + self.method.ld(batch) + c.gamma * lad
 
 
 def _gradcam(logits: torch.Tensor, feats: torch.Tensor, classes: torch.Tensor, create_graph: bool) -> torch.Tensor:

@@ -42,7 +42,8 @@ def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibr
         return ce_new + F.relu(margin + top_old - true).mean()
     if span == "calibrated":
         return F.cross_entropy(torch.cat([logits[:, :n_old].detach(), logits[:, n_old:]], dim=1), labels)
-    raise ValueError(f"lc span must be 'all', 'new', 'calibrated' or 'margin', got {span!r}")
+    raise ValueError(f"lc span must be 'all', 'new', 'calibrated' or 'margin', got {span!r} "
+                     "('anchored' needs the head: lc_anchored, through Method.lc)")
 
 
 def ld_bce(student_old: torch.Tensor, teacher_old: torch.Tensor) -> torch.Tensor:
