@@ -68,7 +68,7 @@ METHOD_SETTINGS: dict[str, dict] = {
 # LC span "all" is tried for fine-tuning only: with distillation it wipes the old classes
 # out whatever the LD (the issue's calibration: 22.7-23.6 vs 48-55 avg. incr. acc).
 SWEEP_STAGES: list[dict[str, list]] = [
-    {"lc_span": ["new", "calibrated"], "ld": ["bce", "kd"]},
+    {"lc_span": ["new"], "ld": ["bce", "kd"]},
     {"beta": [0.5, 2.0], "gamma": [0.5, 2.0]},
     {"lr": [0.005, 0.02]},
 ]
@@ -186,8 +186,8 @@ class Protocol:
     of (method, settings) runs from copies of the base."""
 
     def __init__(self, cfg: RunConfig, train: ImageSet, val: ImageSet, test: ImageSet,
-                 groups: list[list[int]], log: Callable[[str], None] = log, align_head: bool = False):
-        self.cfg, self.groups, self.log, self.align_head = cfg, groups, log, align_head
+                 groups: list[list[int]], log: Callable[[str], None] = log):
+        self.cfg, self.groups, self.log = cfg, groups, log
         torch.manual_seed(cfg.train.seed)
         self.student = build_student(cfg.model, len(groups[0])).to(cfg.train.device)
         t0 = time.perf_counter()
@@ -226,10 +226,7 @@ class Protocol:
                     rep = joint_step(st, data, len(self.groups[t]), mcfg, t, z)
                 else:
                     data, z = self.train.take(self.groups[t])
-                    n_old = st.num_classes
                     rep = learn_increment(st, data, len(self.groups[t]), mcfg, step=t, method=method, z=z)
-                    if self.align_head:   # investigation: data-free weight aligning after the step
-                        rep.loss_terms["align_factor"] = st.align_head(n_old)
             except UserError as e:  # TrainingDiverged: record it, the other runs go on
                 res.error = f"step {t}: {e}"
                 self.log(f"step {t}: {method}{tag} failed: {e}")
@@ -394,9 +391,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose each method's settings on validation (staged grid), report test at those")
     p.add_argument("--settings", type=Path, default=None,
                    help="results.json of an earlier --sweep: run each method at the settings it chose")
-    p.add_argument("--align-head", action="store_true",
-                   help="investigation: rescale the new head rows to the old rows' norm after each increment "
-                        "(weight aligning, data-free; not part of any method)")
     p.add_argument("--out", type=Path, default=Path("bench-accuracy"), help="output directory")
     add_config_arguments(p, run_fields=("teacher_backend",))
 
@@ -474,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         f"order seed(s) {seeds}, methods {', '.join(methods)}{' (sweep)' if args.sweep else ''}; "
         f"{torch.get_num_threads()} threads, load {_machine().get('load_average')}")
     report = {"benchmark": "accuracy", "fieldlearn_version": _version(), "git_commit": _git_commit(),
-              "command": command, "data": args.data, "align_head": args.align_head, "preset": args.preset, "sweep": args.sweep,
+              "command": command, "data": args.data, "preset": args.preset, "sweep": args.sweep,
               "sweep_stages": SWEEP_STAGES if args.sweep else None,
               "protocol": {"base": args.base, "steps": args.steps, **proto, "order_seeds": seeds},
               "config": cfg.to_dict(), "machine_start": _machine(), "orders": [], "chosen": {}}
@@ -485,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
         train, val = train.split(proto["val_fraction"], seed=cfg.train.seed)
         test = test_all.reorder(order).select(list(range(used)), proto["test_per_class"], seed=cfg.train.seed)
         log(f"order {seed}: {len(train)} train, {len(val)} validation, {len(test)} test images")
-        p = Protocol(cfg, train, val, test, groups, align_head=args.align_head)
+        p = Protocol(cfg, train, val, test, groups)
         protos.append(p)
         report["orders"].append({
             "order_seed": seed, "class_order": [train.class_names[c] for c in range(used)],

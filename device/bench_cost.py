@@ -87,7 +87,7 @@ class NaiveLwM:
         lad = (q_s - q_t).abs().sum(1).mean()
         # LC and LD as LwM computes them (every LC span and LD form); only LAD is done the naive way
         batch = Batch(labels=self.labels, n_old=self.n_old, feats=feats, logits=logits,
-                      head_weight=self.student.head.weight, head_bias=self.student.head.bias,
+                      head_weight=self.student.head.weight,
                       teacher_logits=logits_t)
         return self.method.lc(batch) + self.method.ld(batch) + c.gamma * lad
 

@@ -28,9 +28,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     # LC: cross-entropy over all seen classes, or only over the classes of this increment.
-    lc_span: Literal["all", "new", "calibrated", "margin", "anchored"] = "new"
-    lc_calibration: float = 0.0        # with span "new": weight of the calibrated CE blended in
-    lc_margin: float = 1.0             # with span "margin": how far the true new logit must beat the old ones
+    lc_span: Literal["all", "new"] = "new"
     # LD: "bce" = full binary cross-entropy between sigmoid(teacher) and sigmoid(student)
     # on base-class logits (LwF-MC); "kd" = softmax KD with temperature.
     # Defaults chosen on validation by `fieldlearn bench accuracy --sweep` (benchmarks/README.md):
@@ -67,11 +65,9 @@ class TrainConfig:
     # "auto" = ONNX Runtime on a CPU where it is installed (several times faster than torch
     # eager there; docs/COST.md), torch otherwise. fieldlearn.device.trunk_encoder.
     trunk_backend: Literal["auto", "torch", "onnxruntime"] = "auto"
-    # How the new classes' head rows start: "random" (random directions at the old rows'
-    # norm, the old rows' mean bias) or "imprint" (each row = the mean L2-normalised pooled
-    # feature of its class's images under the current model, at the old rows' norm: Qi et
-    # al., CVPR 2018), so new logits start on the old ones' scale. Uses new-class images only.
-    new_head_init: Literal["random", "imprint"] = "random"
+    # How the new classes' head rows start: "scaled" (random directions at the old rows'
+    # norm, the old rows' mean bias) or "default" (torch's nn.Linear init).
+    new_head_init: Literal["scaled", "default"] = "scaled"
 
 
 @dataclass

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import ImageSet, to_input
@@ -124,9 +123,6 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
             teacher = None
     report.seconds["teacher"] = time.perf_counter() - t0
 
-    if n_old > 0 and tc.new_head_init == "imprint":
-        student.imprint(n_old, _class_means(student, data, z_all, labels, n_old, cfg))
-
     params = student.trainable_parameters()
     student.checkpoint_top = tc.checkpoint_top   # activation checkpointing of the trainable blocks
     lr = tc.lr if lr is None else lr
@@ -162,7 +158,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                     teacher_seconds += time.perf_counter() - tt
             feats, logits = student.forward_top(z)
             batch = Batch(labels=labels[idx], n_old=n_old, feats=feats, logits=logits,
-                          head_weight=student.head.weight, head_bias=student.head.bias,
+                          head_weight=student.head.weight,
                           teacher_logits=tgt.logits if tgt else None,
                           teacher_class=tgt.b if tgt else None,
                           teacher_map=tgt.q_t if tgt else None)
@@ -190,24 +186,6 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     return report
 
 
-@torch.no_grad()
-def _class_means(student: Student, data: ImageSet, z_all: torch.Tensor | None, labels: torch.Tensor,
-                 n_old: int, cfg: RunConfig) -> torch.Tensor:
-    """Mean L2-normalised pooled last-conv feature of each new class under the current
-    model (eval mode) -> [K_new, C]; for weight imprinting."""
-    student.eval()
-    n_new = student.num_classes - n_old
-    step = chunk_size(cfg)
-    sums = None
-    for i in range(0, len(data), step):
-        z = z_all[i: i + step] if z_all is not None else student.encode(_inputs(student, data.images[i: i + step], cfg))
-        f = F.normalize(student.forward_top(z)[0].float().mean(dim=(2, 3)), dim=1)      # [b, C]
-        onehot = F.one_hot(labels[i: i + step] - n_old, n_new).to(f)                    # [b, K_new]
-        part = onehot.T @ f                                                            # [K_new, C]
-        sums = part if sums is None else sums + part
-    return sums
-
-
 def train_base(student: Student, data: ImageSet, cfg: RunConfig) -> StepReport:
     """Step 0: LC over the base classes."""
     method = make_method("finetune", cfg.loss)
@@ -231,7 +209,7 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     if own_teacher:
         teacher = make_teacher(student, cfg.teacher_backend, batch_size=EVAL_BATCH)
     torch.manual_seed(cfg.train.seed + 1000 * step)  # the new head rows' init is part of the run's seed
-    student.widen(n_new)
+    student.widen(n_new, cfg.train.new_head_init)
     return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step, z=z,
                       release_teacher=own_teacher)
 

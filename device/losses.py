@@ -9,41 +9,21 @@ from fieldlearn.device.attention import gradcam_normalized
 from fieldlearn.device.ops import attention_distill
 
 
-def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str, calibration: float = 0.0,
-       margin: float = 1.0) -> torch.Tensor:
+def lc(logits: torch.Tensor, labels: torch.Tensor, n_old: int, span: str) -> torch.Tensor:
     """Classification loss on new-class data.
 
     logits [B, K_old + K_new], labels [B] (global indices, all >= n_old in an increment).
     span "all": cross-entropy over every seen class. On new-class data alone this pushes
     every old logit down and wipes the old classes out (measured: see benchmarks/README.md).
     span "new": cross-entropy over the new classes' logits only; old logits are left to LD.
-    With nothing tying the new logits to the old ones, new images then tend to be
-    classified as whichever old class the teacher saw in them.
-    span "calibrated": cross-entropy over every seen class with the old logits as
-    constants (stop-gradient): the new classes learn to score above the old ones on
-    their own images, and the old logits are left to LD.
-    calibration (span "new" only): weight a of the "calibrated" term blended in,
-    (1 - a) * CE_new + a * CE_calibrated, between the two failure modes above.
-    span "margin": CE over the new classes + a hinge that asks the true class's logit to
-    beat the largest old logit (a constant) by `margin` on its own images, and stops
-    pushing once it does: the bounded form of "calibrated", which keeps pushing for ever.
+    (Spans that tied the new logits to the old ones, a calibrated CE, its blend, a margin
+    and a data-free anchor, lost on validation and were removed: benchmarks/README.md.)
     """
     if span == "all" or n_old == 0:
         return F.cross_entropy(logits, labels)
     if span == "new":
-        ce_new = F.cross_entropy(logits[:, n_old:], labels - n_old)
-        if calibration <= 0:
-            return ce_new
-        return (1 - calibration) * ce_new + calibration * lc(logits, labels, n_old, "calibrated")
-    if span == "margin":
-        ce_new = F.cross_entropy(logits[:, n_old:], labels - n_old)
-        true = logits.gather(1, labels[:, None]).squeeze(1)                 # [B]
-        top_old = logits[:, :n_old].detach().amax(dim=1)                     # [B]
-        return ce_new + F.relu(margin + top_old - true).mean()
-    if span == "calibrated":
-        return F.cross_entropy(torch.cat([logits[:, :n_old].detach(), logits[:, n_old:]], dim=1), labels)
-    raise ValueError(f"lc span must be 'all', 'new', 'calibrated' or 'margin', got {span!r} "
-                     "('anchored' needs the head: lc_anchored, through Method.lc)")
+        return F.cross_entropy(logits[:, n_old:], labels - n_old)
+    raise ValueError(f"lc span must be 'all' or 'new', got {span!r}")
 
 
 def ld_bce(student_old: torch.Tensor, teacher_old: torch.Tensor) -> torch.Tensor:
@@ -75,25 +55,6 @@ def ld(student_old: torch.Tensor, teacher_old: torch.Tensor, form: str, temperat
     if form == "kd":
         return ld_kd(student_old, teacher_old, temperature)
     raise ValueError(f"ld form must be 'bce' or 'kd', got {form!r}")
-
-
-def lc_anchored(logits: torch.Tensor, labels: torch.Tensor, n_old: int, feats: torch.Tensor,
-                head_weight: torch.Tensor, head_bias: torch.Tensor) -> torch.Tensor:
-    """LC span "anchored" (investigation): the calibrated CE pushes the new logits above the
-    old ones on new images; a data-free anchor pushes them below on stand-ins for old-class
-    features, built from the old head rows alone (no old data): p_c = ReLU(W[c]) scaled to
-    the batch's mean pooled-feature norm, which must still be classified as c. Only the new
-    rows and biases get the anchor's gradient (old rows and logits are constants).
-
-    logits [B, K], labels [B], feats [B, C, h, w], head_weight [K, C], head_bias [K] -> scalar
-    """
-    ce_cal = lc(logits, labels, n_old, "calibrated")
-    scale = feats.detach().float().mean(dim=(2, 3)).norm(dim=1).mean()           # typical |f|
-    w_old, b_old = head_weight[:n_old].detach(), head_bias[:n_old].detach()
-    p = F.normalize(w_old.clamp_min(0), dim=1) * scale                             # [K_old, C]
-    anchor_logits = torch.cat([p @ w_old.T + b_old, p @ head_weight[n_old:].T + head_bias[n_old:]], dim=1)
-    anchor = F.cross_entropy(anchor_logits, torch.arange(n_old, device=logits.device))
-    return ce_cal + anchor
 
 
 def teacher_maps(teacher_feats: torch.Tensor, teacher_head_weight: torch.Tensor,

@@ -14,7 +14,6 @@ import contextlib
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torchvision.models import mobilenet_v2
 
 from fieldlearn.device.config import ModelConfig
@@ -82,45 +81,26 @@ class Student(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def widen(self, n_new: int) -> None:
-        """Add n_new output rows; old rows (weight and bias) are copied bit-exactly."""
+    def widen(self, n_new: int, init: str = "scaled") -> None:
+        """Add n_new output rows; old rows (weight and bias) are copied bit-exactly.
+
+        init "scaled": the new rows start as random directions at the old rows' mean norm,
+        with the old rows' mean bias; "default": torch's nn.Linear init.
+        """
         if n_new <= 0:
             raise ValueError(f"n_new must be positive, got {n_new}")
+        if init not in ("scaled", "default"):
+            raise ValueError(f"new head init must be 'scaled' or 'default', got {init!r}")
         old = self.head
         new = nn.Linear(old.in_features, old.out_features + n_new).to(old.weight.device, old.weight.dtype)
         with torch.no_grad():
             new.weight[: old.out_features].copy_(old.weight)
             new.bias[: old.out_features].copy_(old.bias)
-            # New rows start at the old rows' scale so new logits are neither
-            # drowned out nor dominant at the start of the increment.
-            if old.out_features > 0:
+            if init == "scaled" and old.out_features > 0:
                 scale = old.weight.norm(dim=1).mean() / new.weight[old.out_features:].norm(dim=1).mean().clamp_min(1e-12)
                 new.weight[old.out_features:].mul_(scale)
                 new.bias[old.out_features:].fill_(old.bias.mean())
         self.head = new
-
-    def imprint(self, n_old: int, class_means: torch.Tensor) -> None:
-        """Weight imprinting of the new rows: class_means [K_new, C] (mean pooled feature of
-        each new class) -> unit directions at the old rows' mean norm; bias = old rows' mean."""
-        w, b = self.head.weight, self.head.bias
-        if not 0 < n_old < w.shape[0] or class_means.shape != (w.shape[0] - n_old, w.shape[1]):
-            raise ValueError(f"imprint: {tuple(class_means.shape)} class means for a head of {tuple(w.shape)}, n_old {n_old}")
-        with torch.no_grad():
-            dirs = F.normalize(class_means.to(w), dim=1)                     # [K_new, C]
-            w[n_old:].copy_(dirs * w[:n_old].norm(dim=1).mean())
-            b[n_old:].fill_(float(b[:n_old].mean()))
-
-    def align_head(self, n_old: int) -> float:
-        """Weight aligning (Zhao et al., CVPR 2020), data-free: scale the new rows of the
-        head so their mean L2 norm equals the old rows'. Returns the factor applied."""
-        w = self.head.weight
-        if not 0 < n_old < w.shape[0]:
-            return 1.0
-        with torch.no_grad():
-            factor = float(w[:n_old].norm(dim=1).mean() / w[n_old:].norm(dim=1).mean().clamp_min(1e-12))
-            w[n_old:].mul_(factor)
-            self.head.bias[n_old:].mul_(factor)
-        return factor
 
     def freeze_bn(self) -> None:
         """Put every BatchNorm of the top in eval mode (call after .train())."""

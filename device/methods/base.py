@@ -24,7 +24,6 @@ class Batch:
     teacher_logits: torch.Tensor | None = None  # [B, K_old]
     teacher_class: torch.Tensor | None = None   # [B] teacher's top-1 base class b
     teacher_map: torch.Tensor | None = None     # [B, h*w] teacher's normalised Grad-CAM of b
-    head_bias: torch.Tensor | None = None       # [K] student head bias (Parameter); LC span "anchored"
 
 
 class Method:
@@ -45,11 +44,7 @@ class Method:
 
     # The three terms, weighted as configured, for the methods to combine.
     def lc(self, batch: Batch) -> torch.Tensor:
-        c = self.cfg
-        if c.lc_span == "anchored" and batch.n_old > 0:
-            return losses.lc_anchored(batch.logits, batch.labels, batch.n_old, batch.feats,
-                                      batch.head_weight, batch.head_bias)
-        return losses.lc(batch.logits, batch.labels, batch.n_old, c.lc_span, c.lc_calibration, c.lc_margin)
+        return losses.lc(batch.logits, batch.labels, batch.n_old, self.cfg.lc_span)
 
     def ld(self, batch: Batch) -> torch.Tensor:
         c = self.cfg

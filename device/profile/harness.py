@@ -187,7 +187,7 @@ class StepHarness:
             feats, logits = self.student.forward_top(z if self.cached else self.student.encode(z))
             t = self.targets
             batch = Batch(labels=self.labels, n_old=self.spec.n_old, feats=feats, logits=logits,
-                          head_weight=self.student.head.weight, head_bias=self.student.head.bias,
+                          head_weight=self.student.head.weight,
                           teacher_logits=t.logits if t else None, teacher_class=t.b if t else None,
                           teacher_map=t.q_t if t else None)
             return sum(self.method.terms(batch).values())

@@ -69,7 +69,7 @@ def test_sweep_chooses_on_validation(folder, tmp_path):
     assert r["chosen"]["lwm"] == best["settings"], "the chosen setting must be the best on validation, not test"
     assert r["orders"][0]["methods"]["lwm"]["settings"] == r["chosen"]["lwm"]
     ft_spans = {t["settings"]["lc_span"] for t in r["orders"][0]["sweep"]["finetune"]}
-    assert ft_spans == {"all", "new", "calibrated"}
+    assert ft_spans == {"all", "new"}
     # --settings reuses the sweep's choices
     out2 = tmp_path / "again"
     assert _run(["--data", str(folder), "--base", "3", "--steps", "2", "--methods", "lwm", "--settings",

