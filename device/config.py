@@ -23,6 +23,14 @@ class ModelConfig:
     dropout: float = 0.2
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # The classifier that predicts (fieldlearn.device.classifier): "linear" = the trained
+    # head (the paper's LwM); "ncm" = cosine nearest-class-mean, "analytic" = ridge head,
+    # both solved from class statistics kept as model state. They read `features`: the
+    # pooled last conv map of the frozen ImageNet top ("frozen"), of the trained top
+    # ("student"), or both side by side ("concat").
+    classifier: Literal["linear", "ncm", "analytic"] = "analytic"
+    features: Literal["frozen", "student", "concat"] = "concat"
+    ridge: float = 0.1                 # analytic head: relative ridge; 0 = chosen by GCV (slower)
 
 
 @dataclass
@@ -68,6 +76,15 @@ class TrainConfig:
     # How the new classes' head rows start: "scaled" (random directions at the old rows'
     # norm, the old rows' mean bias) or "default" (torch's nn.Linear init).
     new_head_init: Literal["scaled", "default"] = "scaled"
+    # Statistics heads (ModelConfig.classifier ncm/analytic) when an increment trains the top:
+    # "linear" carries the old classes' statistics through an affine map of the top's
+    # features fitted on the new images before/after the step, shrunk towards the identity
+    # by drift_shrink (fieldlearn.device.classifier.fit_drift); "none" leaves them as formed.
+    drift: Literal["none", "linear"] = "linear"
+    drift_shrink: float = 1.0
+    # How many of the top's blocks (from the last) train in increments; -1: all of them.
+    # The head always trains. Fewer blocks: less drift of the old classes' features.
+    increment_blocks: int = -1
 
 
 @dataclass

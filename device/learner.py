@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fieldlearn.device.classifier import TooFewImages, check_counts, fit_drift, phi, solve_head
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.methods import Batch, Method, make_method
@@ -46,6 +47,7 @@ class StepReport:
     loss_terms: dict[str, float] = field(default_factory=dict)   # mean of each term over the last epoch
     seconds: dict[str, float] = field(default_factory=dict)      # per phase
     teacher_backend: str = ""
+    classifier: dict[str, float] = field(default_factory=dict)    # e.g. the ridge value the head was solved with
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -186,11 +188,97 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     return report
 
 
-def train_base(student: Student, data: ImageSet, cfg: RunConfig) -> StepReport:
-    """Step 0: LC over the base classes."""
+def _z_chunks(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None):
+    """(start, z chunk) over data: from the cached trunk output z, or run the trunk."""
+    step = chunk_size(cfg)
+    run = trunk_encoder(student, cfg) if z is None else None
+    for i in range(0, len(data), step):
+        yield i, (z[i: i + step] if z is not None else run(_inputs(student, data.images[i: i + step], cfg)))
+
+
+@torch.no_grad()
+def classifier_features(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None = None,
+                        own_top_only: bool = False) -> torch.Tensor:
+    """phi [N, D] of data under the current model (eval mode), in memory only; with
+    own_top_only, the trained top's block alone ([N, C]: what drift compensation follows)."""
+    student.eval()
+    out = []
+    for _, zi in _z_chunks(student, data, cfg, z):
+        if own_top_only:
+            out.append(phi(None, student.top(zi).mean((2, 3))).double())
+        else:
+            out.append(student.features(zi).double())
+    return torch.cat(out)
+
+
+def carry_statistics(student: Student, before: torch.Tensor, after: torch.Tensor, shrink: float) -> None:
+    """Drift compensation: move the old classes' statistics along the trained top's drift,
+    estimated from new images only (before/after [N, C]: the top's block of phi on the
+    same images under the teacher and the student)."""
+    t_top = fit_drift(before, after, shrink)                                 # [C+1, C+1]
+    dim, c = student.stats.dim, before.shape[1]
+    t = torch.eye(dim + 1, dtype=torch.float64, device=t_top.device)
+    lo = dim - c                                                             # the top's block is last in phi
+    t[lo:dim, lo:dim] = t_top[:c, :c]
+    t[lo:dim, dim] = t_top[:c, c]
+    student.stats.transform(t)
+
+
+def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: RunConfig,
+                   z: torch.Tensor | None = None) -> float:
+    """Fold `classes` (their images: data) into the class statistics and solve the head.
+    Returns the relative ridge used (0 for ncm). The images leave no trace but the sums."""
+    if student.stats is None:
+        return 0.0
+    try:
+        check_counts(torch.bincount(data.labels.cpu(), minlength=student.num_classes)[classes], classes)
+    except TooFewImages as e:
+        raise UserError(str(e)) from None
+    dev = student.stats.gram.device
+    student.stats.add(classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev))   # [N, D]
+    return solve_classifier(student, cfg)
+
+
+def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> bool:
+    """Add more images of known classes to their statistics and solve the head again
+    (e.g. held-out images after they were scored). False when the head is not solved from
+    statistics."""
+    if student.stats is None:
+        return False
+    dev = student.stats.gram.device
+    student.stats.add(classifier_features(student, data, cfg).to(dev), data.labels.to(dev))
+    solve_classifier(student, cfg)
+    return True
+
+
+def solve_classifier(student: Student, cfg: RunConfig) -> float:
+    w, b, lam = solve_head(student.stats, cfg.model.classifier, cfg.model.ridge)
+    student.set_classifier(w.float(), b.float())
+    return lam
+
+
+def _encoded(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None) -> torch.Tensor | None:
+    """The frozen trunk's output for data, computed once per step (None without a cached trunk)."""
+    if not _uses_cache(cfg):
+        return None
+    return z if z is not None else encode(student, data.images, cfg)
+
+
+def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None = None) -> StepReport:
+    """Step 0: LC over the base classes, then the base classes' statistics (stats heads)."""
     method = make_method("finetune", cfg.loss)
-    return train_step(student, method, data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg, teacher=None, step=0,
-                      lr=cfg.train.base_lr)
+    z = _encoded(student, data, cfg, z)
+    if student.stats is not None and cfg.model.features == "frozen":
+        # The classifier reads only the frozen ImageNet top: training would change nothing
+        # that predicts. This is the pretrained network with a head of class statistics.
+        report = StepReport(step=0, method="none", n_old=0, n_new=student.num_classes, n_images=len(data))
+    else:
+        report = train_step(student, method, data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg, teacher=None,
+                            step=0, lr=cfg.train.base_lr, z=z)
+    t0 = time.perf_counter()
+    report.classifier["ridge"] = fit_classifier(student, data, list(range(student.num_classes)), cfg, z)
+    report.seconds["classifier"] = time.perf_counter() - t0
+    return report
 
 
 def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig, step: int,
@@ -205,13 +293,36 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     bad = data.labels[(data.labels < n_old) | (data.labels >= n_old + n_new)]
     if bad.numel():
         raise UserError(f"increment data has label {int(bad[0])} outside the new classes {n_old}..{n_old + n_new - 1}")
+    z = _encoded(student, data, cfg, z)
+    # The old classes' statistics follow the trained top when it moves (it does not when the
+    # classifier reads only the frozen ImageNet top, or nothing trains).
+    if not m.trains and student.stats is None:
+        raise UserError(f"--method {m.name} trains nothing: it needs a classifier solved from class statistics "
+                        "(--classifier ncm or analytic)")
+    follow = (m.trains and student.stats is not None and cfg.model.features != "frozen"
+              and cfg.train.drift == "linear")
+    before = classifier_features(student, data, cfg, z, own_top_only=True) if follow else None
     own_teacher = teacher is None and m.uses_teacher
     if own_teacher:
         teacher = make_teacher(student, cfg.teacher_backend, batch_size=EVAL_BATCH)
     torch.manual_seed(cfg.train.seed + 1000 * step)  # the new head rows' init is part of the run's seed
     student.widen(n_new, cfg.train.new_head_init)
-    return train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher, step=step, z=z,
-                      release_teacher=own_teacher)
+    if m.trains:
+        student.train_only_last(cfg.train.increment_blocks)
+        try:
+            report = train_step(student, m, data, n_old=n_old, epochs=cfg.train.epochs, cfg=cfg, teacher=teacher,
+                                step=step, z=z, release_teacher=own_teacher)
+        finally:
+            student.train_only_last(-1)
+    else:
+        report = StepReport(step=step, method=m.name, n_old=n_old, n_new=n_new, n_images=len(data))
+    t0 = time.perf_counter()
+    if follow:
+        carry_statistics(student, before, classifier_features(student, data, cfg, z, own_top_only=True),
+                         cfg.train.drift_shrink)
+    report.classifier["ridge"] = fit_classifier(student, data, list(range(n_old, n_old + n_new)), cfg, z)
+    report.seconds["classifier"] = time.perf_counter() - t0
+    return report
 
 
 @torch.no_grad()
@@ -224,7 +335,7 @@ def predict_logits(student: Student, images: torch.Tensor, cfg: RunConfig,
     run = trunk_encoder(student, cfg) if z is None else None
     for i in range(0, len(images) if z is None else len(z), step):
         zi = z[i: i + step] if z is not None else run(_inputs(student, images[i: i + step], cfg))
-        out.append(student.forward_top(zi)[1].float())
+        out.append(student.predict_top(zi)[1].float())
     return torch.cat(out) if out else torch.zeros(0, student.num_classes)
 
 

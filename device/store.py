@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import VERSION_RE, current_version_name, versions_dir
 
-FORMAT = 1  # bump when meta.json changes incompatibly
+FORMAT = 2  # bump when meta.json changes incompatibly (2: class statistics and a solved classifier head)
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 LOCK = "lock"

@@ -68,7 +68,10 @@ class TorchTeacher:
     backend = "torch"
 
     def __init__(self, student: Student):
-        self.model = copy.deepcopy(student).eval()
+        # The teacher needs the trained part only: the classifier's statistics, solved head
+        # and frozen ImageNet top (tens of MB) are not copied.
+        skip = {id(m): None for m in (student.stats, student.classifier, student.frozen_top) if m is not None}
+        self.model = copy.deepcopy(student, memo=skip).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.head_weight = self.model.head.weight.detach()

@@ -14,8 +14,11 @@ class names, input size, normalisation, fieldlearn version and step in the ONNX 
 (fieldlearn.runtime.metadata), pass onnx.checker, and are written atomically.
 
 A model here is anything with `forward(x) -> (features, logits)` and
-`forward_top(z) -> (features, logits)` (the Student); nothing from fieldlearn.device is
-imported, so export stays usable from the runtime side.
+`forward_top(z) -> (features, logits)` (the Student; the teacher graph is what trains),
+and optionally `predict(x) -> (features, logits)`, the deployed classifier where it is not
+the trained head (a head solved from class statistics: normalisation + one linear layer,
+plain ONNX ops). Nothing from fieldlearn.device is imported, so export stays usable from
+the runtime side.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class ClassifierGraph(nn.Module):
         return [md.OUTPUT_NAME, md.FEATURES_NAME] if self.with_features else [md.OUTPUT_NAME]
 
     def forward(self, x: torch.Tensor):
-        feats, logits = self.model(x)            # [B, C, h, w], [B, K]
+        predict = getattr(self.model, "predict", self.model)   # the deployed classifier where it differs
+        feats, logits = predict(x)               # [B, C, h, w], [B, K]
         return (logits, feats) if self.with_features else logits
 
 

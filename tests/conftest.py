@@ -49,6 +49,16 @@ def cifar_test():
     return load_cifar100(CIFAR_DIR, "test")
 
 
+@pytest.fixture(scope="session")
+def fashion():
+    """Fashion-MNIST (train, test) from Debian's dataset-fashion-mnist (skips where absent)."""
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not found at {FASHION_DIR} (apt-get install dataset-fashion-mnist)")
+    from fieldlearn.device.data import load_fashion_mnist
+
+    return load_fashion_mnist(FASHION_DIR, "train"), load_fashion_mnist(FASHION_DIR, "test")
+
+
 def write_image_folder(root: Path, data, classes: list[int], per_class: int, fmt: str = "png") -> Path:
     """Write real images of `classes` from an ImageSet as ROOT/<name>/<i>.<fmt>."""
     import numpy as np

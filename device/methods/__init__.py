@@ -6,8 +6,9 @@ from fieldlearn.device.methods.finetune import FineTune
 from fieldlearn.device.methods.lc_lad import LcLad
 from fieldlearn.device.methods.lwf_mc import LwFMC
 from fieldlearn.device.methods.lwm import LwM
+from fieldlearn.device.methods.none import NoTraining
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FineTune, LwFMC, LwM, LcLad)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FineTune, LwFMC, LwM, LcLad, NoTraining)}
 
 
 def make_method(name: str, loss: LossConfig) -> Method:

@@ -31,6 +31,7 @@ class Method:
     uses_teacher_logits: bool = False
     uses_teacher_maps: bool = False
     stores_data: bool = False          # only the benchmark's `joint` upper bound does
+    trains: bool = True                # False: the increment trains nothing (method "none")
 
     def __init__(self, loss: LossConfig):
         self.cfg = loss

@@ -251,11 +251,12 @@ def test_one_name_in_two_unicode_spellings_is_refused(state, tmp_path, cifar_tes
     assert tree_hash(state) == before
 
 
-def test_one_image_per_class_is_learned(state, tmp_path, cifar_test, capsys):
-    """If this fails, the smallest possible increment (one photo per class) crashes the
-    held-out split or training. Decision: accepted; nothing is held out of a 1-image class."""
-    good_folder(tmp_path / "new", cifar_test, "tulip", n=1)
-    good_folder(tmp_path / "new", cifar_test, "rose", n=1, cls=21)
+def test_the_smallest_increment_is_learned(state, tmp_path, cifar_test, capsys):
+    """If this fails, the smallest allowed increment (MIN_IMAGES photos per class) crashes the
+    held-out split or training. Decision: accepted; nothing is held out of such a class (a
+    class with fewer is refused: tests/device/test_learn.py)."""
+    good_folder(tmp_path / "new", cifar_test, "tulip", n=5)
+    good_folder(tmp_path / "new", cifar_test, "rose", n=5, cls=21)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     assert rc == 0, err
     assert load_state(state).classes == KNOWN + ["rose", "tulip"]

@@ -24,7 +24,7 @@ CLASSES = ["apple", "pear", "plum"]
 
 def loaded_state(version_dir) -> SimpleNamespace:
     """What fieldlearn.device.state.load_state returns (the fields export relies on)."""
-    cfg = RunConfig(model=ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14))
+    cfg = RunConfig(model=ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14, classifier="linear"))
     torch.manual_seed(0)
     student = Student(cfg.model, len(CLASSES))
     bns = [m for m in student.modules() if isinstance(m, nn.BatchNorm2d)]

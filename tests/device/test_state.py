@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from fieldlearn.device.data import load_image_folder, to_input
 from fieldlearn.device.model import build_student
@@ -75,6 +76,52 @@ def test_no_training_pixels_or_features_are_ever_written(tmp_path, cifar_test):
         blob = open(path, "rb").read()
         for n in needles:
             assert n not in blob, f"{path} contains training pixels or features"
+    # The class statistics are model state only as aggregates: no stored vector may be one
+    # training image's classifier feature (or a multiple of it), to float tolerance.
+    phis = _image_features(st, imgs)
+    assert phis.shape == (len(imgs), st.student.stats.dim)
+    for vd in (state / "versions").iterdir():
+        stored = load_file(str(vd / "model.safetensors"))
+        assert "stats.sums" in stored and "stats.gram" in stored, "the statistics are saved with the weights"
+        for name, t in stored.items():
+            assert _rows_matching(t, phis) == 0, f"{vd.name}/{name} holds a single image's feature"
+
+
+def _image_features(st, images):
+    """phi [N, D] of each image under a saved model: what a leaked per-image feature would be."""
+    x = to_input(images, st.config.model.input_size, st.config.model.mean, st.config.model.std)
+    with torch.no_grad():
+        return st.student.eval().features(st.student.encode(x)).double()
+
+
+def _rows_matching(t: torch.Tensor, phis: torch.Tensor, cos: float = 1 - 1e-5) -> int:
+    """Rows of t (any tensor whose last dim is D or D + 1) parallel to one of phis' rows."""
+    d = phis.shape[1]
+    if t.dim() < 1 or t.shape[-1] not in (d, d + 1) or not t.is_floating_point():
+        return 0
+    rows = torch.nn.functional.normalize(t.reshape(-1, t.shape[-1])[:, :d].double(), dim=1)
+    return int(((rows @ torch.nn.functional.normalize(phis, dim=1).T) > cos).any(1).sum())
+
+
+def test_feature_audit_would_catch_a_stored_image_feature(tmp_path, cifar_test):
+    """The statistics audit's check really finds a per-image feature (a class 'sum' of one
+    image), and passes genuine sums over >= 5 images (else the audit above proves nothing)."""
+    cfg = tiny_config()
+    cfg.model.classifier, cfg.model.features = "analytic", "concat"
+    from fieldlearn.device.data import ImageSet
+    from fieldlearn.device.learner import fit_classifier
+    from fieldlearn.device.state import LoadedState
+
+    s = build_student(cfg.model, 2).eval()
+    images = cifar_test.images[:12]
+    data = ImageSet(images, torch.tensor([0, 1] * 6), ["a", "b"])
+    fit_classifier(s, data, [0, 1], cfg)
+    st = LoadedState(student=s, classes=["a", "b"], config=cfg, step=0, version_dir=tmp_path)
+    phis = _image_features(st, images)
+    assert _rows_matching(s.stats.sums, phis) == 0, "a sum over 6 images is not one image's feature"
+    leaked = s.stats.sums.clone()
+    leaked[1, :-1] = phis[3] * 7.0
+    assert _rows_matching(leaked, phis) == 1
 
 
 def test_audit_would_catch_a_stored_image(tmp_path, cifar_test):
@@ -113,3 +160,29 @@ def test_a_failing_writer_publishes_nothing(tmp_path):
         pass
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
     assert (tmp_path / "current").read_text().strip() == "0001"
+
+
+def test_a_format_1_state_loads_as_a_linear_head_model(tmp_path):
+    """If this fails, states written before the statistics classifiers no longer load (or
+    load as a model whose solved head is all zeros)."""
+    import json
+
+    cfg = tiny_config()
+    cfg.model.classifier = "linear"
+    s = build_student(cfg.model, 2).eval()
+    vd = save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+    meta = json.loads((vd / "meta.json").read_text())
+    meta["format"] = 1
+    for k in ("classifier", "features", "ridge"):
+        del meta["config"]["model"][k]
+    for k in ("drift", "drift_shrink", "increment_blocks"):
+        del meta["config"]["train"][k]
+    meta["config"]["train"]["new_head_init"] = "random"
+    meta["config"]["loss"].update(lc_calibration=0.0, lc_margin=1.0)
+    (vd / "meta.json").write_text(json.dumps(meta))
+    st = load_state(tmp_path)
+    assert st.config.model.classifier == "linear" and st.student.classifier is None
+    assert st.config.train.new_head_init == "scaled"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(st.student.predict(x)[1], s(x)[1])

@@ -14,7 +14,9 @@ from fieldlearn.export.onnx import (ClassifierGraph, TeacherGraph, check_parity,
 from fieldlearn.runtime.engines import OrtEngine, ParityError
 from fieldlearn.runtime.metadata import model_info, read_labels, read_metadata
 
-CFG = ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14)
+CFG = ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14, classifier="linear")
+STATS_CFG = ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14, classifier="analytic",
+                        features="concat")
 CLASSES = ["cat", "dog", "fox", "owl"]
 
 
@@ -138,3 +140,38 @@ def test_class_names_must_match_the_head(tmp_path):
     """If this fails, a model could ship with labels for the wrong outputs."""
     with pytest.raises(ValueError, match="class names"):
         export_classifier(warmed_student(), tmp_path, classes=CLASSES[:2], step=0)
+
+
+def _fitted(cfg: ModelConfig) -> Student:
+    """A warmed student whose head is solved from class statistics of random images."""
+    from fieldlearn.device.config import RunConfig, TrainConfig
+    from fieldlearn.device.data import ImageSet
+    from fieldlearn.device.learner import fit_classifier
+
+    student = warmed_student(cfg)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (24, 3, 64, 64), dtype=torch.uint8, generator=g)
+    run = RunConfig(model=cfg, train=TrainConfig(progress=False, trunk_backend="torch"))
+    fit_classifier(student, ImageSet(images, torch.arange(24) % 4, CLASSES), list(range(4)), run)
+    return student.eval()
+
+
+@pytest.mark.parametrize("classifier", ["analytic", "ncm"])
+def test_a_head_solved_from_statistics_is_a_plain_layer_of_the_onnx_model(tmp_path, classifier):
+    """If this fails, model.onnx serves the trained linear head (or nothing sensible) instead
+    of the classifier the learner chose, and classify / TensorRT / jetson-inference would
+    not get the model that was evaluated."""
+    cfg = ModelConfig(**{**STATS_CFG.__dict__, "classifier": classifier})
+    student = _fitted(cfg)
+    path = export_classifier(student, tmp_path, classes=CLASSES, step=1)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Gemm"} <= ops or {"MatMul"} <= ops
+    errors = check_parity(ClassifierGraph(student), path, x(5), rtol=1e-4)
+    assert errors["output_0"] < 1e-4
+    out = OrtEngine(path, threads=1)(x(5).numpy())["output_0"]
+    with torch.no_grad():
+        solved = student.predict(x(5))[1]
+        trained = student(x(5))[1]
+    assert torch.allclose(torch.from_numpy(out), solved, atol=1e-4 * float(solved.abs().max()))
+    assert not torch.allclose(solved, trained, atol=1e-3), "the solved head, not the trained one, is exported"

@@ -1,0 +1,208 @@
+"""The deployed classifier: class statistics (model state) and the heads solved from them.
+
+    f0 [N, 1280] pooled last conv map of the frozen ImageNet top   (never trains)
+    f1 [N, 1280] pooled last conv map of the trained top           (base step, increments)
+    phi [N, D] = [f0 / |f0|, f1 / |f1|]      ModelConfig.features: "frozen" | "student" | "concat"
+
+Class statistics, formed when a class is learned from that class's own images under the
+model of that step (at least MIN_IMAGES of them), then the images go:
+
+    sums [K, D + 1]      per class, the sum of phi_aug = [phi, 1] (its last entry counts images)
+    gram [D + 1, D + 1]  the sum of phi_aug phi_aug^T over every image learned so far
+
+They are aggregates, never a per-image vector, and they are the model's state like a head
+row (docs/GUARANTEES.md). Two heads are solved from them, both a plain linear layer on phi:
+
+    ncm       W[c] = mean of class c / |mean|, b = 0        cosine nearest-class-mean
+    analytic  ridge regression onto one-hot targets with an unshrunk bias: exactly the
+              joint-data ridge solution, with no image kept. lam is ModelConfig.ridge x the
+              mean diagonal of the Gram matrix, or, with ridge 0, chosen among RIDGE_GRID by
+              generalised cross-validation, which needs only the statistics (RidgePath).
+
+When an increment trains the top, the old classes' statistics no longer describe the
+student's features. `fit_drift` estimates an affine map T from the features of the new
+images before (teacher) and after (student) the step, shrunk towards the identity, and
+`ClassStats.transform(T)` carries every old statistic through it: no old data needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIN_IMAGES = 5                              # fewest images a class statistic is formed from
+RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)    # relative ridge values GCV chooses among
+
+
+class TooFewImages(ValueError):
+    """A class has fewer than MIN_IMAGES images: no statistic is formed from it."""
+
+
+def check_counts(counts: torch.Tensor, classes: list[int]) -> None:
+    """counts [k] images of each class of `classes` -> TooFewImages if one is under MIN_IMAGES."""
+    if len(classes) and counts.min() < MIN_IMAGES:
+        i = int(counts.argmin())
+        raise TooFewImages(f"class {classes[i]} has {int(counts[i])} image(s); "
+                           f"a class statistic needs at least {MIN_IMAGES}")
+
+
+def phi(f0: torch.Tensor | None, f1: torch.Tensor | None) -> torch.Tensor:
+    """Pooled features -> the classifier's input: each given block L2-normalised, concatenated.
+
+    f0 [N, C0] or None, f1 [N, C1] or None -> [N, D] (D = C0 + C1 of the blocks given)
+    """
+    blocks = [F.normalize(f, dim=1) for f in (f0, f1) if f is not None]
+    return torch.cat(blocks, dim=1)
+
+
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> [N, D + 1] float64 with a trailing 1 (the bias)."""
+    x = x.double()
+    return torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+
+
+class ClassStats(nn.Module):
+    """Per-class sums and the Gram matrix of phi_aug, as buffers (saved with the weights)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("gram", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
+        self.register_buffer("sums", torch.zeros(num_classes, dim + 1, dtype=torch.float64))
+
+    @property
+    def dim(self) -> int:
+        return self.gram.shape[0] - 1
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.sums[:, -1]                                           # [K]
+
+    def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fold images into the statistics: x [N, D] their phi, labels [N] global class indices."""
+        if len(x) != len(labels) or x.shape[1] != self.dim:
+            raise ValueError(f"{tuple(x.shape)} features for {len(labels)} labels and dimension {self.dim}")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.sums.shape[0]:
+            raise ValueError(f"labels outside 0..{self.sums.shape[0] - 1}")
+        xa = augment(x)                                                       # [N, D+1]
+        with torch.no_grad():
+            self.sums.index_add_(0, labels, xa)                                # [K, D+1]
+            self.gram += xa.T @ xa                                             # [D+1, D+1]
+
+    def check(self, classes: list[int]) -> None:
+        """TooFewImages unless every class of `classes` is summarised over >= MIN_IMAGES images."""
+        check_counts(self.counts[classes], classes)
+
+    def widen(self, n_new: int) -> None:
+        """Empty rows for n_new classes (filled by add)."""
+        self.sums = torch.cat([self.sums, self.sums.new_zeros(n_new, self.sums.shape[1])])
+
+    def transform(self, t: torch.Tensor) -> None:
+        """phi_aug -> T phi_aug for every image summarised so far: T [D+1, D+1]."""
+        with torch.no_grad():
+            self.gram.copy_(t @ self.gram @ t.T)
+            self.sums.copy_(self.sums @ t.T)
+
+    def means(self) -> torch.Tensor:
+        """[K, D] class means of phi."""
+        return self.sums[:, :-1] / self.counts.clamp_min(1)[:, None]
+
+    def ridge_scale(self) -> float:
+        """The ridge unit: the mean diagonal of the features' Gram matrix."""
+        return float(torch.diagonal(self.gram)[:-1].mean().clamp_min(1e-12))
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (Gc [D, D], Sc [D, K], mean [D], class priors [K]): the Gram matrix and the
+        feature/target cross sums about the mean. Ridge with an unshrunk bias is ridge on
+        centred data, with b = priors - W^T mean."""
+        n = self.gram[-1, -1].clamp_min(1)
+        mean = self.gram[:-1, -1] / n                                          # [D]
+        priors = self.counts / n                                               # [K]
+        gc = self.gram[:-1, :-1] - n * torch.outer(mean, mean)
+        sc = self.sums[:, :-1].T - torch.outer(mean, self.counts)              # [D, K]
+        return gc, sc, mean, priors
+
+    def ridge_path(self) -> "RidgePath":
+        """One eigendecomposition from which the head and its GCV score follow for any ridge."""
+        gc, sc, mean, priors = self.centred()
+        evals, evecs = torch.linalg.eigh(gc)                                   # [D], [D, D]
+        return RidgePath(evals.clamp_min(0), evecs, evecs.T @ sc, mean, priors, self.counts, self.ridge_scale())
+
+    def solve_ridge(self, lam_rel: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (W [K, D], b [K]) of the ridge head at one ridge value (a Cholesky solve)."""
+        gc, sc, mean, priors = self.centred()
+        gc.diagonal().add_(lam_rel * self.ridge_scale())
+        w = torch.cholesky_solve(sc, torch.linalg.cholesky(gc)).T              # [K, D]
+        return w, priors - w @ mean
+
+    def gcv(self, lam_rel: float) -> float:
+        return self.ridge_path().gcv(lam_rel)
+
+
+class RidgePath:
+    """Ridge regression onto one-hot targets from centred statistics, Gc = Q diag(ev) Q^T:
+    W(lam) = Q diag(1 / (ev + lam)) Q^T Sc, for every lam at the cost of one eigendecomposition.
+
+    Generalised cross-validation (lower is better), from the statistics alone:
+    RSS = |Yc|^2 - 2 tr(W^T Sc) + tr(W^T Gc W), tr(H) = 1 + sum ev / (ev + lam).
+    """
+
+    def __init__(self, evals, evecs, proj, mean, priors, counts, scale):
+        self.evals, self.evecs, self.proj = evals, evecs, proj        # [D], [D, D], [D, K] = Q^T Sc
+        self.mean, self.priors, self.counts, self.scale = mean, priors, counts, scale
+
+    def solve(self, lam_rel: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (W [K, D], b [K])."""
+        inv = 1.0 / (self.evals + lam_rel * self.scale)                        # [D]
+        w = (self.evecs @ (inv[:, None] * self.proj)).T                         # [K, D]
+        return w, self.priors - w @ self.mean
+
+    def gcv(self, lam_rel: float) -> float:
+        n = self.counts.sum()
+        lam = lam_rel * self.scale
+        p2 = (self.proj ** 2).sum(1)                                          # [D]
+        yc2 = (self.counts - self.counts ** 2 / n).sum()
+        rss = yc2 - 2 * (p2 / (self.evals + lam)).sum() + (self.evals * p2 / (self.evals + lam) ** 2).sum()
+        tr_h = 1 + (self.evals / (self.evals + lam)).sum()
+        return float(rss / n / (1 - tr_h / n).clamp_min(1e-12) ** 2)
+
+
+def choose_ridge(path: RidgePath, ridge: float) -> float:
+    """ridge > 0: that value; 0: the RIDGE_GRID value with the lowest GCV."""
+    if ridge > 0:
+        return ridge
+    return min(RIDGE_GRID, key=path.gcv)
+
+
+def solve_head(stats: ClassStats, kind: str, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """-> (W [K, D], b [K], the relative ridge used (0 for ncm)) of the `kind` head."""
+    if kind == "ncm":
+        return F.normalize(stats.means(), dim=1), stats.sums.new_zeros(stats.sums.shape[0]), 0.0
+    if kind == "analytic":
+        if ridge > 0:
+            return (*stats.solve_ridge(ridge), ridge)
+        path = stats.ridge_path()                 # GCV: one eigendecomposition (seconds at D = 2560)
+        lam = choose_ridge(path, ridge)
+        return (*path.solve(lam), lam)
+    raise ValueError(f"classifier must be 'ncm' or 'analytic', got {kind!r}")
+
+
+def fit_drift(before: torch.Tensor, after: torch.Tensor, shrink: float) -> torch.Tensor:
+    """Affine map of the student's features from before to after an increment.
+
+    before, after [N, D] phi of the same (new-class) images under the teacher and the
+    student -> T [D+1, D+1] with after_aug ~ T before_aug, by ridge regression whose linear
+    part is shrunk towards the identity (shrink x the mean diagonal of before's Gram); the
+    offset is not shrunk, so a strong shrink leaves the mean shift of the new images (a
+    translation, as semantic drift compensation does).
+    """
+    x, y = augment(before), augment(after)                                 # [N, D+1]
+    eye = torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+    xtx = x.T @ x
+    reg = shrink * torch.diagonal(xtx)[:-1].mean() * eye
+    reg[-1, -1] = 0.0
+    b = torch.linalg.solve(xtx + reg + 1e-9 * eye, x.T @ y + reg @ eye)   # y ~ x b
+    t = b.T
+    t[-1] = 0.0
+    t[-1, -1] = 1.0                                                        # the bias entry stays 1
+    return t

@@ -1,0 +1,292 @@
+"""The class-incremental protocol over a labelled dataset, shared by `fieldlearn demo` and
+`fieldlearn bench accuracy`: rows (a way to learn increments + the classifier that
+predicts), their settings, and one class order run end to end.
+
+    Order(cfg, train, val, test, groups)     data split and encoded once (the trunk never trains)
+    Order.run(row, settings)                 step 0 (base network, cached per base setting, with
+                                             the row's classifier fitted), then every increment
+                                             -> accuracy matrices on test and validation
+
+Rows, named as results.json names them:
+
+    ncm, analytic          the pretrained network, nothing trained: a classifier over the frozen
+                           ImageNet features solved from class statistics (cosine nearest-class-
+                           mean; ridge head). What a user gets for free.
+    METHOD                 a learner with the paper's trained linear head (finetune, lwf_mc, lwm, lc_lad)
+    METHOD+ncm, METHOD+analytic
+                           the same learner predicting with a head solved from class statistics
+                           (ModelConfig.classifier), old statistics carried along the drift
+    none+CLASSIFIER        the base step adapts the features; increments train nothing and only
+                           add statistics (features frozen after the base step)
+    joint                  the upper bound on all data seen so far: it stores data, so its step
+                           is injected by the benchmark (Order(joint_step=...)), never defined here
+
+The frozen trunk's output of every image is kept in memory for the run: a shortcut of the
+protocol (the trunk never trains, so it changes no number), not something the product does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig
+from fieldlearn.device.data import ImageSet
+from fieldlearn.device.learner import encode, evaluate, fit_classifier, learn_increment, train_step
+from fieldlearn.device.methods import METHODS, make_method
+from fieldlearn.device.metrics import AccuracyMatrix
+from fieldlearn.device.model import Student, build_student
+from fieldlearn.runtime.errors import UserError
+
+JOINT_NOTE = "stores data — upper bound, benchmark only"
+CLASSIFIERS = ("linear", "ncm", "analytic")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a way to learn increments and the classifier that predicts."""
+    name: str
+    method: str                  # a fieldlearn.device.methods name, or "joint"
+    classifier: str = "linear"
+    pretrained_only: bool = False   # ncm / analytic: no base training, frozen ImageNet features
+
+    @property
+    def kind(self) -> str:
+        return "stats" if self.classifier != "linear" else "linear"
+
+
+def parse_row(spec: str) -> Row:
+    """'ncm', 'analytic', 'METHOD', 'METHOD+ncm', 'METHOD+analytic', 'joint' -> Row."""
+    spec = spec.strip()
+    if spec in ("ncm", "analytic"):
+        return Row(spec, "none", spec, pretrained_only=True)
+    method, _, classifier = spec.partition("+")
+    classifier = classifier or "linear"
+    if method != "joint" and method not in METHODS or classifier not in CLASSIFIERS:
+        raise UserError(f"--methods: unknown row {spec!r} (ncm, analytic, joint, or METHOD[+ncm|+analytic] with "
+                        f"METHOD one of {', '.join(METHODS)})")
+    if method == "joint" and classifier != "linear":
+        raise UserError(f"--methods {spec}: the joint upper bound uses the linear head")
+    if method == "none" and classifier == "linear":
+        raise UserError(f"--methods {spec}: method 'none' trains nothing; give it a classifier (none+analytic)")
+    return Row(spec if classifier != "linear" else method, method, classifier)
+
+
+# Settings each row runs with, on top of the config defaults, unless the benchmark's --sweep
+# chooses them, --settings gives them, or the command line sets one for every row. Values:
+# the choices of the sweeps recorded in benchmarks/README.md, by row name (a row without an
+# entry takes its method's). The product's default learner (default_row) has none: it runs at
+# config.py's defaults, which are its sweep's choices.
+CHOSEN: dict[str, dict] = {
+    "finetune": {"lc_span": "new", "lr": 0.02},
+    "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.02},
+    "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 1.0, "lr": 0.02},
+    "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.02},
+    "joint": {"lr": 0.01},
+}
+
+
+def default_row(cfg: RunConfig) -> str:
+    """The row name of what `fieldlearn learn` does with cfg (e.g. 'lwm+analytic')."""
+    return cfg.method if cfg.model.classifier == "linear" else f"{cfg.method}+{cfg.model.classifier}"
+
+
+def row_settings(row: Row) -> dict:
+    """The settings a row starts from (before --settings, the command line and --sweep)."""
+    if row.pretrained_only:
+        return {}
+    return dict(CHOSEN.get(row.name, CHOSEN.get(row.method, {}) if row.kind == "linear" else {}))
+
+
+# Settings that change the base network (step 0): rows that agree on them share one.
+BASE_KEYS = ("base_lr", "base_epochs", "dropout")
+TRAIN_KEYS = ("lr", "epochs", "freeze_bn_in_increments", "increment_blocks", "new_head_init", "max_grad_norm")
+LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta"), "lwm": ("lc_span", "ld", "beta", "gamma"),
+             "lc_lad": ("lc_span", "gamma"), "none": (), "joint": ()}
+
+
+def row_uses(row: Row) -> set[str]:
+    """The setting keys that can change this row's result (what a sweep may vary)."""
+    if row.pretrained_only:
+        return {"ridge"} if row.classifier == "analytic" else set()
+    keys = set(BASE_KEYS) | set(LOSS_KEYS[row.method])
+    if row.method == "joint":
+        keys |= {"lr", "epochs"}
+    elif METHODS[row.method].trains:
+        keys |= set(TRAIN_KEYS)
+    if row.kind == "stats":
+        keys |= {"features"} | ({"ridge"} if row.classifier == "analytic" else set())
+        if row.method != "none":
+            keys |= {"drift_shrink"}
+    return keys
+
+
+_FIELDS = {"model": set(ModelConfig.__dataclass_fields__), "loss": set(LossConfig.__dataclass_fields__),
+           "train": set(TrainConfig.__dataclass_fields__)}
+
+
+def apply_settings(cfg: RunConfig, settings: dict) -> RunConfig:
+    """A copy of cfg with ModelConfig/LossConfig/TrainConfig fields replaced by `settings`."""
+    out = copy.deepcopy(cfg)
+    for k, v in settings.items():
+        section = next((s for s, names in _FIELDS.items() if k in names), None)
+        if section is None:
+            raise UserError(f"setting {k!r} is not a ModelConfig, LossConfig or TrainConfig field")
+        setattr(getattr(out, section), k, v)
+    return out
+
+
+def row_config(cfg: RunConfig, row: Row, settings: dict) -> RunConfig:
+    """The RunConfig a row runs with: settings applied, its method and classifier set."""
+    out = apply_settings(cfg, settings)
+    out.method = row.method if row.method != "joint" else "finetune"
+    out.model.classifier = row.classifier
+    if row.pretrained_only:
+        out.model.features = "frozen"
+    return out
+
+
+
+# ---------------------------------------------------------------------------- one class order
+
+@dataclass
+class Split:
+    """An ImageSet and (when the trunk is frozen) its trunk output, indexed by class."""
+    data: ImageSet
+    z: torch.Tensor | None
+
+    def take(self, classes: list[int]) -> tuple[ImageSet, torch.Tensor | None]:
+        idx = torch.isin(self.data.labels, torch.tensor(classes)).nonzero().flatten()
+        return (ImageSet(self.data.images[idx], self.data.labels[idx], self.data.class_names),
+                None if self.z is None else self.z[idx])
+
+
+def _encode_split(student: Student, data: ImageSet, cfg: RunConfig, name: str) -> Split:
+    if cfg.model.freeze_blocks == 0:
+        return Split(data, None)
+    t0 = time.perf_counter()
+    chunks, step = [], 2048
+    for i in range(0, len(data), step):
+        chunks.append(encode(student, data.images[i: i + step], cfg))
+        print(f"  encoding {name}: {min(i + step, len(data))}/{len(data)} images "
+            f"({time.perf_counter() - t0:.0f} s)")
+    return Split(data, torch.cat(chunks) if chunks else None)
+
+
+# ---------------------------------------------------------------------------- the protocol
+
+@dataclass
+class MethodResult:
+    method: str
+    settings: dict
+    test: AccuracyMatrix
+    val: AccuracyMatrix
+    config: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    loss_terms: list[dict] = field(default_factory=list)
+    classifier: list[dict] = field(default_factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        d = {"method": self.method, "settings": self.settings, "test": self.test.to_dict(),
+             "val": self.val.to_dict(), "seconds": self.seconds, "loss_terms": self.loss_terms,
+             "classifier": self.classifier, "config": self.config, "stores_data": self.method == "joint"}
+        d.update({"accuracy": self.test.acc, "matrix": self.test.rows,
+                  "average_incremental": self.test.average_incremental, "last": self.test.last,
+                  "forgetting": self.test.forgetting})
+        if self.method == "joint":
+            d["note"] = JOINT_NOTE
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+class Order:
+    """One class order: data split and encoded once; base networks trained once per base
+    setting (cached) and copied to every row that runs on them."""
+
+    def __init__(self, cfg: RunConfig, train: ImageSet, val: ImageSet | None, test: ImageSet,
+                 groups: list[list[int]], log: Callable[[str], None] = print, joint_step: Callable | None = None):
+        self.cfg, self.groups, self.log, self.joint_step = cfg, groups, log, joint_step
+        torch.manual_seed(cfg.train.seed)
+        encoder = build_student(cfg.model, len(groups[0])).to(cfg.train.device)
+        t0 = time.perf_counter()
+        self.train = _encode_split(encoder, train, cfg, "train")
+        self.val = _encode_split(encoder, val, cfg, "validation") if val is not None and len(val) else None
+        self.test = _encode_split(encoder, test, cfg, "test")
+        self.encode_seconds = time.perf_counter() - t0
+        self.bases: dict[str, tuple[dict, float]] = {}   # base key -> (base weights, seconds)
+
+    def base(self, cfg: RunConfig) -> dict:
+        """The trained base network's weights for cfg's base settings (trained on first use)."""
+        key = json.dumps({k: getattr(cfg.train, k, None) if k != "dropout" else cfg.model.dropout
+                          for k in BASE_KEYS}, sort_keys=True)
+        if key not in self.bases:
+            t0 = time.perf_counter()
+            lin = dataclasses.replace(cfg.model, classifier="linear")
+            torch.manual_seed(cfg.train.seed)
+            st = build_student(lin, len(self.groups[0])).to(cfg.train.device)
+            data, z = self.train.take(self.groups[0])
+            self.log(f"step 0: training the base network on {len(self.groups[0])} classes, {len(data)} images ({key})")
+            train_step(st, make_method("finetune", cfg.loss), data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg,
+                       teacher=None, step=0, lr=cfg.train.base_lr, z=z)
+            self.bases[key] = ({k: v.clone() for k, v in st.state_dict().items()}, time.perf_counter() - t0)
+        return self.bases[key][0]
+
+    def student_for(self, row: Row, cfg: RunConfig) -> Student:
+        """Step 0 of a row: the base network (or the pretrained one) with its classifier fitted."""
+        torch.manual_seed(cfg.train.seed)
+        st = build_student(cfg.model, len(self.groups[0])).to(cfg.train.device)
+        if not row.pretrained_only:
+            missing = st.load_state_dict(self.base(cfg), strict=False).missing_keys
+            assert all(k.split(".")[0] in ("frozen_top", "stats", "classifier") for k in missing), missing
+        data, z = self.train.take(self.groups[0])
+        fit_classifier(st, data, list(range(len(self.groups[0]))), cfg, z)
+        return st.eval()
+
+    def _eval(self, st: Student, split: Split | None, t: int, cfg: RunConfig) -> tuple[float, list[float]]:
+        if split is None:                     # no validation split (fieldlearn demo)
+            return float("nan"), [float("nan")] * (t + 1)
+        data, z = split.take([c for g in self.groups[: t + 1] for c in g])
+        return evaluate(st, data, self.groups[: t + 1], cfg, z)
+
+    def run(self, row: Row, settings: dict, tag: str = "") -> MethodResult:
+        cfg = row_config(self.cfg, row, settings)
+        sizes = [len(g) for g in self.groups]
+        res = MethodResult(row.name, dict(settings), AccuracyMatrix(sizes), AccuracyMatrix(sizes), config=cfg.to_dict())
+        t0 = time.perf_counter()
+        st = self.student_for(row, cfg)
+        res.test.add(*self._eval(st, self.test, 0, cfg))
+        res.val.add(*self._eval(st, self.val, 0, cfg))
+        for t in range(1, len(self.groups)):
+            ts = time.perf_counter()
+            try:
+                if row.method == "joint":
+                    if self.joint_step is None:
+                        raise ValueError("the joint row needs the benchmark's joint_step")
+                    data, z = self.train.take([c for g in self.groups[: t + 1] for c in g])
+                    rep = self.joint_step(st, data, len(self.groups[t]), cfg, t, z)
+                else:
+                    data, z = self.train.take(self.groups[t])
+                    rep = learn_increment(st, data, len(self.groups[t]), cfg, step=t, method=row.method, z=z)
+            except UserError as e:  # TrainingDiverged: record it, the other runs go on
+                res.error = f"step {t}: {e}"
+                self.log(f"step {t}: {row.name}{tag} failed: {e}")
+                break
+            res.loss_terms.append(rep.loss_terms)
+            res.classifier.append(rep.classifier)
+            acc, per = self._eval(st, self.test, t, cfg)
+            res.test.add(acc, per)
+            res.val.add(*self._eval(st, self.val, t, cfg))
+            old = per[:-1]
+            self.log(f"step {t}/{len(self.groups) - 1}: {row.name + tag:<16} {sum(sizes[: t + 1]):>3} classes: "
+                     f"test {100 * acc:5.1f}% (old {100 * sum(old) / len(old):5.1f}%, new {100 * per[-1]:5.1f}%), "
+                     f"val {100 * res.val.acc[-1]:5.1f}% [{time.perf_counter() - ts:.0f} s]")
+        res.seconds = time.perf_counter() - t0
+        return res
