@@ -46,6 +46,7 @@ class StepReport:
     loss_terms: dict[str, float] = field(default_factory=dict)   # mean of each term over the last epoch
     seconds: dict[str, float] = field(default_factory=dict)      # per phase
     teacher_backend: str = ""
+    optimizer_steps: list[int] = field(default_factory=list)   # per epoch (fieldlearn.device.publish checks it)
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -137,6 +138,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
         if step > 0 and tc.freeze_bn_in_increments:
             student.freeze_bn()
         sums: dict[str, float] = {}
+        report.optimizer_steps.append(0)
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, tc.batch_size):
             idx = perm[i: i + tc.batch_size]
@@ -174,6 +176,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             opt.step()
             sched.step()
+            report.optimizer_steps[-1] += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
         report.loss_terms = {k: v / n for k, v in sums.items()}

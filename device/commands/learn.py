@@ -15,18 +15,20 @@ from typing import Any
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
 from fieldlearn.device.commands.common import log, setup_torch
-from fieldlearn.device.config import RunConfig
-from fieldlearn.device.data import ImageSet, load_image_folder, open_dataset
+from fieldlearn.device.config import RunConfig, Valid
+from fieldlearn.device.data import MIN_IMAGES, ImageSet, load_image_folder, open_dataset, report_unknown_classes
 from fieldlearn.device.learner import evaluate, learn_increment
 from fieldlearn.device.commands.export import export_writer
-from fieldlearn.device.state import LoadedState, load_state, save_version
+from fieldlearn.device.publish import publish
+from fieldlearn.device.state import LoadedState, load_state
+from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, help="ImageFolder root: one sub-folder of images per new class")
     p.add_argument("--state", required=True, type=Path, help="state directory (from fieldlearn init)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, hi_open=True)), default=0.1,
                    help="share of the new images held out to measure new-class accuracy (default 0.1)")
     p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
                    help="write model.onnx + labels.txt into the new version (default: on)")
@@ -72,6 +74,9 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     classes = state.classes + new.class_names
     data = ImageSet(new.images, new.labels + n_old, classes)
     train, val = data.split(val_fraction, seed=cfg.train.seed) if val_fraction > 0 else (data, None)
+    if val_fraction > 0:
+        log(f"held out {len(val)} of {len(data)} images (--val-fraction {val_fraction:g}, rounded per class)"
+            + ("; too few images to hold any out: new-class accuracy is not measured" if not len(val) else ""))
     log(f"learning {n_new} new classes ({len(train)} images) on top of {n_old} with {cfg.method}")
     student = state.student.to(cfg.train.device)   # load_state reads onto the CPU
     t0 = time.perf_counter()
@@ -91,13 +96,14 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
         known = [c for c in classes if c in test.class_names]
         if not known:
             raise UserError(f"--eval {eval_data}: shares no class name with the model")
+        report_unknown_classes(test.class_names, classes, f"--eval {eval_data}")
         test = test.reorder([test.class_names.index(c) for c in known]).relabel(classes)
         acc, _ = evaluate(student, test, groups, cfg)
         entry["eval_accuracy"] = acc
         log(f"accuracy on {eval_data} ({len(known)} known classes): {100 * acc:.1f}%")
     writers = [export_writer(student, classes, state.step + 1, images=export_images)] if export else []
-    vd = save_version(state_dir, student, classes, cfg, step=state.step + 1, history=state.history + [entry],
-                      writers=writers)
+    vd = publish(state_dir, student, classes, cfg, step=state.step + 1, history=state.history + [entry],
+                 report=report, epochs=cfg.train.epochs, writers=writers)
     log(f"saved {vd} ({seconds:.1f} s; phases: " +
         ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + ")")
     return Increment(version_dir=vd, entry=entry, classes=classes)
@@ -105,11 +111,9 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
 
 def run(args: argparse.Namespace) -> int:
     state = load_state(args.state)
-    cfg = config_from_args(args, base=state.config)
+    cfg = config_from_args(args, base=state.config, source=str(state.version_dir / "meta.json"))
     setup_torch(cfg)
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
-    new = load_image_folder(args.images, cfg.model.input_size)
+    new = load_image_folder(args.images, cfg.model.input_size, min_images=MIN_IMAGES)
     learn_new_classes(args.state, state, new, cfg, val_fraction=args.val_fraction, eval_data=args.eval_data,
                       where=args.images, export=args.export)
     return 0
