@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fieldlearn.device.attention import gradcam
-from fieldlearn.device.data import read_image, to_input
+from fieldlearn.device.data import to_input, try_read
 from fieldlearn.device.state import load_state, load_version
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import versions_dir
@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     size = cur.config.model.input_size
     imgs = []
     for p in args.images:
-        a = read_image(p, size)
-        if a is None:
-            raise UserError(f"{p}: not a readable image")
+        a = try_read(p, size)
+        if isinstance(a, tuple):
+            raise UserError(f"{p}: {a[0]}" + (f" ({a[1]})" if a[1] else ""))
         imgs.append(a)
     u8 = torch.from_numpy(np.stack(imgs))
     x = to_input(u8, size, cur.config.model.mean, cur.config.model.std)
