@@ -309,7 +309,7 @@ def try_read(path: Path, size: int) -> np.ndarray | tuple[str, str]:
         return "vanished", ""
     except UnreadableImage as e:
         if e.kind == "NotRegularFile":
-            return "not a regular file", e.reason.replace(", not a regular file", "")
+            return "not a regular file", e.reason.replace(", not a regular file", "").removeprefix("is ")
         if e.kind == "SymlinkLoop":
             return "symlink loop", ""
         if e.kind == "DanglingSymlink":
@@ -355,7 +355,7 @@ def list_class_folders(root: Path, skips: Skips | None = None) -> list[Path]:
             folders.append(Path(e.path))
         elif skips is not None:
             why = why_not_regular(e.path)
-            skips.add("not a class folder", Path(e.path), (why or "a file").removeprefix("is ").split(",")[0])
+            skips.add("not a class folder", Path(e.path), (why or "a regular file").removeprefix("is ").split(",")[0])
     return folders
 
 

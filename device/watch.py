@@ -140,7 +140,7 @@ def scan_inbox(inbox: Path, quiet_seconds: float = 0, settle_seconds: float = 0,
             continue
         if e.name.startswith(".") or not _is_dir(e):
             out.skipped[e.name] = "hidden" if e.name.startswith(".") else \
-                (why_not_regular(e.path) or "is a file").removeprefix("is ").split(",")[0]
+                (why_not_regular(e.path) or "a regular file").removeprefix("is ").split(",")[0]
             continue
         folder = Path(e.path)
         try:
