@@ -456,7 +456,9 @@ def run(args: argparse.Namespace) -> int:
     if args.settings is not None:
         try:
             chosen_from_file = json.loads(read_regular_text(args.settings))["chosen"]
-        except (OSError, KeyError, ValueError, TypeError) as e:
+        except OSError as e:
+            raise UserError(f"--settings {args.settings}: {e.strerror}") from None
+        except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"--settings {args.settings}: not the results.json of a --sweep ({e})") from None
     for name in methods:   # every method's settings through the one validator, before any work
         try:

@@ -44,9 +44,14 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--state {args.state}: no earlier version to compare with")
         teacher_dir = versions_dir(args.state) / prev[-1]
     else:
-        teacher_dir = versions_dir(args.state) / args.teacher_version
-        if not teacher_dir.is_dir():
-            raise UserError(f"--teacher-version {args.teacher_version}: no such version in {args.state}")
+        from fieldlearn.device.store import version_names  # noqa: PLC0415
+
+        names = {int(n): n for n in version_names(args.state)}
+        try:
+            teacher_dir = versions_dir(args.state) / names[int(args.teacher_version)]
+        except (ValueError, KeyError):
+            raise UserError(f"--teacher-version {args.teacher_version}: no such version in {args.state} "
+                            f"(have {', '.join(names.values()) or 'none'})") from None
     teacher = load_version(teacher_dir)
     size = cur.config.model.input_size
     imgs = []
