@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = OneLineParser(prog=f"fieldlearn {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)  # exits 2 with a one-line message on a bad argument
+    try:
+        args = parser.parse_args(rest)  # a bad argument: one line (OneLineParser), exit 2
+    except SystemExit as e:             # (--help: 0) returned, so that in-process callers get a code
+        return e.code if isinstance(e.code, int) else 2
     warnings.formatwarning = lambda msg, *_, **__: f"fieldlearn {name}: warning: {msg}\n"
     try:
         with _state_lock(name, args):
