@@ -79,6 +79,10 @@ class Stopped(BaseException):
     """SIGTERM arrived (systemctl stop): leave at once; the journal makes this safe."""
 
 
+class NotTheData(UserError):
+    """The state or the configuration failed to load for an increment: retried, never a failed try."""
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -161,8 +165,8 @@ def scan_inbox(inbox: Path, quiet_seconds: float = 0, settle_seconds: float = 0,
         out.waiting.append(e.name)
         if marked and n < MIN_IMAGES:
             out.why[e.name] = f"{n} image file{'s' if n != 1 else ''}; a class needs at least {MIN_IMAGES}"
-        elif marked:
-            out.why[e.name] = f"settling (changed {quiet:.0f} s ago)"
+        elif marked:   # (a fixed text: the status file is not rewritten on every poll)
+            out.why[e.name] = f"settling: taken once nothing in it changed for {settle_seconds:g} s"
     return out
 
 
@@ -243,7 +247,7 @@ def is_environment(e: BaseException) -> bool:
     the reader skips and reports them."""
     from fieldlearn.device.store import DiskFull, StateLocked  # noqa: PLC0415
 
-    return isinstance(e, (DiskFull, StateLocked, OSError, MemoryError))
+    return isinstance(e, (DiskFull, StateLocked, NotTheData, OSError, MemoryError))
 
 
 def _probe_writable(folder: Path) -> str | None:
@@ -669,11 +673,14 @@ class Watcher:
         from fieldlearn.device.state import load_state  # noqa: PLC0415
 
         t0 = time.perf_counter()
-        state = load_state(self.state_dir)
-        cfg = config_from_args(self.cfg_args, base=state.config) if self.cfg_args is not None else state.config
+        try:
+            state = load_state(self.state_dir)
+            cfg = config_from_args(self.cfg_args, base=state.config) if self.cfg_args is not None else state.config
+            setup_torch(cfg)
+        except UserError as e:                       # a broken state is not the new classes' fault
+            raise NotTheData(str(e)) from None
         if not hasattr(self.cfg_args, "train.progress"):
             cfg.train.progress = False               # no progress bars in a daemon's log
-        setup_torch(cfg)
         data, check = self._read(claim, cfg.model.input_size)
         if data is None:
             return False

@@ -290,7 +290,7 @@ def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_s
     assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
 
 
-@pytest.mark.parametrize("interruption", ["stop", "disk full", "state locked"])
+@pytest.mark.parametrize("interruption", ["stop", "disk full", "state locked", "state unreadable"])
 def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, cifar_train, monkeypatch, interruption):
     """If this fails, three power cuts, SIGTERMs or full disks during learning reject good
     data (docs/FIELD.md: stopping is safe at any moment and the next start redoes the
@@ -313,10 +313,22 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
             raise (DiskFull if interruption == "disk full" else StateLocked)(f"{state}: simulated {interruption}")
         return real(*a, **k)
 
-    monkeypatch.setattr(learn_mod, "learn_new_classes", interrupted)
+    if interruption == "state unreadable":      # e.g. meta.json damaged while the daemon runs: not the data's fault
+        import fieldlearn.device.state as state_mod
+
+        real_load = state_mod.load_state
+
+        def interrupted(*a, **k):  # noqa: F811
+            calls.append(1)
+            if len(calls) <= W.MAX_ATTEMPTS + 1:
+                raise UserError(f"{state}/versions/0001/meta.json: simulated damage")
+            return real_load(*a, **k)
+        monkeypatch.setattr(state_mod, "load_state", interrupted)
+    else:
+        monkeypatch.setattr(learn_mod, "learn_new_classes", interrupted)
     for _ in range(W.MAX_ATTEMPTS + 1):
         rc = main(["watch", str(inbox), "--state", str(state), "--once", *FAST])
-        assert rc == (1 if interruption == "disk full" else 0)     # (a busy state lock is a wait, not an error)
+        assert rc == (0 if interruption in ("stop", "state locked") else 1)   # (a busy lock is a wait, not an error)
         journal = json.loads((state / W.JOURNAL).read_text())
         assert journal["failures"] == 0 and sorted(journal["files"]) == sorted(new), journal
         assert not (inbox / W.REJECTED).exists()
