@@ -490,6 +490,9 @@ def cli_cases() -> list[Case]:
 
 # ---------------------------------------------------------------------------- the daemon
 
+RUNNING: list["Daemon"] = []   # every daemon started; killed after each case whatever happened
+
+
 @dataclass
 class Daemon:
     """`fieldlearn watch` running in a child, its status file read as it goes."""
@@ -500,6 +503,7 @@ class Daemon:
     log: Path = None
 
     def start(self, *extra: str) -> "Daemon":
+        RUNNING.append(self)
         self.log = self.w.tmp / "daemon.log"
         argv = [sys.executable, "-m", "fieldlearn.cli", "watch", str(self.w.tmp / "inbox"), "--state",
                 str(self.w.state), "--poll", "0.2", "--settle-seconds", str(self.settle), "--epochs", "1",
@@ -761,6 +765,12 @@ def main() -> int:
                     problem = fn(w)
                 except (AssertionError, TimeoutError) as e:
                     problem = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                finally:
+                    for d in RUNNING:
+                        if d.alive():
+                            d.proc.kill()
+                            d.proc.wait()
+                    RUNNING.clear()
                 if problem and problem.startswith("SKIP"):
                     v = "skipped"
                 else:
