@@ -20,11 +20,19 @@ import re
 import typing
 from typing import Any, Callable
 
-from fieldlearn.device.config import VALID, LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
+from fieldlearn.device.config import VALID, RunConfig, Valid
 from fieldlearn.runtime.errors import UserError
 
-SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 Number = int | float
+
+
+def _sections() -> dict[str, type]:
+    """RunConfig's nested configs by field name (model, loss, train, and any added later)."""
+    hints = typing.get_type_hints(RunConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(hints[f.name])}
+
+
+SECTIONS = _sections()
 
 
 def _fmt(x: float) -> str:
@@ -96,6 +104,8 @@ def check_field(klass: type, name: str, value: Any) -> str | None:
     else:
         values = (value,)
     if rule is None:                 # not declared (a new field): at least its type, and finite
+        if not isinstance(kind, type):   # Optional[...], a nested config: left to its own checks
+            return None
         rule = Valid() if kind in (int, float) else None
         if rule is None:
             return None if all(isinstance(x, kind) for x in values) else f"must be a {kind.__name__}"
