@@ -1,13 +1,15 @@
-"""Crash benchmark: SIGKILL `fieldlearn learn` / `fieldlearn export` N times, count the damage.
+"""Crash benchmark: SIGKILL `fieldlearn learn` / `export` / `watch --once` N times, count the damage.
 
     python benchmarks/crash.py [--kills 50] [--seed 0] [--timed-share 0.3] [--work DIR] [--verbose]
 
 Each kill is a real SIGKILL of a child process running the ordinary CLI on a tiny config
-(CIFAR-100 test images written as ImageFolders, one new class per increment), at a random
-file-system event of the write path or at a random time (tests/device/crash_harness.py says
-how). After each kill: the state must load, `current` must name a complete version (the old
-one or the run's new one), no earlier version may change, the next start must clean the
-leftovers and stale lock, and a re-run must succeed. Prints e.g. "50 kills, 0 corrupt, 0 lost".
+(CIFAR-100 test images written as ImageFolders or inbox folders, one new class per
+increment), at a random file-system event of the write path, between a version's rename and
+the `current` switch, or at a random time (tests/device/crash_harness.py says how). After
+each kill: the state must load, `current` must name a complete version (the old one or the
+run's new one), no earlier version may change, the next start must clean the leftovers and
+stale lock (and a never-switched version), a re-run must succeed, and a killed daemon's next
+start must learn its class exactly once and reject nothing. Prints e.g. "50 kills, 0 corrupt, 0 lost".
 Takes about 5 s per kill on 2 cores (each child imports torch).
 """
 
@@ -30,6 +32,8 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timed-share", type=float, default=0.3, help="share of kills at a random time (rest: at an event)")
+    p.add_argument("--switch-share", type=float, default=0.2,
+                   help="share of learn/watch kills between the version's rename and the current switch")
     p.add_argument("--work", type=Path, default=None, help="where the states go (default: a temp dir, removed)")
     p.add_argument("--verbose", action="store_true", help="print one line per kill")
     args = p.parse_args()
@@ -50,7 +54,8 @@ def main() -> int:
         log = print if args.verbose else lines.append
         quiet = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(io.StringIO())
         with quiet, contextlib.redirect_stderr(io.StringIO()):   # the in-process runs' own output
-            tally = run(work, data, kills=args.kills, seed=args.seed, timed_share=args.timed_share, log=log)
+            tally = run(work, data, kills=args.kills, seed=args.seed, timed_share=args.timed_share,
+                        switch_share=args.switch_share, log=log)
     print(summary(tally))
     for problem in tally.problems:
         print("PROBLEM", problem)

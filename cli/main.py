@@ -54,6 +54,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (`fieldlearn learn: error: argument --epochs:
+    ...`), exit 2, like every other refusal; --help still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -69,9 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fieldlearn: error: unknown command '{name}' (see fieldlearn --help)", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"fieldlearn {name}", description=COMMANDS[name][1])
+    parser = OneLineParser(prog=f"fieldlearn {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)  # exits 2 with a one-line message on a bad argument
+    try:
+        args = parser.parse_args(rest)  # a bad argument: one line (OneLineParser), exit 2
+    except SystemExit as e:             # (--help: 0) returned, so that in-process callers get a code
+        return e.code if isinstance(e.code, int) else 2
     warnings.formatwarning = lambda msg, *_, **__: f"fieldlearn {name}: warning: {msg}\n"
     try:
         with _state_lock(name, args):

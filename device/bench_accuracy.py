@@ -31,15 +31,17 @@ import torch
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
 from fieldlearn.device.commands.common import log, setup_torch, write_json
-from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig
-from fieldlearn.device.data import ImageSet, class_order, incremental_split, open_dataset
+from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
+from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, ImageSet, class_order, incremental_split, open_dataset
 from fieldlearn.device.learner import train_step
 from fieldlearn.device.methods import make_method
 from fieldlearn.device.metrics import AccuracyMatrix, plot_accuracy
 from fieldlearn.device.model import Student
 from fieldlearn.device.protocol import (_FIELDS, JOINT_NOTE, MethodResult, Order, Row, parse_row, row_config,
                                         row_settings, row_uses)
+from fieldlearn.device.validate import option, validate_config
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.files import read_text as read_regular_text
 
 DEFAULT_ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwf_mc+analytic", "finetune+analytic",
                 "lwm", "lwf_mc", "finetune"]
@@ -234,16 +236,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="cpu45: CIFAR-100 10x10 at 32 px on 2 CPU cores; cifar128: 128 px, 100 images per class; "
                         "gpu: larger, for a GPU")
-    p.add_argument("--base", type=int, default=10, help="base classes (default 10)")
-    p.add_argument("--steps", type=int, default=9, help="increments after the base, splitting the remaining classes evenly "
+    p.add_argument("--base", type=option(int, Valid(1, 10_000)), default=10, help="base classes (default 10)")
+    p.add_argument("--steps", type=option(int, Valid(0, 10_000)), default=9, help="increments after the base, splitting the remaining classes evenly "
                                                                  "(default 9: 10 steps of 10 classes on CIFAR-100)")
-    p.add_argument("--classes", type=int, default=None,
+    p.add_argument("--classes", type=option(int, Valid(1, 100_000)), default=None,
                    help="use only the first N classes of each order (default: base + steps x step size = all)")
     p.add_argument("--order-seed", action="append", default=None,
                    help="class order seed; repeat or comma-separate for several orders (default 1993)")
-    p.add_argument("--per-class", type=int, default=None, help="training images per class, before the validation hold-out")
-    p.add_argument("--test-per-class", type=int, default=None, help="test images per class (default: all)")
-    p.add_argument("--val-fraction", type=float, default=None,
+    p.add_argument("--per-class", type=option(int, Valid(MIN_IMAGES, MAX_IMAGES)), default=None,
+                   help="training images per class, before the validation hold-out")
+    p.add_argument("--test-per-class", type=option(int, Valid(1, MAX_IMAGES)), default=None,
+                   help="test images per class (default: all)")
+    p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, lo_open=True, hi_open=True)), default=None,
                    help="part of each class's training images held out for validation (default 0.1)")
     p.add_argument("--methods", default=",".join(DEFAULT_ROWS),
                    help="comma-separated rows: ncm, analytic (the pretrained network, nothing trained), METHOD "
@@ -297,9 +301,12 @@ def _order_seeds(values: list[str] | None) -> list[int]:
     if not values:
         return [1993]
     try:
-        return [int(x) for v in values for x in v.split(",") if x.strip()]
+        seeds = [int(x) for v in values for x in v.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--order-seed {values}: expected integers") from None
+        seeds = []
+    if not seeds or not all(0 <= x < 2**32 for x in seeds):
+        raise UserError(f"--order-seed {','.join(values)}: expected integers in [0, {2**32 - 1}]")
+    return seeds
 
 
 SETTING_KEYS = {k for stage in SWEEP_STAGES for k in stage}
@@ -318,9 +325,17 @@ def run(args: argparse.Namespace) -> int:
     chosen_from_file = {}
     if args.settings is not None:
         try:
-            chosen_from_file = json.loads(args.settings.read_text())["chosen"]
-        except (OSError, KeyError, ValueError) as e:
+            chosen_from_file = json.loads(read_regular_text(args.settings))["chosen"]
+        except OSError as e:
+            raise UserError(f"--settings {args.settings}: {e.strerror}") from None
+        except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"--settings {args.settings}: not the results.json of a --sweep ({e})") from None
+    for row in rows:   # every row's settings through the one validator, before any work
+        try:
+            settings = {**row_settings(row), **dict(chosen_from_file.get(row.name, {}))}
+            validate_config(row_config(cfg, row, settings), source=f"{args.settings or 'protocol.CHOSEN'} ({row.name})")
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--settings {args.settings}: bad settings for {row.name} ({e})") from None
     seeds = _order_seeds(args.order_seed)
     command = _command(args)
     t_start = time.perf_counter()

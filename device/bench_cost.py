@@ -261,7 +261,7 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
     read_s = time.perf_counter() - t0
     patches = {"learn_increment": timed("increment", learn_cmd.learn_increment),
                "evaluate": timed("eval", learn_cmd.evaluate),
-               "save_version": timed("save", learn_cmd.save_version),
+               "publish": timed("save", learn_cmd.publish),
                "export_writer": timed_writer(learn_cmd.export_writer)}
     with contextlib.ExitStack() as stack:
         for name, fn in patches.items():
@@ -408,11 +408,19 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", default=",".join(STEP_METHODS + ["lwm_torch_teacher"]),
                    help="comma-separated, timed round-robin (default: all; lwm_torch_teacher is LwM with "
                         "--teacher-backend torch)")
-    p.add_argument("--repeats", type=int, default=20, help="timed steps per method (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per method first (default 3)")
-    p.add_argument("--old-classes", type=int, default=50, help="classes the teacher knows (default 50)")
-    p.add_argument("--new-classes", type=int, default=10, help="classes of the increment (default 10)")
-    p.add_argument("--per-class", type=int, default=100, help="images per new class (default 100)")
+    from fieldlearn.device.config import Valid  # noqa: PLC0415
+    from fieldlearn.device.data import MIN_IMAGES  # noqa: PLC0415
+    from fieldlearn.device.validate import option  # noqa: PLC0415
+
+    p.add_argument("--repeats", type=option(int, Valid(1, 100_000)), default=20, help="timed steps per method (default 20)")
+    p.add_argument("--warmup", type=option(int, Valid(0, 100_000)), default=3,
+                   help="untimed steps per method first (default 3)")
+    p.add_argument("--old-classes", type=option(int, Valid(1, 100_000)), default=50,
+                   help="classes the teacher knows (default 50)")
+    p.add_argument("--new-classes", type=option(int, Valid(1, 100)), default=10,
+                   help="classes of the increment (default 10; the CIFAR-100 folder has 100)")
+    p.add_argument("--per-class", type=option(int, Valid(MIN_IMAGES, 100)), default=100,
+                   help="images per new class (default 100)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each method's step peak in a fresh process (default on)")
     p.add_argument("--increment", action=argparse.BooleanOptionalAction, default=True,

@@ -120,3 +120,58 @@ class RunConfig:
 
 
 _SUB = {(RunConfig, "model"): ModelConfig, (RunConfig, "loss"): LossConfig, (RunConfig, "train"): TrainConfig}
+
+
+# ---------------------------------------------------------------------------- valid values
+# What each field accepts, checked by fieldlearn.device.validate wherever a config comes
+# from (the command line, a saved state's meta.json, a benchmark preset) before any work
+# starts. Literal and bool fields declare their choices by their type; every other field
+# must have an entry here (tests/device/test_validate.py fails on a field without one).
+
+@dataclass(frozen=True)
+class Valid:
+    """Numbers (each element of a tuple) in [lo, hi], an end excluded when lo_open/hi_open;
+    text: one of `choices`, or matching `pattern` (described by `text`)."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    pattern: str | None = None
+    text: str = ""
+
+
+VALID: dict[type, dict[str, Valid]] = {
+    ModelConfig: {
+        "width": Valid(0.1, 4.0),
+        "input_size": Valid(16, 1024),
+        "freeze_blocks": Valid(0, 18),              # MobileNetV2 has 19 feature blocks; keep one to train
+        "dropout": Valid(0.0, 1.0, hi_open=True),
+        "mean": Valid(0.0, 1.0),
+        "std": Valid(0.0, 1.0, lo_open=True),
+        "ridge": Valid(0.0, 1e6),                   # 0: chosen by generalised cross-validation
+    },
+    LossConfig: {
+        "beta": Valid(0.0, 100.0),
+        "gamma": Valid(0.0, 100.0),
+        "temperature": Valid(0.0, 100.0, lo_open=True),
+    },
+    TrainConfig: {
+        "epochs": Valid(1, 10_000),
+        "base_epochs": Valid(1, 10_000),
+        "batch_size": Valid(2, 4096),               # BatchNorm trains on 2 images at least
+        "lr": Valid(0.0, 1000.0, lo_open=True),
+        "base_lr": Valid(0.0, 1000.0, lo_open=True),
+        "momentum": Valid(0.0, 1.0, hi_open=True),
+        "weight_decay": Valid(0.0, 1.0),
+        "seed": Valid(0, 2**32 - 1),
+        "device": Valid(pattern=r"cpu|cuda(:[0-9]{1,2})?", text="cpu, cuda or cuda:N"),
+        "num_threads": Valid(0, 1024),
+        "max_grad_norm": Valid(0.0, 1e6),
+        "drift_shrink": Valid(0.0, 1e6),
+        "increment_blocks": Valid(-1, 18),          # -1: every block of the top
+    },
+    RunConfig: {
+        "method": Valid(choices=("finetune", "lwf_mc", "lwm", "lc_lad", "none")),   # = fieldlearn.device.methods.METHODS
+    },
+}

@@ -13,7 +13,7 @@ Readers (`open_dataset(spec, split)`):
 from __future__ import annotations
 
 import gzip
-
+import math
 import os
 import pickle
 import warnings
@@ -25,18 +25,51 @@ import torch
 import torch.nn.functional as F
 
 from fieldlearn.device.store import check_class_names
+from fieldlearn.device.classifier import MIN_IMAGES  # a class is learned from at least this many images
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.files import why_not_regular
 from fieldlearn.runtime.images import UnreadableImage, decode_rgb
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
+# Every regular, non-hidden file of a class folder is offered to the decoder, whatever its
+# extension (a .gif, a JPEG without extension); what it cannot read is skipped and reported.
 # One ImageFolder load (an increment, or a base dataset) is held in memory as uint8
 # [N, 3, S, S]: refuse more images, or more bytes, than a Jetson can hold.
 MAX_IMAGES = 50_000
 MAX_IMAGE_BYTES = 2 << 30
+SHOWN = 3   # names shown per reason in a skip summary
 
 
-class SkippedImage(UserWarning):
-    """An image file that could not be read was left out (the message names it)."""
+class SkippedInput(UserWarning):
+    """Files, folders or classes the user gave were left out (one summary line per load)."""
+
+
+class Skips:
+    """What one load left out, by reason; reported once as one line:
+    `ROOT: skipped 4 of 12 entries: 2 unreadable image (a/x.jpg: OSError, a/y.gif: ...), 1 hidden (.cache), ...`"""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.by_reason: dict[str, list[str]] = {}
+
+    def add(self, reason: str, path: Path, detail: str = "") -> None:
+        try:
+            name = str(Path(path).relative_to(self.root))
+        except ValueError:
+            name = str(path)
+        self.by_reason.setdefault(reason, []).append(f"{name}: {detail}" if detail else name)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.by_reason.values()))
+
+    def line(self, total: int | None = None) -> str:
+        of = f" of {total}" if total is not None else ""
+        parts = [f"{len(v)} {k} ({', '.join(repr(x)[1:-1] for x in v[:SHOWN])}{', ...' if len(v) > SHOWN else ''})"
+                 for k, v in sorted(self.by_reason.items(), key=lambda kv: -len(kv[1]))]
+        return f"{self.root}: skipped {len(self)}{of} entries: " + "; ".join(parts)
+
+    def warn(self, total: int | None = None) -> None:
+        if self:
+            warnings.warn(self.line(total), SkippedInput, stacklevel=3)
 
 CIFAR100_PLACES = ["../shared/data/cifar-100-binary", "~/data/cifar-100-binary", "~/data/cifar-100-python",
                    "~/.cache/fieldlearn/data/cifar-100-binary", "./data/cifar-100-python", "./data/cifar-100-binary"]
@@ -68,17 +101,15 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.class_names)
 
     def split(self, fraction: float, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
-        """Stratified split: (1 - fraction, fraction) of each class."""
+        """Stratified split: (1 - fraction, fraction) of each class, rounded per class."""
         g = np.random.default_rng(seed)
         a, b = [], []
         labels = self.labels.numpy()
         for c in np.unique(labels):
             idx = g.permutation(np.flatnonzero(labels == c))
-            n_b = int(round(len(idx) * fraction))
-            if len(idx) > 1:
-                n_b = min(max(n_b, 1), len(idx) - 1)
-            else:
-                n_b = 0
+            # the nearest whole number of images (halves up), never a class's last one: with
+            # few images per class that can be none (callers say so), never more than asked
+            n_b = min(int(math.floor(len(idx) * fraction + 0.5)), len(idx) - 1)
             b.append(idx[:n_b])
             a.append(idx[n_b:])
         ia, ib = (torch.from_numpy(np.sort(np.concatenate(x))) for x in (a, b))
@@ -141,11 +172,12 @@ def incremental_split(order: list[int], base: int, steps: int) -> list[list[int]
 
 # ---------------------------------------------------------------------------- readers
 
-def open_dataset(spec: str, split: str = "train", image_size: int = 128) -> ImageSet:
+def open_dataset(spec: str, split: str = "train", image_size: int = 128, min_images: int = 1) -> ImageSet:
     """`spec` is `cifar100`, `fashion-mnist` (optionally `NAME:PATH`) or a directory.
 
     split: "train" or "test" ("test" of an ImageFolder reads val/ or test/).
     image_size: the size ImageFolder images are stored at in memory (CIFAR/F-MNIST keep theirs).
+    min_images: readable images an ImageFolder class needs (load_image_folder).
     """
     name, _, path = spec.partition(":")
     if name in ("cifar100", "cifar-100"):
@@ -156,7 +188,7 @@ def open_dataset(spec: str, split: str = "train", image_size: int = 128) -> Imag
     if not root.is_dir():
         raise UserError(f"{spec}: not a directory, and not one of cifar100, fashion-mnist")
     sub = _split_dir(root, split)
-    return load_image_folder(sub, image_size)
+    return load_image_folder(sub, image_size, min_images=min_images)
 
 
 def _find(path: str, places: list[str], spec: str) -> Path:
@@ -265,46 +297,129 @@ def load_fashion_mnist(root: Path, split: str) -> ImageSet:
     return ImageSet(torch.from_numpy(np.ascontiguousarray(rgb)), torch.from_numpy(labels), list(FASHION_CLASSES))
 
 
-def read_image(path: Path, size: int) -> np.ndarray | None:
-    """One image file -> uint8 [3, size, size], or None (with a warning) if unreadable."""
+def try_read(path: Path, size: int) -> np.ndarray | tuple[str, str]:
+    """One image file -> uint8 [3, size, size], or (reason, detail) when it cannot be used:
+    ("unreadable image", decoder error), ("not a regular file", "a FIFO ..."), ("symlink
+    loop", ""), ("dangling symlink", ""), ("vanished", "")."""
     try:
         return decode_rgb(path, size).transpose(2, 0, 1).copy()
-    except (FileNotFoundError, UnreadableImage) as e:   # a file removed while listing is skipped too
-        reason = str(e) if isinstance(e, UnreadableImage) else "FileNotFoundError"
-        warnings.warn(f"{path}: skipped, not a readable image ({reason})", SkippedImage, stacklevel=2)
+    except FileNotFoundError:            # removed while listing
+        return "vanished", ""
+    except UnreadableImage as e:
+        if e.kind == "NotRegularFile":
+            return "not a regular file", e.reason.replace(", not a regular file", "").removeprefix("is ")
+        if e.kind == "SymlinkLoop":
+            return "symlink loop", ""
+        if e.kind == "DanglingSymlink":
+            return "dangling symlink", ""
+        return "unreadable image", e.kind
+
+
+def read_image(path: Path, size: int) -> np.ndarray | None:
+    """One image file -> uint8 [3, size, size], or None (with a warning naming it) if unusable."""
+    got = try_read(path, size)
+    if isinstance(got, tuple):
+        warnings.warn(f"{path}: skipped, {got[0]}" + (f" ({got[1]})" if got[1] else ""), SkippedInput, stacklevel=2)
         return None
+    return got
 
 
-def list_class_folders(root: Path) -> list[Path]:
-    """Class sub-folders of an ImageFolder root, sorted by name (hidden ones skipped)."""
+def _scan(folder: Path, what: str) -> list[os.DirEntry]:
+    try:
+        return sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot list this {what} ({e.strerror})") from None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()            # a symlink to a folder counts
+    except OSError:
+        return False
+
+
+def list_class_folders(root: Path, skips: Skips | None = None) -> list[Path]:
+    """Class sub-folders of an ImageFolder root, sorted by name. Hidden entries and entries
+    that are not folders are left out and recorded in `skips`."""
+    root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: not a directory")
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = []
+    for e in _scan(root, "ImageFolder root"):
+        if e.name.startswith("."):
+            if skips is not None:
+                skips.add("hidden", Path(e.path))
+        elif _is_dir(e):
+            folders.append(Path(e.path))
+        elif skips is not None:
+            why = why_not_regular(e.path)
+            skips.add("not a class folder", Path(e.path), (why or "a regular file").removeprefix("is ").split(",")[0])
+    return folders
 
 
-def load_image_folder(root: Path, size: int, classes: list[str] | None = None) -> ImageSet:
-    """ROOT/<class>/<image files> -> ImageSet with images resized to size x size."""
-    folders = list_class_folders(Path(root))
+def load_image_folder(root: Path, size: int, classes: list[str] | None = None, min_images: int = 1) -> ImageSet:
+    """ROOT/<class>/<image files> -> ImageSet with images resized to size x size.
+
+    Every non-hidden regular file of a class folder is offered to the decoder. What is left
+    out (hidden entries, sub-folders, files at the root, unreadable images, FIFOs and other
+    non-regular files, symlink loops) is reported once, as one SkippedInput warning line with
+    counts by reason and the first names. A class with fewer than `min_images` readable
+    images (none at all, always) is refused, naming its folder."""
+    root = Path(root)
+    skips = Skips(root)
+    folders = list_class_folders(root, skips)
     if classes is not None:
         by_name = {p.name: p for p in folders}
         folders = [by_name[c] for c in classes if c in by_name]
     if not folders:
+        skips.warn()
         raise UserError(f"{root}: no class folders (expected ROOT/<class name>/<images>)")
     check_class_names([p.name for p in folders], root)
-    listed = [sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-              for folder in folders]
+    listed = []
+    for folder in folders:
+        files = []
+        for e in _scan(folder, "class folder"):
+            p = Path(e.path)
+            if e.name.startswith("."):
+                skips.add("hidden", p)
+            elif _is_dir(e):
+                skips.add("sub-folder, not read", p)
+            else:
+                files.append(p)
+        listed.append(files)
     n = sum(map(len, listed))
     if n > MAX_IMAGES or n * 3 * size * size > MAX_IMAGE_BYTES:
         raise UserError(f"{root}: {n} images at {size}x{size} exceed the limit of one load ({MAX_IMAGES} images, "
                         f"{MAX_IMAGE_BYTES >> 20} MiB in memory); split them into several increments")
-    images, labels, names = [], [], []
+    total = n + len(skips)
+    images, labels, names, short = [], [], [], None
     for folder, files in zip(folders, listed):
-        got = [a for a in (read_image(p, size) for p in files) if a is not None]
-        if not got:
-            raise UserError(f"{folder}: class folder has no readable images")
+        got = []
+        for p in files:
+            a = try_read(p, size)
+            if isinstance(a, tuple):
+                skips.add(a[0], p, a[1])
+            else:
+                got.append(a)
+        if len(got) < max(1, min_images) and short is None:
+            short = (folder, len(got))
         names.append(folder.name)
         images.extend(got)
         labels.extend([len(names) - 1] * len(got))
+    skips.warn(total)
+    if short is not None:
+        folder, k = short
+        raise UserError(f"{folder}: class folder has no readable images" if k == 0 else
+                        f"{folder}: class folder has only {k} readable image{'s' if k != 1 else ''}; "
+                        f"a new class needs at least {min_images}")
     return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), names)
 
 
+def report_unknown_classes(data_classes: list[str], model_classes: list[str], where: str) -> None:
+    """One warning line when a labelled dataset has classes the model does not know (their
+    images are not evaluated): never left out without a word."""
+    unknown = [c for c in data_classes if c not in model_classes]
+    if unknown:
+        warnings.warn(f"{where}: {len(unknown)} of its {len(data_classes)} classes are not known to the model and "
+                      f"were not evaluated ({', '.join(unknown[:SHOWN])}{', ...' if len(unknown) > SHOWN else ''})",
+                      SkippedInput, stacklevel=2)

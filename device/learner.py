@@ -48,6 +48,10 @@ class StepReport:
     seconds: dict[str, float] = field(default_factory=dict)      # per phase
     teacher_backend: str = ""
     classifier: dict[str, float] = field(default_factory=dict)    # e.g. the ridge value the head was solved with
+    optimizer_steps: list[int] = field(default_factory=list)   # per epoch (fieldlearn.device.publish checks it)
+    # True when the step learns by class statistics alone, by design (method "none", or a
+    # classifier that reads only the frozen ImageNet top): no optimiser step is expected.
+    statistics_only: bool = False
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -139,6 +143,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
         if step > 0 and tc.freeze_bn_in_increments:
             student.freeze_bn()
         sums: dict[str, float] = {}
+        report.optimizer_steps.append(0)
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, tc.batch_size):
             idx = perm[i: i + tc.batch_size]
@@ -176,6 +181,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                 torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
             opt.step()
             sched.step()
+            report.optimizer_steps[-1] += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(idx)
         report.loss_terms = {k: v / n for k, v in sums.items()}
@@ -271,7 +277,8 @@ def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor
     if student.stats is not None and cfg.model.features == "frozen":
         # The classifier reads only the frozen ImageNet top: training would change nothing
         # that predicts. This is the pretrained network with a head of class statistics.
-        report = StepReport(step=0, method="none", n_old=0, n_new=student.num_classes, n_images=len(data))
+        report = StepReport(step=0, method="none", n_old=0, n_new=student.num_classes, n_images=len(data),
+                            statistics_only=True)
     else:
         report = train_step(student, method, data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg, teacher=None,
                             step=0, lr=cfg.train.base_lr, z=z)
@@ -315,7 +322,8 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
         finally:
             student.train_only_last(-1)
     else:
-        report = StepReport(step=step, method=m.name, n_old=n_old, n_new=n_new, n_images=len(data))
+        report = StepReport(step=step, method=m.name, n_old=n_old, n_new=n_new, n_images=len(data),
+                            statistics_only=True)
     t0 = time.perf_counter()
     if follow:
         carry_statistics(student, before, classifier_features(student, data, cfg, z, own_top_only=True),

@@ -22,14 +22,16 @@ from typing import Any
 
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from fieldlearn.device import __version__
 from fieldlearn.device.atomic import fsync_dir, fsync_tree, write_text
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
-from fieldlearn.device.store import FORMAT, META, WEIGHTS, clean_leftovers, disk_full_reason, read_meta
+from fieldlearn.device.store import FORMAT, META, WEIGHTS, DiskFull, clean_leftovers, disk_full_reason, read_meta
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.files import read_bytes
 from fieldlearn.runtime.layout import VERSION_RE, current_version_dir, current_version_name, versions_dir
 
 # FORMAT, WEIGHTS, META, read_meta and clean_leftovers live in fieldlearn.device.store (no torch)
@@ -140,7 +142,7 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
 def _raise_if_disk_full(e: BaseException, state_dir: Path) -> None:
     reason = disk_full_reason(e)
     if reason is not None:
-        raise UserError(f"{state_dir}: no new version written ({reason}); the current version is unchanged") \
+        raise DiskFull(f"{state_dir}: no new version written ({reason}); the current version is unchanged") \
             from None
 
 
@@ -167,10 +169,12 @@ def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
         raise UserError(f"{version_dir / META}: bad config ({e})") from None
     wpath = version_dir / WEIGHTS
     try:
-        tensors = load_file(str(wpath), device=device)
+        tensors = {k: v.to(device) for k, v in load_safetensors(read_bytes(wpath)).items()}   # a regular file only
     except FileNotFoundError:
         raise UserError(f"{wpath}: missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
+    except OSError as e:
+        raise UserError(f"{wpath}: unreadable ({e.strerror})") from None
+    except (SafetensorError, ValueError) as e:
         raise UserError(f"{wpath}: not a readable safetensors file ({e})") from None
     cfg = config.model
     cfg_nopre = type(cfg)(**{**cfg.__dict__, "pretrained": False})  # weights come from the file

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from fieldlearn.runtime.errors import UserError
-from fieldlearn.runtime.layout import VERSION_RE, current_version_name, versions_dir
+from fieldlearn.runtime.files import NotRegularFile, open_regular
+from fieldlearn.runtime.files import read_text as read_regular_text
+from fieldlearn.runtime.layout import PENDING, VERSION_RE, current_version_name, versions_dir
 
 FORMAT = 2  # bump when meta.json changes incompatibly (2: class statistics and a solved classifier head)
 WEIGHTS = "model.safetensors"
@@ -95,11 +97,11 @@ def read_meta(version_dir: Path) -> dict[str, Any]:
     with valid class names that agree with num_classes. UserError naming the file otherwise."""
     path = Path(version_dir) / META
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_text(path))
     except FileNotFoundError:
         raise UserError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
     except OSError as e:
         raise UserError(f"{path}: unreadable ({e.strerror})") from None
     if not isinstance(meta, dict) or "format" not in meta:
@@ -116,16 +118,31 @@ def read_meta(version_dir: Path) -> dict[str, Any]:
     check_class_names(classes, path)
     if n != len(classes):
         raise UserError(f"{path}: num_classes {n!r} but {len(classes)} class names")
-    if not isinstance(meta.get("step"), int):
-        raise UserError(f"{path}: 'step' is not an integer")
+    if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
+        raise UserError(f"{path}: 'step' is not an integer >= 0")
+    if "config" in meta:
+        check_saved_config(meta["config"], path)
     return meta
+
+
+def check_saved_config(d: Any, path: Path):
+    """A meta.json's config, through the one validator (fieldlearn.device.validate): UserError
+    naming the file and the field (`.../meta.json: config.train.epochs 0: must be ...`)."""
+    from fieldlearn.device.config import RunConfig  # noqa: PLC0415 - torch-free
+    from fieldlearn.device.validate import validate_config  # noqa: PLC0415
+
+    try:
+        cfg = RunConfig.from_dict(d)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: bad config ({' '.join(str(e).split())[:160]})") from None
+    return validate_config(cfg, source=str(path))
 
 
 def safetensors_problem(path: Path) -> str | None:
     """Why `path` is not a complete safetensors file, from its header alone (no torch)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 return "shorter than a safetensors header"
@@ -135,7 +152,9 @@ def safetensors_problem(path: Path) -> str | None:
             header = json.loads(f.read(n))
     except FileNotFoundError:
         return "missing"
-    except (OSError, ValueError) as e:
+    except NotRegularFile as e:
+        return e.strerror
+    except (OSError, ValueError, RecursionError) as e:
         return f"unreadable header ({type(e).__name__})"
     if not isinstance(header, dict):
         return "header is not a JSON object"
@@ -163,12 +182,20 @@ def version_problem(version_dir: Path) -> str | None:
     return f"{Path(version_dir) / WEIGHTS}: {why}" if why else None
 
 
-def version_names(state_dir: Path) -> list[str]:
-    """Published versions, oldest first."""
+def version_names(state_dir: Path, pending: bool = True) -> list[str]:
+    """Published versions, oldest first. pending=False leaves out a version that was renamed
+    into place but never switched to (its writer died in between; the next writer removes it)."""
     vd = versions_dir(state_dir)
     if not vd.is_dir():
         return []
-    return sorted((p.name for p in vd.iterdir() if VERSION_RE.match(p.name) and p.is_dir()), key=int)
+    names = [p.name for p in vd.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
+    if not pending:
+        try:
+            cur = current_version_name(state_dir)
+        except UserError:
+            cur = None
+        names = [n for n in names if n == cur or not (vd / n / PENDING).exists()]
+    return sorted(names, key=int)
 
 
 def _accuracies(entry: dict) -> dict[str, float]:
@@ -188,7 +215,7 @@ def history(state_dir: Path) -> list[dict[str, Any]]:
     except UserError:
         current = None
     out = []
-    for name in version_names(state_dir):
+    for name in version_names(state_dir, pending=False):
         vdir = versions_dir(state_dir) / name
         rec: dict[str, Any] = {"version": name, "current": name == current}
         problem = version_problem(vdir)
@@ -286,9 +313,11 @@ def prune(state_dir: Path, keep: int) -> list[str]:
 
 def clean_leftovers(state_dir: Path) -> list[Path]:
     """Remove what an interrupted run left behind: versions/.tmp-* (a version being written or
-    discarded), STATE/.current.*.tmp (a pointer being replaced), and inside versions the
-    export's .export-* work dirs and .NAME.*.tmp files. Returns what was removed. Call it
-    only while holding state_lock (it would delete a concurrent writer's work otherwise)."""
+    discarded), STATE/.current.*.tmp (a pointer being replaced), inside versions the export's
+    .export-* work dirs and .NAME.*.tmp files, and a version still marked PENDING: renamed
+    into place but never made current (killed between the rename and the `current` switch;
+    the marker of the current version itself is just removed). Returns what was removed.
+    Call it only while holding state_lock (it would delete a concurrent writer's work otherwise)."""
     state_dir = Path(state_dir)
     removed: list[Path] = []
 
@@ -300,10 +329,20 @@ def clean_leftovers(state_dir: Path) -> list[Path]:
         removed.append(p)
 
     vd = versions_dir(state_dir)
+    try:
+        cur = current_version_name(state_dir)
+    except UserError:
+        cur = None
     if vd.is_dir():
         for p in list(vd.iterdir()):
             if p.name.startswith(".tmp-"):
                 rm(p)
+            elif VERSION_RE.match(p.name) and p.is_dir() and (p / PENDING).exists():
+                if p.name == cur:
+                    rm(p / PENDING)
+                else:
+                    _discard(state_dir, p.name)
+                    removed.append(p)
             elif VERSION_RE.match(p.name) and p.is_dir():
                 for q in list(p.iterdir()):
                     if q.name.startswith(".export-") or (q.name.startswith(".") and q.name.endswith(".tmp")):
@@ -356,7 +395,7 @@ def read_lock(state_dir: Path) -> LockOwner | None:
     """The lock's owner, or None when there is no lock or it is unreadable (a writer that died
     between creating and filling it: the take-over flock makes that the only way)."""
     try:
-        d = json.loads((Path(state_dir) / LOCK).read_text())
+        d = json.loads(read_regular_text(Path(state_dir) / LOCK))
         return LockOwner(pid=int(d["pid"]), hostname=str(d["hostname"]), boot_id=str(d.get("boot_id", "")),
                          proc_start=d.get("proc_start"), started=float(d["started"]), command=str(d["command"]))
     except (OSError, ValueError, KeyError, TypeError):
@@ -387,6 +426,11 @@ def owner_alive(owner: LockOwner) -> bool:
 
 class StateLocked(UserError):
     """Another fieldlearn command holds the state."""
+
+
+class DiskFull(UserError):
+    """A write failed for lack of space (ENOSPC, EFBIG, EDQUOT); nothing was published.
+    Not the input's fault: fieldlearn watch retries it without counting a try."""
 
 
 DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -421,7 +465,10 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
     state_dir = Path(state_dir)
     made = False
     if create and not state_dir.exists():
-        state_dir.mkdir(parents=True, mode=0o700)
+        try:
+            state_dir.mkdir(parents=True, mode=0o700)
+        except OSError as e:
+            raise UserError(f"--state {state_dir}: cannot create it ({e.strerror})") from None
         made = True
     if not state_dir.is_dir():
         raise UserError(f"{state_dir}: no such state directory")
@@ -475,7 +522,7 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
             except UserError:
                 cur = "nothing was saved"
             clean_leftovers(state_dir)
-            raise UserError(f"{state_dir}: {reason}; {cur}") from None
+            raise DiskFull(f"{state_dir}: {reason}; {cur}") from None
     finally:
         if read_lock(state_dir) == me:
             path.unlink(missing_ok=True)
@@ -487,4 +534,4 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
 __all__ = ["FORMAT", "WEIGHTS", "META", "LOCK", "LockOwner", "StateLocked", "read_meta", "version_problem",
            "safetensors_problem", "version_names", "history", "rollback", "prune", "clean_leftovers",
            "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names",
-           "disk_full_reason"]
+           "disk_full_reason", "DiskFull", "check_saved_config"]

@@ -4,12 +4,17 @@
       apple/              one folder per new class (from `fieldlearn capture`, a copy, ...)
         0001.jpg ...
         .done             written last: the folder is complete (or: quiet for --quiet-seconds)
-      .rejected/apple/    a folder that could not be learned, with a `.reason` file
+      .rejected/apple/    a folder that could not be learned (or the files of a learned class
+                          that could not be read), with a `.reason` file
     STATE/
       current, versions/  the learner's state (fieldlearn.device.state); never any image
       watch-journal.json  the increment in progress: class folder and file NAMES, no data
       watch-status.json   what the daemon is doing (JSON; --status puts it elsewhere)
       .watch.lock         one daemon per state (flock; released when the process dies)
+
+A folder is taken when it has `.done` (or, with --quiet-seconds, nothing changed in it for
+that long), nothing in it changed for --settle-seconds, and it holds at least MIN_IMAGES
+image files; until then it waits (one `waiting` line says why).
 
 One increment, and where a stop (SIGTERM, SIGKILL, power loss) can land:
 
@@ -21,9 +26,17 @@ One increment, and where a stop (SIGTERM, SIGKILL, power loss) can land:
 Stopped before `current` switched: the old model is still served, the inbox is untouched,
 and the next start redoes the increment from the journal's folders. Stopped after: the
 next start sees the classes in the current model and only finishes the cleanup. So no
-image is lost and no class is learned twice. After MAX_ATTEMPTS failed tries the claimed
-folders are moved to INBOX/.rejected/ (never deleted) so that a bad folder cannot stall
-the loop.
+image is lost and no class is learned twice.
+
+The contract on errors: only a failure caused by the classes' own data counts as a failed
+try (an unusable class folder, a step that diverges or fails its export check, an
+unexpected error in the step). An interruption (signal, crash, power loss), a full disk,
+an unwritable or vanished inbox or state, or the state lock held by another command is
+never counted: it is logged as an `error` event, the status file says `error`, and the
+daemon retries after a back-off, carrying on. A class with too few readable images is set
+aside on its own; a failing increment of several classes is narrowed to one class at a
+time, so only a class that fails alone MAX_ATTEMPTS times is moved to INBOX/.rejected/
+(never deleted), and one bad folder never rejects the others.
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -42,40 +57,61 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fieldlearn.device.atomic import write_text
-from fieldlearn.device.data import IMAGE_EXTENSIONS
+from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.files import read_text, why_not_regular
 from fieldlearn.runtime.layout import current_version_name
 
 DONE = ".done"
 REJECTED = ".rejected"
 REASON = ".reason"
+MARKERS = {DONE, REASON}  # the daemon's own files in a class folder
 JOURNAL = "watch-journal.json"
 STATUS = "watch-status.json"
 LOCK = ".watch.lock"
-MAX_ATTEMPTS = 3          # tries of one claimed increment before its folders are rejected
+MAX_ATTEMPTS = 3          # failed tries (caused by the data) of one class alone before it is set aside
 EXPORT_CHECK_IMAGES = 4   # real images (from the increment) in the export's parity check
-
-
-class IncrementFailed(RuntimeError):
-    """An increment raised; the event is logged and the journal decides what happens next."""
+SETTLE_SECONDS = 10.0     # default: a folder must have been quiet this long before it is taken
+MAX_BACKOFF = 60.0        # seconds between retries after an error that is not the data's fault
 
 
 class Stopped(BaseException):
     """SIGTERM arrived (systemctl stop): leave at once; the journal makes this safe."""
 
 
+class NotTheData(UserError):
+    """The state or the configuration failed to load for an increment: retried, never a failed try."""
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def image_files(folder: Path) -> list[str]:
-    """Names of the image files of a class folder, sorted (hidden and partial files skipped)."""
+def _entries(folder: Path) -> list[os.DirEntry]:
+    return sorted(os.scandir(folder), key=lambda e: e.name)
+
+
+def _is_dir(e: os.DirEntry) -> bool:
     try:
-        entries = list(os.scandir(folder))
+        return e.is_dir()
+    except OSError:
+        return False
+
+
+def image_files(folder: Path) -> list[str]:
+    """Names of the files of a class folder that are offered to the decoder, sorted: every
+    non-hidden entry that is not a folder (whatever its extension; FIFOs and broken links
+    included, so that reading them reports them). Hidden names (`.done`, `.x.part`) are not."""
+    try:
+        entries = _entries(folder)
     except OSError:
         return []
-    return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file(follow_symlinks=False)
-                  and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS)
+    return [e.name for e in entries if not e.name.startswith(".") and not _is_dir(e)]
+
+
+def count_images(folder: Path, names: list[str]) -> int:
+    """How many of `names` are regular files (what MIN_IMAGES counts; a stat each, no read)."""
+    return sum(why_not_regular(folder / n) is None for n in names)
 
 
 def last_change(folder: Path) -> float:
@@ -89,25 +125,56 @@ def last_change(folder: Path) -> float:
     return latest
 
 
-def scan(inbox: Path, quiet_seconds: float = 0, now: float | None = None) -> tuple[list[str], list[str]]:
-    """(ready, waiting) class folder names of INBOX. Ready: has `.done`, or (quiet_seconds > 0)
-    holds images and nothing in it changed for quiet_seconds."""
+@dataclass
+class Scan:
+    ready: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)      # waiting folder -> why (when not just "no .done")
+    skipped: dict[str, str] = field(default_factory=dict)  # inbox entry that is not a class folder -> what it is
+
+
+def scan_inbox(inbox: Path, quiet_seconds: float = 0, settle_seconds: float = 0, now: float | None = None) -> Scan:
+    """Which class folders of INBOX are ready. Ready: `.done` (or, quiet_seconds > 0, nothing
+    changed for quiet_seconds), nothing changed for settle_seconds, and at least MIN_IMAGES
+    regular files. FileNotFoundError when INBOX itself is gone."""
     now = time.time() if now is None else now
-    ready, waiting = [], []
-    for e in sorted(os.scandir(inbox), key=lambda e: e.name):
-        if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+    out = Scan()
+    for e in _entries(inbox):
+        if e.name == REJECTED:
+            continue
+        if e.name.startswith(".") or not _is_dir(e):
+            out.skipped[e.name] = "hidden" if e.name.startswith(".") else \
+                (why_not_regular(e.path) or "a regular file").removeprefix("is ").split(",")[0]
             continue
         folder = Path(e.path)
         try:
-            if (folder / DONE).exists():
-                ready.append(e.name)
-            elif quiet_seconds > 0 and image_files(folder) and now - last_change(folder) >= quiet_seconds:
-                ready.append(e.name)
-            else:
-                waiting.append(e.name)
+            done = (folder / DONE).exists()
+            quiet = now - last_change(folder)
+            names = image_files(folder)
+            n = count_images(folder, names) if names else 0
         except FileNotFoundError:   # vanished while scanning
             continue
-    return ready, waiting
+        except OSError as err:
+            out.waiting.append(e.name)
+            out.why[e.name] = f"cannot be read ({err.strerror})"
+            continue
+        marked = done or (quiet_seconds > 0 and names and quiet >= quiet_seconds)
+        if marked and quiet >= settle_seconds and n >= MIN_IMAGES:
+            out.ready.append(e.name)
+            continue
+        out.waiting.append(e.name)
+        if marked and n < MIN_IMAGES:
+            out.why[e.name] = f"{n} image file{'s' if n != 1 else ''}; a class needs at least {MIN_IMAGES}"
+        elif marked:   # (a fixed text: the status file is not rewritten on every poll)
+            out.why[e.name] = f"settling: taken once nothing in it changed for {settle_seconds:g} s"
+    return out
+
+
+def scan(inbox: Path, quiet_seconds: float = 0, now: float | None = None,
+         settle_seconds: float = 0) -> tuple[list[str], list[str]]:
+    """(ready, waiting) class folder names of INBOX (scan_inbox)."""
+    s = scan_inbox(inbox, quiet_seconds, settle_seconds, now)
+    return s.ready, s.waiting
 
 
 @dataclass
@@ -115,12 +182,13 @@ class Claim:
     """The journal: which class folders (and which files in them) one increment takes.
     Names only: the journal never holds image data."""
     inbox: str
-    files: dict[str, list[str]]            # class folder name -> image file names
+    files: dict[str, list[str]]            # class folder name -> file names offered to the decoder
     base_version: str                      # the version the increment starts from
-    attempts: int = 1
+    failures: int = 0                      # failed tries caused by the data (never by a stop or the disk)
     phase: str = "learning"                # "learning" -> "cleanup"
     version: str | None = None             # the published version (phase "cleanup")
     started: str = field(default_factory=utc_now)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)   # class -> file -> why it was not learned
 
     @property
     def names(self) -> list[str]:
@@ -130,11 +198,12 @@ class Claim:
 def read_journal(state_dir: Path) -> Claim | None:
     path = Path(state_dir) / JOURNAL
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(read_text(path))
+        d.pop("attempts", None)             # a journal of fieldlearn < 0.2 (tries counted stops too)
         return Claim(**d)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, TypeError, UnicodeDecodeError, OSError) as e:
         raise UserError(f"{path}: unreadable journal ({type(e).__name__}: {e}); if no `fieldlearn watch` "
                         f"is running, delete it: the inbox folders are still there and will be learned again") from None
 
@@ -167,6 +236,32 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _shorten(names: list[str]) -> str:
+    return ", ".join(repr(n)[1:-1] for n in names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+
+
+def is_environment(e: BaseException) -> bool:
+    """True for an error that is not the classes' data's fault (a try is not counted): a full
+    disk, the state lock held by another command, an OS error (permissions, a read-only or
+    vanished inbox or state, I/O), memory. Image files that cannot be read never get here:
+    the reader skips and reports them."""
+    from fieldlearn.device.store import DiskFull, StateLocked  # noqa: PLC0415
+
+    return isinstance(e, (DiskFull, StateLocked, NotTheData, OSError, MemoryError))
+
+
+def _probe_writable(folder: Path) -> str | None:
+    """None if a file can be created and removed in `folder`, else why not (a real write:
+    access() says yes to root on a read-only mount)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".fieldlearn-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+        return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
 class Watcher:
     """One daemon: `run()` calls `step()` whenever something may be ready; a step first
     finishes or redoes an increment that a stopped run left in the journal.
@@ -177,12 +272,13 @@ class Watcher:
 
     def __init__(self, inbox: Path, state_dir: Path, *, quiet_seconds: float = 0, keep_images: Path | None = None,
                  status_path: Path | None = None, val_fraction: float = 0.1, eval_data: str | None = None,
-                 cfg_args: Any = None, log: Callable[[str], None] = print):
+                 cfg_args: Any = None, log: Callable[[str], None] = print, settle_seconds: float = SETTLE_SECONDS):
         self.inbox = Path(inbox).expanduser().resolve()
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.keep = Path(keep_images).expanduser().resolve() if keep_images is not None else None
         self.status_path = Path(status_path).expanduser() if status_path else self.state_dir / STATUS
         self.quiet_seconds = float(quiet_seconds)
+        self.settle_seconds = float(settle_seconds)
         self.val_fraction = val_fraction
         self.eval_data = eval_data
         self.cfg_args = cfg_args
@@ -190,15 +286,20 @@ class Watcher:
         self._lock_fd: int | None = None
         self._written: dict[str, Any] | None = None
         self._busy: str | None = None
+        self._said: dict[str, str] = {}          # waiting/skipped notes already logged (once each)
+        self._error: str | None = None           # the error being retried (logged once)
+        self.failed = False                      # a try failed in this step (--once exits 1)
         self.status: dict[str, Any] = {"state": "starting", "pid": os.getpid(), "inbox": str(self.inbox),
                                        "state_dir": str(self.state_dir), "last_event": None,
-                                       "last_event_time": None, "last_increment": None, "increments": 0}
+                                       "last_event_time": None, "last_increment": None, "increments": 0,
+                                       "error": None}
         self._check_paths()
 
     # ------------------------------------------------------------------ set-up
 
     def _check_paths(self) -> None:
         if not (self.state_dir / "current").is_file():
+            current_version_name(self.state_dir)     # its message says what to do (rollback --to N, or init)
             raise UserError(f"--state {self.state_dir}: holds no model yet (run fieldlearn init first)")
         if _inside(self.state_dir, self.inbox) or _inside(self.inbox, self.state_dir):
             raise UserError(f"INBOX {self.inbox} and --state {self.state_dir} must not contain each other")
@@ -210,17 +311,46 @@ class Watcher:
                 raise UserError(f"--keep-images {self.keep}: must be outside INBOX {self.inbox}")
         if self.inbox.exists() and not self.inbox.is_dir():
             raise UserError(f"INBOX {self.inbox}: not a directory")
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        try:
+            self.inbox.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"INBOX {self.inbox}: cannot create it ({e.strerror})") from None
+
+    def check_writable(self) -> None:
+        """At start: the inbox (learned images are deleted or moved, bad folders set aside),
+        the state dir (versions, journal, lock) and --keep-images must be writable; one line
+        otherwise, before anything is claimed."""
+        places = [("INBOX", self.inbox, "learned images are deleted or moved from it"),
+                  ("--state", self.state_dir, "each increment writes a version and a journal there")]
+        if self.keep is not None:
+            try:
+                self.keep.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"--keep-images {self.keep}: cannot create it ({e.strerror})") from None
+            places.append(("--keep-images", self.keep, "learned images are moved there"))
+        for what, folder, why in places:
+            problem = _probe_writable(folder)
+            if problem:
+                raise UserError(f"{what} {folder}: not writable ({problem}); fieldlearn watch needs write access: {why}")
 
     def lock(self) -> None:
         """One watcher per state dir; the lock dies with the process (SIGKILL included)."""
         path = self.state_dir / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        except OSError as e:
+            raise UserError(f"{path}: cannot open the daemon lock ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{path}: not a regular file; remove it (it is the daemon's lock)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            other = path.read_text().strip() or "?"
+            try:
+                other = read_text(path).strip() or "?"
+            except OSError:
+                other = "?"
             raise UserError(f"--state {self.state_dir}: another fieldlearn watch is running on it (pid {other})") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -235,13 +365,19 @@ class Watcher:
 
     def event(self, what: str, text: str, **status: Any) -> None:
         """One log line per event, and the status file updated to match."""
-        self._log(f"{utc_now()} watch {what}: {text}")
+        self._log(f"{utc_now()} watch {what}: {' '.join(text.split())}")
         self.status.update(status)
         self.status["last_event"] = f"{what}: {text}"
         self.status["last_event_time"] = utc_now()
         self.write_status()
 
-    def write_status(self) -> None:
+    def note(self, key: str, what: str, text: str) -> None:
+        """An event logged once for as long as it stays true (waiting folders, skipped entries)."""
+        if self._said.get(key) != text:
+            self._said[key] = text
+            self.event(what, text)
+
+    def write_status(self, scan_result: Scan | None = None) -> None:
         """Rewrite the status file when something in it changed (not on every idle poll:
         a Jetson's eMMC should not be written every few seconds for nothing)."""
         try:
@@ -249,14 +385,15 @@ class Watcher:
             from fieldlearn.device.state import read_meta  # noqa: PLC0415
 
             classes = list(read_meta(self.state_dir / "versions" / name).get("classes", []))
-        except UserError:
+        except (UserError, OSError):
             name, classes = None, []
-        try:
-            ready, waiting = scan(self.inbox, self.quiet_seconds)
-        except OSError:
-            ready, waiting = [], []
-        self.status.update(current_version=name, classes=classes, num_classes=len(classes), ready=ready,
-                           waiting=waiting, pid=os.getpid())
+        if scan_result is None:
+            try:
+                scan_result = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds)
+            except OSError:
+                scan_result = Scan()
+        self.status.update(current_version=name, classes=classes, num_classes=len(classes), ready=scan_result.ready,
+                           waiting=scan_result.waiting, waiting_why=scan_result.why, pid=os.getpid())
         if self.status == self._written:
             return
         self._written = dict(self.status)
@@ -297,17 +434,31 @@ class Watcher:
     def _state_lock(self):
         """STATE/lock (fieldlearn.device.store) for one increment, so that learn, export,
         rollback and prune never interleave with it; not held while idle."""
-        try:
-            from fieldlearn.device.store import state_lock  # noqa: PLC0415
-        except ImportError:                                # a store without the lock
-            return contextlib.nullcontext()
+        from fieldlearn.device.store import state_lock  # noqa: PLC0415
+
         return state_lock(self.state_dir, "fieldlearn watch")
+
+    def _look(self) -> Scan:
+        """Scan the inbox and say (once each) what waits and why, and what is not a class folder."""
+        s = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds)
+        for name, why in s.why.items():
+            if not why.startswith("settling"):
+                self.note(f"wait:{name}", "waiting", f"{self.inbox / name}: {why}")
+        if s.skipped:
+            names = sorted(s.skipped)
+            self.note("skipped", "skipped", f"INBOX {self.inbox}: {len(names)} entr{'ies' if len(names) != 1 else 'y'} "
+                                            f"not taken as class folders ("
+                      + ", ".join(f"{repr(n)[1:-1]}: {s.skipped[n]}" for n in names[:SHOWN])
+                      + (", ..." if len(names) > SHOWN else "") + ")")
+        return s
 
     def step(self) -> bool:
         """Learn what is ready as one increment. True if an increment was published."""
-        if read_journal(self.state_dir) is None and not scan(self.inbox, self.quiet_seconds)[0]:
+        self.failed = False
+        s = self._look()
+        if read_journal(self.state_dir) is None and not s.ready:
             self.status["state"] = "idle"
-            self.write_status()
+            self.write_status(s)
             return False
         try:
             with self._state_lock():
@@ -332,53 +483,96 @@ class Watcher:
         else:
             if self._finish_published(claim):
                 return True
-            self.event("recovered", f"the increment with {', '.join(claim.names)} (try {claim.attempts}) "
-                                    "was stopped before it was published; redoing it", state="learning")
-            claim.attempts += 1
-            claim.files = {n: [f for f in fs if (self.inbox / n / f).is_file()] for n, fs in claim.files.items()}
+            self.event("recovered", f"the increment with {', '.join(claim.names)} was not published "
+                                    f"({claim.failures} failed tr{'ies' if claim.failures != 1 else 'y'} so far); "
+                                    "redoing it", state="learning")
+            claim.files = {n: [f for f in fs if os.path.lexists(self.inbox / n / f)] for n, fs in claim.files.items()}
             for n in [n for n, fs in claim.files.items() if not fs]:
-                self.event("dropped", f"{n}: its claimed images are gone from the inbox")
+                self.event("dropped", f"{n}: its claimed files are gone from the inbox")
                 del claim.files[n]
             if not claim.files:
                 clear_journal(self.state_dir)
                 return False
-            if claim.attempts > MAX_ATTEMPTS:
-                self._reject_all(claim, f"{MAX_ATTEMPTS} tries failed; last: {self.status.get('last_error')}")
-                return False
             write_journal(self.state_dir, claim)
         try:
             return self._learn(claim)
-        except Stopped:
-            claim.attempts -= 1                      # a stop is not the data's fault
-            write_journal(self.state_dir, claim)
+        except (Stopped, KeyboardInterrupt):
             self.event("stopped", f"increment with {', '.join(claim.names)} interrupted; it is redone on the "
-                                  "next start", state="stopped")
+                                  "next start (not counted as a failed try)", state="stopped")
             raise
-        except KeyboardInterrupt:
-            claim.attempts -= 1
+        except Exception as e:   # noqa: BLE001 - classified below; the daemon carries on
+            if is_environment(e) or claim.phase == "cleanup":
+                raise                                  # run(): error event, back-off, no try counted
+            self._failed_try(claim, e)
+            return False
+
+    def _failed_try(self, claim: Claim, e: Exception) -> None:
+        """A failure of the increment itself (its data): count it against the claim; a claim
+        of several classes is narrowed to its first class (the others stay in the inbox and are
+        claimed after it), so a class is set aside only for failing on its own."""
+        self.failed = True
+        msg = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if not isinstance(e, UserError):
+            traceback.print_exception(e, file=sys.stderr)   # a bug, not bad input: keep the evidence
+        self.status["last_error"] = msg
+        if len(claim.files) > 1:
+            first = claim.names[0]
+            self.event("error", f"increment with {', '.join(claim.names)} failed: {msg}; trying {first} on its own "
+                                "first, the others after it (not counted against any class)", state="error",
+                       error=msg)
+            claim.files = {first: claim.files[first]}
+            claim.skipped = {k: v for k, v in claim.skipped.items() if k == first}
+            claim.failures = 0
             write_journal(self.state_dir, claim)
-            self.event("stopped", "interrupted; the increment is redone on the next start", state="stopped")
-            raise
-        except Exception as e:
-            msg = f"{type(e).__name__}: {e}"
-            self.status["last_error"] = msg
-            if claim.attempts >= MAX_ATTEMPTS:
-                self._reject_all(claim, f"{MAX_ATTEMPTS} tries failed; last: {msg}")
-            self.event("error", f"increment with {', '.join(claim.names)} failed (try {claim.attempts} of "
-                                f"{MAX_ATTEMPTS}): {msg}", state="error")
-            raise IncrementFailed(msg) from e
+            return
+        claim.failures += 1
+        self.event("error", f"increment with {claim.names[0]} failed (try {claim.failures} of {MAX_ATTEMPTS}): {msg}",
+                   state="error", error=msg)
+        if claim.failures >= MAX_ATTEMPTS:
+            self._reject_all(claim, f"{MAX_ATTEMPTS} tries failed; last: {msg}")
+        else:
+            write_journal(self.state_dir, claim)
+
+    def _trouble(self, e: BaseException) -> None:
+        """An error that is not the data's: one `error` event per distinct message, status `error`."""
+        msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if isinstance(e, FileNotFoundError) and not self.inbox.is_dir():
+            msg = f"INBOX {self.inbox}: gone (deleted or unmounted?); waiting for it to come back"
+        if msg != self._error:
+            self._error = msg
+            self.event("error", f"{msg} (not counted as a failed try; retrying)", state="error", error=msg)
 
     def run(self, once: bool = False, poll: float = 2.0) -> int:
+        """The loop: exit 0 when stopped (SIGTERM), 1 with --once after a failure. Errors that
+        are not the data's fault are retried with a back-off; the daemon does not exit on them."""
+        self.check_writable()
         self.lock()
+        failed, backoff = False, poll
         try:
             self.event("started", f"watching {self.inbox} for class folders (ready on {DONE}"
                                   + (f" or {self.quiet_seconds:g} s quiet" if self.quiet_seconds > 0 else "")
-                                  + f"); state {self.state_dir}", state="idle")
+                                  + f", settled {self.settle_seconds:g} s, at least {MIN_IMAGES} images); "
+                                    f"state {self.state_dir}", state="idle")
             self.check_journal()
             while True:
-                published = self.step()
+                try:
+                    published = self.step()
+                except (Stopped, KeyboardInterrupt):
+                    raise
+                except Exception as e:   # noqa: BLE001 - the daemon carries on; see _trouble
+                    self._trouble(e)
+                    if once:
+                        return 1
+                    time.sleep(backoff)
+                    backoff = min(MAX_BACKOFF, backoff * 2)
+                    continue
+                if self._error is not None:
+                    self._error = None
+                    self.event("resumed", "the error is gone", state="idle", error=None)
+                backoff = poll
+                failed = failed or self.failed
                 if once:
-                    return 0
+                    return 1 if failed else 0
                 if not published:
                     time.sleep(poll)
         except Stopped:
@@ -389,10 +583,10 @@ class Watcher:
             if self.status.get("state") != "stopped":
                 self.event("stopped", "interrupted", state="stopped")
             raise
-        except IncrementFailed as e:   # logged; exit non-zero so that systemd restarts a clean process
-            traceback.print_exception(e.__cause__ or e, file=sys.stderr)
-            return 1
         finally:
+            if self.status.get("state") != "stopped":
+                self.event("stopped", "exiting" + (f" after an error: {self._error}" if self._error else ""),
+                           state="stopped")
             self.unlock()
 
     # ------------------------------------------------------------------ parts of a step
@@ -401,7 +595,7 @@ class Watcher:
         from fieldlearn.device.commands.learn import check_class_names  # noqa: PLC0415
         from fieldlearn.device.state import read_meta  # noqa: PLC0415
 
-        ready, _ = scan(self.inbox, self.quiet_seconds)
+        ready = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds).ready
         if not ready:
             return None
         current = current_version_name(self.state_dir)
@@ -414,8 +608,7 @@ class Watcher:
                 self._reject(name, str(e))
                 continue
             names = image_files(self.inbox / name)
-            if not names:
-                self._reject(name, f"{self.inbox / name}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            if count_images(self.inbox / name, names) < MIN_IMAGES:   # changed since the scan
                 continue
             files[name] = names
         if not files:
@@ -423,32 +616,55 @@ class Watcher:
         claim = Claim(inbox=str(self.inbox), files=files, base_version=current)
         write_journal(self.state_dir, claim)
         n = sum(map(len, files.values()))
-        self.event("claimed", f"{', '.join(files)} ({n} images) on top of version {current}",
+        self.event("claimed", f"{', '.join(files)} ({n} files) on top of version {current}",
                    state="learning", claimed=list(files))
         return claim
 
     def _read(self, claim: Claim, size: int):
-        """The claimed images in memory (ImageSet, labels 0..n-1); classes with no readable
-        image are rejected and dropped from the claim."""
+        """The claimed images in memory (ImageSet, labels 0..n-1) and the paths of some read
+        ones (for the export check). What cannot be read is recorded in claim.skipped and
+        reported in one line; a class left with fewer than MIN_IMAGES readable images is set
+        aside on its own (its folder to .rejected/), the others go on."""
         import numpy as np  # noqa: PLC0415
         import torch  # noqa: PLC0415
 
-        from fieldlearn.device.data import ImageSet, read_image  # noqa: PLC0415
+        from fieldlearn.device.data import ImageSet, try_read  # noqa: PLC0415
 
-        images, labels, names = [], [], []
+        images, labels, names, good = [], [], [], []
+        skips = Skips(self.inbox)
+        claim.skipped = {}
         for name in list(claim.files):
-            got = [a for a in (read_image(self.inbox / name / f, size) for f in claim.files[name]) if a is not None]
-            if not got:
-                self._reject(name, f"{self.inbox / name}: none of its {len(claim.files[name])} files is a readable image")
+            got, first = [], None
+            for f in claim.files[name]:
+                a = try_read(self.inbox / name / f, size)
+                if isinstance(a, tuple):
+                    claim.skipped.setdefault(name, {})[f] = a[0] + (f" ({a[1]})" if a[1] else "")
+                    skips.add(a[0], self.inbox / name / f, a[1])
+                else:
+                    got.append(a)
+                    first = first or str(self.inbox / name / f)
+            if len(got) < MIN_IMAGES:
+                bad = claim.skipped.get(name, {})
+                self._reject(name, f"{self.inbox / name}: {len(got)} readable image{'s' if len(got) != 1 else ''} of "
+                                   f"{len(claim.files[name])} files; a new class needs at least {MIN_IMAGES}"
+                                   + (f" (not read: {_shorten([f'{k}: {v}' for k, v in bad.items()])})" if bad else ""))
                 del claim.files[name]
+                claim.skipped.pop(name, None)
                 continue
             names.append(name)
+            if len(good) < EXPORT_CHECK_IMAGES:
+                good.append(first)      # one image read here per class: the export's parity check uses real data
             images.extend(got)
             labels.extend([len(names) - 1] * len(got))
-        write_journal(self.state_dir, claim)
+        if claim.skipped:
+            total = sum(len(claim.files[n]) for n in claim.skipped)
+            self.event("skipped", skips.line(total) + "; they are moved to "
+                       f"{self.inbox / REJECTED}/<class>/ after the increment")
         if not names:
-            return None
-        return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), names)
+            clear_journal(self.state_dir)
+            return None, []
+        write_journal(self.state_dir, claim)
+        return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), names), good
 
     def _learn(self, claim: Claim) -> bool:
         from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
@@ -457,18 +673,19 @@ class Watcher:
         from fieldlearn.device.state import load_state  # noqa: PLC0415
 
         t0 = time.perf_counter()
-        state = load_state(self.state_dir)
-        cfg = config_from_args(self.cfg_args, base=state.config) if self.cfg_args is not None else state.config
+        try:
+            state = load_state(self.state_dir)
+            cfg = config_from_args(self.cfg_args, base=state.config) if self.cfg_args is not None else state.config
+            setup_torch(cfg)
+        except UserError as e:                       # a broken state is not the new classes' fault
+            raise NotTheData(str(e)) from None
         if not hasattr(self.cfg_args, "train.progress"):
             cfg.train.progress = False               # no progress bars in a daemon's log
-        setup_torch(cfg)
-        data = self._read(claim, cfg.model.input_size)
+        data, check = self._read(claim, cfg.model.input_size)
         if data is None:
-            clear_journal(self.state_dir)
             return False
         self.event("learning", f"{len(data.class_names)} classes, {len(data)} images, {cfg.method}",
                    state="learning", claimed=claim.names)
-        check = [str(self.inbox / n / fs[0]) for n, fs in claim.files.items()][:EXPORT_CHECK_IMAGES]
         inc = learn_new_classes(self.state_dir, state, data, cfg, val_fraction=self.val_fraction,
                                 eval_data=self.eval_data, where=self.inbox, export=True, export_images=check,
                                 extra_entry={"source": "watch"})
@@ -489,17 +706,25 @@ class Watcher:
         return True
 
     def _dispose(self, claim: Claim) -> None:
-        """Delete the learned images (or move them to KEEP/<version>/<class>/); idempotent."""
+        """Delete the learned images (or move them to KEEP/<version>/<class>/), move the files
+        that could not be read to .rejected/<class>/ with a .reason; idempotent."""
         for name, names in claim.files.items():
             src = self.inbox / name
+            bad = claim.skipped.get(name, {})
             for f in names:
                 p = src / f
-                if not p.exists():
+                if not os.path.lexists(p):
                     continue
-                if self.keep is not None:
+                if f in bad:
+                    move_file(p, self._rejected_dir(name, claim.version) / f)
+                elif self.keep is not None:
                     move_file(p, self.keep / str(claim.version) / name / f)
                 else:
                     p.unlink()
+            if bad:
+                dest = self._rejected_dir(name, claim.version)
+                write_text(dest / REASON, f"not learned into version {claim.version} (the other images of {name} "
+                                          "were):\n" + "".join(f"{k}: {v}\n" for k, v in bad.items()))
             (src / DONE).unlink(missing_ok=True)
             try:
                 src.rmdir()
@@ -508,26 +733,31 @@ class Watcher:
             except OSError:
                 left = sorted(os.listdir(src))
                 self.event("left", f"{src}: {len(left)} file(s) that were not part of the increment stay "
-                                   f"({', '.join(left[:3])}{'...' if len(left) > 3 else ''})")
+                                   f"({_shorten(left)})")
+
+    def _rejected_dir(self, name: str, version: str | None) -> Path:
+        return self.inbox / REJECTED / f"{name}.unread-{version}"
 
     def _disposed_text(self, claim: Claim) -> str:
-        n = sum(map(len, claim.files.values()))
+        n = sum(len(fs) - len(claim.skipped.get(k, {})) for k, fs in claim.files.items())
         where = f"moved to {self.keep / str(claim.version)}" if self.keep is not None else "deleted"
-        return f"{n} learned images of {', '.join(claim.names)} {where}"
+        unread = sum(map(len, claim.skipped.values()))
+        return (f"{n} learned images of {', '.join(claim.names)} {where}"
+                + (f"; {unread} unread file(s) moved to {self.inbox / REJECTED}" if unread else ""))
 
     def _reject(self, name: str, reason: str) -> None:
         src = self.inbox / name
         dest = self.inbox / REJECTED / name
         i = 1
-        while dest.exists():
+        while os.path.lexists(dest):
             i += 1
             dest = self.inbox / REJECTED / f"{name}.{i}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(src, dest)
-            (dest / REASON).write_text(reason + "\n")
         except FileNotFoundError:
             return
+        write_text(dest / REASON, reason + "\n")
         self.event("rejected", f"{name} -> {dest} ({reason})")
 
     def _reject_all(self, claim: Claim, reason: str) -> None:

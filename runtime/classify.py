@@ -22,6 +22,7 @@ import numpy as np
 
 from fieldlearn.runtime.engines import BACKENDS, best_engine
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.files import why_not_regular
 from fieldlearn.runtime.images import UnreadableImage, decode_rgb
 from fieldlearn.runtime.layout import current_version_dir
 from fieldlearn.runtime.metadata import ONNX_FILE, ModelInfo, model_info
@@ -34,22 +35,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--state", metavar="DIR", help="state dir: use the current version's model.onnx")
     src.add_argument("--model", metavar="FILE", help="an ONNX file written by fieldlearn export")
-    p.add_argument("--top-k", type=int, default=5, metavar="K", help="labels to print per image (default 5)")
+    p.add_argument("--top-k", type=_count(1, 100_000), default=5, metavar="K", help="labels to print per image (default 5)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference engine (default auto: TensorRT where present, else ONNX Runtime)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default 0: one per core)")
+    p.add_argument("--threads", type=_count(0, 1024), default=0,
+                   help="ONNX Runtime intra-op threads (default 0: one per core)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+
+
+def _count(lo: int, hi: int):
+    """argparse type: an integer in [lo, hi] (fieldlearn.device.validate's rule, without
+    importing the training side), one line naming the option otherwise."""
+    def convert(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {raw}")
+        return value
+    convert.__name__ = "int"
+    return convert
 
 
 def resolve_model(state: str | None, model: str | None) -> Path:
     if model is not None:
         path = Path(model)
-        if not path.is_file():
-            raise UserError(f"{path}: no such model file")
+        why = why_not_regular(path)
+        if why is not None:
+            raise UserError(f"{path}: no such model file" if why == "is missing" else f"{path}: {why}")
         return path
     path = current_version_dir(state) / ONNX_FILE
-    if not path.is_file():
+    why = why_not_regular(path)
+    if why == "is missing":
         raise UserError(f"{path}: not exported yet (run: fieldlearn export --state {state})")
+    if why is not None:
+        raise UserError(f"{path}: {why}")
     return path
 
 
@@ -62,7 +83,7 @@ def load_image(path: str | Path, info: ModelInfo) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"{path}: no such image file") from None
     except UnreadableImage as e:
-        raise UserError(f"{path}: not a readable image ({e.kind})") from None
+        raise UserError(f"{path}: not a readable image ({e.kind}: {e.reason})"[:400]) from None
     x = rgb.astype(np.float32) / 255.0                                              # [S, S, 3]
     x = (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))                              # [3, S, S]
@@ -92,8 +113,6 @@ def classify(paths: list[str], info: ModelInfo, engine, top_k: int) -> list[dict
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top_k < 1:
-        raise UserError(f"--top-k {args.top_k}: must be at least 1")
     path = resolve_model(args.state, args.model)
     info = model_info(path)
     engine = best_engine(path, prefer=args.backend, threads=args.threads, max_batch=BATCH)

@@ -5,10 +5,14 @@ the pixels it was trained on."""
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from fieldlearn.runtime.files import NotRegularFile, open_regular
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard for user-supplied images
 
@@ -24,22 +28,34 @@ class UnreadableImage(Exception):
 
 def decode_rgb(path: str | Path, size: int) -> np.ndarray:
     """Image file -> uint8 [size, size, 3]. FileNotFoundError if absent, UnreadableImage
-    if corrupt, truncated, not an image or larger than MAX_IMAGE_PIXELS."""
+    if corrupt, truncated, not an image, larger than MAX_IMAGE_PIXELS, or not a regular
+    file (a FIFO, a device, a directory, a symlink loop: refused before reading, never
+    waited on; fieldlearn.runtime.files)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with warnings.catch_warnings():
+        f = open_regular(path)
+    except NotRegularFile as e:
+        raise UnreadableImage("NotRegularFile", f"{e.strerror}") from None
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UnreadableImage("DanglingSymlink", "a symlink to a missing file") from None
+        raise
+    except OSError as e:
+        kind = "SymlinkLoop" if e.errno == errno.ELOOP else type(e).__name__
+        raise UnreadableImage(kind, e.strerror or str(e)) from None
+    try:
+        with f, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(f) as im:
                 im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     arr = np.asarray(im, dtype=np.float64)
                     im = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
                 return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError:
+        raise UnreadableImage("UnidentifiedImageError", "not an image format Pillow reads") from None
+    except Exception as e:   # noqa: BLE001 - whatever a decoder raises on a hostile file, the file is unreadable
         reason = " ".join(str(e).split())[:200]   # one line, whatever the decoder said
         raise UnreadableImage(type(e).__name__, reason) from None

@@ -20,12 +20,15 @@ Standard library + `onnx` only: the inference-only side reads this without torch
 
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.files import read_bytes, read_text, why_not_regular
 
 # Files `fieldlearn export` writes into a version dir (STATE/versions/<name>/, see
 # fieldlearn.runtime.layout) or any --out dir.
@@ -59,10 +62,15 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
     import onnx  # noqa: PLC0415 - only the commands that read a model need it
 
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise UserError(f"{onnx_path}: no such ONNX file")
+    why = why_not_regular(onnx_path)
+    if why is not None:
+        raise UserError(f"{onnx_path}: no such ONNX file" if why == "is missing" else f"{onnx_path}: {why}")
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        data = read_bytes(onnx_path)
+    except OSError as e:
+        raise UserError(f"{onnx_path}: unreadable ({e.strerror})") from None
+    try:
+        model = onnx.load_model_from_string(data)
     except Exception as e:  # noqa: BLE001 - protobuf raises several types for a bad file
         raise UserError(f"{onnx_path}: not a readable ONNX model ({type(e).__name__})") from None
     return decode({p.key: p.value for p in model.metadata_props})
@@ -70,7 +78,10 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
 
 def read_labels(path: str | Path) -> list[str]:
     """labels.txt: one class name per line, in logit order."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        lines = read_text(path).splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable labels file ({getattr(e, 'strerror', None) or type(e).__name__})") from None
     while lines and not lines[-1].strip():
         lines.pop()
     return lines
@@ -102,7 +113,7 @@ def model_info(onnx_path: str | Path) -> ModelInfo:
     classes = meta.get("classes")
     if classes is None:
         labels = onnx_path.with_name(LABELS_FILE)
-        if not labels.is_file():
+        if not os.path.lexists(labels):
             raise UserError(f"{onnx_path}: no class names in its metadata and no {labels}")
         classes = read_labels(labels)
     missing = [k for k in ("input_size", "mean", "std") if k not in meta]

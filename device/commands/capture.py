@@ -19,23 +19,25 @@ import time
 from pathlib import Path
 
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.device.config import Valid
+from fieldlearn.device.validate import option
 
 DONE = ".done"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", required=True, help="class name: the folder INBOX/LABEL/ gets the frames")
-    p.add_argument("--count", required=True, type=int, metavar="N", help="frames to save")
+    p.add_argument("--count", required=True, type=option(int, Valid(1, 1_000_000)), metavar="N", help="frames to save")
     p.add_argument("--camera", default="0",
                    help="camera index (0), 'csi' or 'csi:N' (Jetson CSI sensor N via nvarguscamerasrc), "
                         "a GStreamer pipeline ending in appsink, or a URI / video file (default 0)")
     p.add_argument("--inbox", type=Path, default=None,
                    help="inbox folder (default $FIELDLEARN_INBOX, else ~/.local/share/fieldlearn/inbox)")
-    p.add_argument("--interval", type=float, default=0.2, metavar="S",
+    p.add_argument("--interval", type=option(float, Valid(0.0, 3600.0)), default=0.2, metavar="S",
                    help="seconds between saved frames, for varied views (default 0.2; 0 = every frame)")
-    p.add_argument("--width", type=int, default=1280, help="CSI capture width (default 1280)")
-    p.add_argument("--height", type=int, default=720, help="CSI capture height (default 720)")
-    p.add_argument("--quality", type=int, default=92, help="JPEG quality (default 92)")
+    p.add_argument("--width", type=option(int, Valid(16, 8192)), default=1280, help="CSI capture width (default 1280)")
+    p.add_argument("--height", type=option(int, Valid(16, 8192)), default=720, help="CSI capture height (default 720)")
+    p.add_argument("--quality", type=option(int, Valid(1, 100)), default=92, help="JPEG quality (default 92)")
 
 
 def default_inbox() -> Path:
@@ -99,12 +101,6 @@ def check_label(label: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_label(args.label)
-    if args.count < 1:
-        raise UserError(f"--count {args.count}: must be at least 1")
-    if args.interval < 0:
-        raise UserError(f"--interval {args.interval}: must be >= 0")
-    if not 1 <= args.quality <= 100:
-        raise UserError(f"--quality {args.quality}: must be in 1..100")
     cv2 = import_cv2()
     inbox = (args.inbox or default_inbox()).expanduser()
     folder = inbox / args.label

@@ -17,6 +17,9 @@ def setup_torch(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.train.num_threads)
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.train.device}: CUDA is not available on this machine")
+    index = cfg.train.device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {cfg.train.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def log(msg: str) -> None:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
 from fieldlearn.device.commands.common import log, setup_torch, write_json
-from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig
-from fieldlearn.device.data import class_order, incremental_split, open_dataset
+from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig, Valid
+from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, class_order, incremental_split, open_dataset
 from fieldlearn.device.metrics import plot_accuracy
 from fieldlearn.device.protocol import Order, default_row, parse_row, row_settings
+from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
 
 DEMO_CONFIG = RunConfig(
@@ -32,11 +33,13 @@ DEMO_CONFIG = RunConfig(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="fashion-mnist (default where installed), cifar100, or an ImageFolder root with train/ and test/")
-    p.add_argument("--base", type=int, default=4, help="base classes (default 4)")
-    p.add_argument("--steps", type=int, default=3, help="increments (default 3)")
-    p.add_argument("--per-class", type=int, default=200, help="training images per class (default 200)")
-    p.add_argument("--test-per-class", type=int, default=200, help="test images per class (default 200)")
-    p.add_argument("--order-seed", type=int, default=1993)
+    p.add_argument("--base", type=option(int, Valid(1, 10_000)), default=4, help="base classes (default 4)")
+    p.add_argument("--steps", type=option(int, Valid(0, 10_000)), default=3, help="increments (default 3)")
+    p.add_argument("--per-class", type=option(int, Valid(MIN_IMAGES, MAX_IMAGES)), default=200,
+                   help="training images per class (default 200)")
+    p.add_argument("--test-per-class", type=option(int, Valid(1, MAX_IMAGES)), default=200,
+                   help="test images per class (default 200)")
+    p.add_argument("--order-seed", type=option(int, Valid(0, 2**32 - 1)), default=1993)
     p.add_argument("--methods", default=None,
                    help="comma-separated rows (fieldlearn bench accuracy --help); default: ncm, analytic (no "
                         "training), the default learner, lwm, lwf_mc, finetune (the paper's linear head)")
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     names = args.methods.split(",") if args.methods else ["ncm", "analytic", default_row(cfg), "lwm", "lwf_mc",
                                                           "finetune"]
     rows = [parse_row(n) for n in dict.fromkeys(n.strip() for n in names if n.strip())]
+    if not rows:
+        raise UserError(f"--methods {args.methods!r}: no rows given")
     train = open_dataset(spec, "train", cfg.model.input_size)
     test = open_dataset(spec, "test", cfg.model.input_size)
     order = class_order(len(train.class_names), args.order_seed)

@@ -287,12 +287,19 @@ def check_state(state_dir: Path) -> Check:
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
     from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
 
-    if not (state_dir / "current").is_file():
+    from fieldlearn.runtime.files import read_text  # noqa: PLC0415
+    from fieldlearn.runtime.layout import VERSION_RE, versions_dir  # noqa: PLC0415
+
+    try:
+        held = [p.name for p in versions_dir(state_dir).iterdir() if VERSION_RE.match(p.name)]
+    except OSError:
+        held = []
+    if not os.path.lexists(state_dir / "current") and not held:
         return Check("state", None, f"{state_dir}: no model yet",
                      f"fieldlearn init --data fashion-mnist --state {shlex.quote(str(state_dir))}")
     try:
-        vd = current_version_dir(state_dir)
-        meta = json.loads((vd / "meta.json").read_text())
+        vd = current_version_dir(state_dir)       # its message says which rollback --to N repairs it
+        meta = json.loads(read_text(vd / "meta.json"))
     except (UserError, OSError, ValueError) as e:
         return Check("state", False, f"{state_dir}: unreadable ({e})")
     classes = meta.get("classes", [])

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from fieldlearn.device.commands.common import log, setup_torch
-from fieldlearn.device.data import open_dataset
+from fieldlearn.device.data import open_dataset, report_unknown_classes
 from fieldlearn.device.learner import evaluate
 from fieldlearn.device.state import load_state
 from fieldlearn.runtime.errors import UserError
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     known = [c for c in st.classes if c in data.class_names]
     if not known:
         raise UserError(f"--data {args.data}: shares no class name with the model ({', '.join(st.classes[:5])}...)")
+    report_unknown_classes(data.class_names, st.classes, f"--data {args.data}")
     data = data.reorder([data.class_names.index(c) for c in known]).relabel(st.classes)
     groups, start = [], 0
     for h in st.history:

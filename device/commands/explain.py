@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fieldlearn.device.attention import gradcam
-from fieldlearn.device.data import read_image, to_input
+from fieldlearn.device.data import to_input, try_read
 from fieldlearn.device.state import load_state, load_version
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import versions_dir
@@ -44,16 +44,21 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--state {args.state}: no earlier version to compare with")
         teacher_dir = versions_dir(args.state) / prev[-1]
     else:
-        teacher_dir = versions_dir(args.state) / args.teacher_version
-        if not teacher_dir.is_dir():
-            raise UserError(f"--teacher-version {args.teacher_version}: no such version in {args.state}")
+        from fieldlearn.device.store import version_names  # noqa: PLC0415
+
+        names = {int(n): n for n in version_names(args.state)}
+        try:
+            teacher_dir = versions_dir(args.state) / names[int(args.teacher_version)]
+        except (ValueError, KeyError):
+            raise UserError(f"--teacher-version {args.teacher_version}: no such version in {args.state} "
+                            f"(have {', '.join(names.values()) or 'none'})") from None
     teacher = load_version(teacher_dir)
     size = cur.config.model.input_size
     imgs = []
     for p in args.images:
-        a = read_image(p, size)
-        if a is None:
-            raise UserError(f"{p}: not a readable image")
+        a = try_read(p, size)
+        if isinstance(a, tuple):
+            raise UserError(f"{p}: {a[0]}" + (f" ({a[1]})" if a[1] else ""))
         imgs.append(a)
     u8 = torch.from_numpy(np.stack(imgs))
     x = to_input(u8, size, cur.config.model.mean, cur.config.model.std)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.device.config import Valid
+from fieldlearn.device.validate import option
 from fieldlearn.runtime.metadata import ENGINE_FILE, LABELS_FILE, ONNX_FILE
 
 ENGINE_MAX_BATCH = 32   # classify's batch; a camera classifies one frame at a time (opt 1)
@@ -35,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                    help="build a TensorRT engine too (default: where TensorRT and a GPU are present)")
     p.add_argument("--images", nargs="+", metavar="IMAGE", help="real images for the parity check")
-    p.add_argument("--rtol", type=float, default=1e-3,
+    p.add_argument("--rtol", type=option(float, Valid(0.0, 1.0, lo_open=True)), default=1e-3,
                    help="relative tolerance of the parity check, max|onnx - torch| / max|torch| (default 1e-3)")
 
 

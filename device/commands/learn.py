@@ -8,6 +8,7 @@ model is untouched.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,23 +18,24 @@ import torch
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
 from fieldlearn.device.commands.common import log, setup_torch
-from fieldlearn.device.config import RunConfig
-from fieldlearn.device.data import ImageSet, load_image_folder, open_dataset
-from fieldlearn.device.classifier import MIN_IMAGES
+from fieldlearn.device.config import RunConfig, Valid
+from fieldlearn.device.data import MIN_IMAGES, ImageSet, load_image_folder, open_dataset, report_unknown_classes
 from fieldlearn.device.learner import evaluate, fold_in, learn_increment, predict_logits
 from fieldlearn.device.commands.export import export_writer
-from fieldlearn.device.state import LoadedState, load_state, save_version
+from fieldlearn.device.publish import publish
+from fieldlearn.device.state import LoadedState, load_state
+from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, help="ImageFolder root: one sub-folder of images per new class")
     p.add_argument("--state", required=True, type=Path, help="state directory (from fieldlearn init)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the new images held out to measure new-class accuracy (default 0.1; each "
-                        f"class keeps at least {MIN_IMAGES} to learn from; held-out images join the class "
-                        "statistics after they are scored)")
-    p.add_argument("--min-new-accuracy", type=float, default=None, metavar="PCT",
+    p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, hi_open=True)), default=0.1,
+                   help="share of the new images held out to measure new-class accuracy (default 0.1; rounded "
+                        f"per class, each class keeps at least {MIN_IMAGES} to learn from; held-out images join "
+                        "the class statistics after they are scored)")
+    p.add_argument("--min-new-accuracy", type=option(float, Valid(0.0, 100.0)), default=None, metavar="PCT",
                    help="refuse to publish the version when the held-out accuracy on the new classes is below "
                         "PCT percent (default: publish, with a warning under twice chance)")
     p.add_argument("--export", action=argparse.BooleanOptionalAction, default=True,
@@ -87,8 +89,8 @@ def check_new_classes(student, val: ImageSet, n_old: int, cfg: RunConfig) -> New
 
 
 def hold_out(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
-    """(learn, held out): about `fraction` of each class held out, never leaving a class
-    fewer than MIN_IMAGES to learn from (a class of MIN_IMAGES holds none out)."""
+    """(learn, held out): `fraction` of each class held out (rounded to the nearest whole
+    number of images), never leaving a class fewer than MIN_IMAGES to learn from."""
     if fraction <= 0:
         return data, None
     counts = torch.bincount(data.labels, minlength=len(data.class_names))
@@ -97,8 +99,7 @@ def hold_out(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, Imag
     g = torch.Generator().manual_seed(seed)
     for c in range(len(data.class_names)):
         rows = idx[data.labels == c][torch.randperm(int(counts[c]), generator=g)]
-        n_out = min(int(round(fraction * len(rows))) or 1, len(rows) - MIN_IMAGES)
-        n_out = max(n_out, 0)
+        n_out = max(0, min(math.floor(fraction * len(rows) + 0.5), len(rows) - MIN_IMAGES))   # halves up
         out.append(rows[:n_out])
         keep.append(rows[n_out:])
     k, o = torch.cat(keep).sort().values, torch.cat(out).sort().values
@@ -132,15 +133,19 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     classes = state.classes + new.class_names
     data = ImageSet(new.images, new.labels + n_old, classes)
     train, val = hold_out(data, val_fraction, cfg.train.seed)
+    if val_fraction > 0:
+        log(f"held out {len(val) if val else 0} of {len(data)} images (--val-fraction {val_fraction:g}, rounded per "
+            f"class, at least {MIN_IMAGES} per class kept to learn from)"
+            + ("; too few images to hold any out: new-class accuracy is not measured" if val is None else ""))
     log(f"learning {n_new} new classes ({len(train)} images) on top of {n_old} with {cfg.method}")
     student = state.student.to(cfg.train.device)   # load_state reads onto the CPU
     t0 = time.perf_counter()
     report = learn_increment(student, train, n_new, cfg, step=state.step + 1)
     seconds = time.perf_counter() - t0
     entry = {"step": state.step + 1, "method": cfg.method, "classifier": cfg.model.classifier,
-             "new_classes": new.class_names, "n_images": len(data), "seconds": round(seconds, 2),
+             "new_classes": new.class_names, "n_images": len(train), "seconds": round(seconds, 2),
              "phases": report.seconds, "loss_terms": report.loss_terms, "teacher_backend": report.teacher_backend,
-             **report.classifier, **(extra_entry or {})}
+             "n_val_images": 0, **report.classifier, **(extra_entry or {})}
     groups = [list(range(n_old)), list(range(n_old, n_old + n_new))]
     if val is not None:
         check = check_new_classes(student, val, n_old, cfg)
@@ -165,13 +170,14 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
         known = [c for c in classes if c in test.class_names]
         if not known:
             raise UserError(f"--eval {eval_data}: shares no class name with the model")
+        report_unknown_classes(test.class_names, classes, f"--eval {eval_data}")
         test = test.reorder([test.class_names.index(c) for c in known]).relabel(classes)
         acc, _ = evaluate(student, test, groups, cfg)
         entry["eval_accuracy"] = acc
         log(f"accuracy on {eval_data} ({len(known)} known classes): {100 * acc:.1f}%")
     writers = [export_writer(student, classes, state.step + 1, images=export_images)] if export else []
-    vd = save_version(state_dir, student, classes, cfg, step=state.step + 1, history=state.history + [entry],
-                      writers=writers)
+    vd = publish(state_dir, student, classes, cfg, step=state.step + 1, history=state.history + [entry],
+                 report=report, epochs=cfg.train.epochs, writers=writers)
     log(f"saved {vd} ({seconds:.1f} s; phases: " +
         ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items()) + ")")
     return Increment(version_dir=vd, entry=entry, classes=classes)
@@ -179,13 +185,9 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
 
 def run(args: argparse.Namespace) -> int:
     state = load_state(args.state)
-    cfg = config_from_args(args, base=state.config)
+    cfg = config_from_args(args, base=state.config, source=str(state.version_dir / "meta.json"))
     setup_torch(cfg)
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
-    new = load_image_folder(args.images, cfg.model.input_size)
-    if args.min_new_accuracy is not None and not 0 <= args.min_new_accuracy <= 100:
-        raise UserError(f"--min-new-accuracy {args.min_new_accuracy}: a percentage in [0, 100]")
+    new = load_image_folder(args.images, cfg.model.input_size, min_images=MIN_IMAGES)
     learn_new_classes(args.state, state, new, cfg, val_fraction=args.val_fraction, eval_data=args.eval_data,
                       where=args.images, export=args.export,
                       min_new_accuracy=None if args.min_new_accuracy is None else args.min_new_accuracy / 100)

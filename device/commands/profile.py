@@ -18,6 +18,9 @@ from pathlib import Path
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
 from fieldlearn.device.commands.common import log, setup_torch, write_json
+from fieldlearn.device.config import Valid
+from fieldlearn.device.data import MAX_IMAGES
+from fieldlearn.device.validate import option
 from fieldlearn.device.profile.budget import PRESETS, fmt_bytes, parse_budget
 
 
@@ -28,11 +31,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="profile this state's config and class count; its model stays as it is, only the "
                         "training options that `fieldlearn learn` takes are planned")
     p.add_argument("--out", type=Path, default=Path("fieldlearn-profile"), help="where profile.json/.png go")
-    p.add_argument("--images", type=int, default=1000,
+    p.add_argument("--images", type=option(int, Valid(2, MAX_IMAGES)), default=1000,
                    help="images of one increment held in memory (default 1000: 10 classes x 100)")
-    p.add_argument("--new-classes", type=int, default=10, help="classes per increment (default 10)")
-    p.add_argument("--old-classes", type=int, default=50, help="classes already known, without --state (default 50)")
-    p.add_argument("--max-measured", type=int, default=3,
+    p.add_argument("--new-classes", type=option(int, Valid(1, 10_000)), default=10, help="classes per increment (default 10)")
+    p.add_argument("--old-classes", type=option(int, Valid(1, 100_000)), default=50, help="classes already known, without --state (default 50)")
+    p.add_argument("--max-measured", type=option(int, Valid(1, 100)), default=3,
                    help="candidates measured in a fresh process at most, the configured one included (default 3)")
     add_config_arguments(p, sections=("model", "loss", "train"))
 
@@ -43,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
 
     budget = parse_budget(args.budget)
-    if args.images < 2:
-        raise UserError(f"--images {args.images}: need at least 2")
     n_old, fixed_arch = args.old_classes, args.state is not None
     if args.state is not None:
         from fieldlearn.device.state import load_state  # noqa: PLC0415

@@ -11,11 +11,13 @@ import argparse
 from pathlib import Path
 
 from fieldlearn.device.store import prune
+from fieldlearn.device.validate import option
+from fieldlearn.device.config import Valid
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True, type=Path, help="state directory")
-    p.add_argument("--keep", required=True, type=int, metavar="K", help="how many of the newest versions to keep")
+    p.add_argument("--keep", required=True, type=option(int, Valid(1, None)), metavar="K", help="how many of the newest versions to keep")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Each sub-folder of INBOX is a new class (its name is the label). A folder is taken once it
 holds a `.done` file (fieldlearn capture writes one last) or, with --quiet-seconds N, once
-nothing in it changed for N seconds. Everything ready is learned as one LwM increment,
+nothing in it changed for N seconds; and in both cases only once it has been quiet for
+--settle-seconds and holds at least 5 images. Everything ready is learned as one LwM increment,
 evaluated on held-out images of the new classes, exported to ONNX (checked against torch)
 and published as the state's new current version; then the learned images are deleted
 (or moved to --keep-images DIR/<version>/<class>/). See fieldlearn.device.watch for what
@@ -24,22 +25,30 @@ from pathlib import Path
 
 from fieldlearn.device.cli_config import add_config_arguments
 from fieldlearn.device.commands.common import log
-from fieldlearn.device.watch import STATUS, Stopped, Watcher, systemd_unit
+from fieldlearn.device.config import Valid
+from fieldlearn.device.validate import option
+from fieldlearn.device.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
 from fieldlearn.runtime.errors import UserError
+
+SECONDS = Valid(0.0, 7 * 86400.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inbox", type=Path, metavar="INBOX", help="folder whose sub-folders are new classes (created if missing)")
     p.add_argument("--state", required=True, type=Path, help="state directory (from fieldlearn init)")
-    p.add_argument("--quiet-seconds", type=float, default=0, metavar="N",
+    p.add_argument("--quiet-seconds", type=option(float, SECONDS), default=0, metavar="N",
                    help="also take a folder without .done once nothing in it changed for N seconds (default: off)")
+    p.add_argument("--settle-seconds", type=option(float, SECONDS), default=SETTLE_SECONDS, metavar="N",
+                   help=f"take a folder only once nothing in it changed for N seconds, .done or not "
+                        f"(default {SETTLE_SECONDS:g})")
     p.add_argument("--keep-images", type=Path, default=None, metavar="DIR",
                    help="move learned images to DIR/<version>/<class>/ instead of deleting them (outside the state)")
     p.add_argument("--once", action="store_true", help="learn what is ready now, then exit")
-    p.add_argument("--poll", type=float, default=2.0, metavar="S", help="seconds between inbox scans (default 2)")
+    p.add_argument("--poll", type=option(float, Valid(0.0, 3600.0, lo_open=True)), default=2.0, metavar="S",
+                   help="seconds between inbox scans (default 2)")
     p.add_argument("--status", type=Path, default=None, metavar="FILE",
                    help=f"status JSON file (default: STATE/{STATUS})")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, hi_open=True)), default=0.1,
                    help="share of the new images held out to measure new-class accuracy (default 0.1)")
     p.add_argument("--eval", dest="eval_data", default=None,
                    help="optional labelled dataset to evaluate all known classes on after each increment")
@@ -63,6 +72,8 @@ def _unit_args(args: argparse.Namespace) -> list[str]:
     out = []
     if args.quiet_seconds:
         out += ["--quiet-seconds", f"{args.quiet_seconds:g}"]
+    if args.settle_seconds != SETTLE_SECONDS:
+        out += ["--settle-seconds", f"{args.settle_seconds:g}"]
     if args.keep_images is not None:
         out += ["--keep-images", str(args.keep_images.expanduser().resolve())]
     if args.poll != 2.0:
@@ -94,24 +105,19 @@ def check_config(watcher: Watcher, args: argparse.Namespace) -> None:
     from fieldlearn.device.state import read_meta  # noqa: PLC0415
     from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
 
-    meta = read_meta(current_version_dir(watcher.state_dir))
+    vdir = current_version_dir(watcher.state_dir)
+    meta = read_meta(vdir)
     try:
         base = RunConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{watcher.state_dir}: the current version's config is unreadable ({e})") from None
-    setup_torch(config_from_args(args, base=base))
+    setup_torch(config_from_args(args, base=base, source=str(vdir / "meta.json")))
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.poll <= 0:
-        raise UserError(f"--poll {args.poll}: must be > 0")
-    if args.quiet_seconds < 0:
-        raise UserError(f"--quiet-seconds {args.quiet_seconds}: must be >= 0")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     watcher = Watcher(args.inbox, args.state, quiet_seconds=args.quiet_seconds, keep_images=args.keep_images,
                       status_path=args.status, val_fraction=args.val_fraction, eval_data=args.eval_data,
-                      cfg_args=args, log=log)
+                      cfg_args=args, log=log, settle_seconds=args.settle_seconds)
     if args.print_unit:
         # under sudo the service runs as the user who owns the venv and state, not as root
         user = os.environ.get("SUDO_USER") or None if os.geteuid() == 0 else getpass.getuser()

@@ -1,8 +1,8 @@
-"""Kill `fieldlearn learn` / `fieldlearn export` with SIGKILL at random points, check the state.
+"""Kill `fieldlearn learn` / `export` / `watch --once` with SIGKILL at random points, check the state.
 
-Used by tests/device/test_crash.py (5 kills) and benchmarks/crash.py (50 kills).
+Used by tests/device/test_crash.py (6 kills) and benchmarks/crash.py (50 kills).
 
-Two kinds of kill point, both a real SIGKILL of a real child process:
+Three kinds of kill point, all a real SIGKILL of a real child process:
   - "event": the child runs the ordinary CLI with file-system hooks installed (os.open,
     open, rename, replace, fsync, unlink, mkdir, rmdir, safetensors' save_file); once the
     command touches the state dir, every such call on it is an event, and the child SIGKILLs
@@ -10,8 +10,16 @@ Two kinds of kill point, both a real SIGKILL of a real child process:
     kills inside the few milliseconds in which files are written and renamed. Some learn
     kills ("torn") land half-way through writing the weights: the file is truncated to half
     its length before the kill, as a kill in the middle of that write would leave it.
+  - "switch": an event between the new version's rename into versions/ and the replace of
+    `current` (inclusive): the version is complete but never made current. None of the 32
+    kills of the first field trial landed there; this kind always does.
   - "timed": the parent SIGKILLs the child after a random delay in (0, duration of the last
     complete run): anywhere, import and training included.
+
+The daemon (`fieldlearn watch INBOX --once`) runs under the same kills. After each, the next
+start (a complete `watch --once`) must finish the increment: the class learned exactly once
+(no second history entry), its images gone from the inbox, nothing set aside as rejected
+(an interruption is never a failed try), no journal left.
 
 After each kill (checks in `check_state`): the state loads; `current` names a complete
 version (weights and meta readable, classes consistent) that is either the one current
@@ -46,6 +54,8 @@ INIT_ARGS = ["--width", "0.35", "--variant", "cifar", "--input-size", "32", "--n
              "--no-progress", "--num-threads", "1"]
 LEARN_ARGS = ["--no-progress", "--num-threads", "1", "--epochs", "1", "--batch-size", "8"]
 EXPORT_ARGS = ["--no-engine"]
+WATCH_ARGS = ["--once", "--settle-seconds", "0", *LEARN_ARGS]
+COMMANDS = ("learn", "export", "watch")
 
 
 # ---------------------------------------------------------------------------- child side
@@ -266,9 +276,11 @@ class Harness:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(self.work / "tmp")}
         self.state = self.work / "state"
         self.next_class = 0
-        self.n_events = {"learn": 0, "export": 0}
+        self.n_events = {c: 0 for c in COMMANDS}
         self.torn_at: dict[str, int] = {}          # event right after the weights are written
-        self.seconds = {"learn": 6.0, "export": 6.0}
+        self.switch_window: dict[str, tuple[int, int]] = {}   # events from the version's rename to current's replace
+        self.seconds = {c: 6.0 for c in COMMANDS}
+        self.inbox = self.work / "inbox"
         self.folder_i = 0
 
     def _classes(self, n: int) -> list[int]:
@@ -278,11 +290,20 @@ class Harness:
             raise RuntimeError("ran out of CIFAR-100 classes; re-init the state")
         return out
 
-    def new_folder(self) -> tuple[Path, list[str]]:
+    def new_folder(self, command: str = "learn") -> tuple[Path | None, list[str]]:
+        """The images of the next class(es): an ImageFolder for learn, a `.done` folder in the inbox for watch."""
+        if command == "export":
+            return None, []
         self.folder_i += 1
         ids = self._classes(FOLDER_CLASSES_PER_STEP)
+        names = [self.data.class_names[c] for c in ids]
+        if command == "watch":
+            self.write_image_folder(self.inbox, self.data, ids, IMAGES_PER_CLASS)
+            for n in names:
+                (self.inbox / n / ".done").touch()
+            return self.inbox, names
         root = self.write_image_folder(self.work / f"new{self.folder_i:03d}", self.data, ids, IMAGES_PER_CLASS)
-        return root, [self.data.class_names[c] for c in ids]
+        return root, names
 
     def init(self, n_base: int = 3) -> None:
         """`fieldlearn init --data <ImageFolder>` (in this process: the state is not what is tested)."""
@@ -297,6 +318,8 @@ class Harness:
     def argv(self, command: str, folder: Path | None) -> list[str]:
         if command == "learn":
             return ["learn", str(folder), "--state", str(self.state), *LEARN_ARGS]
+        if command == "watch":
+            return ["watch", str(self.inbox), "--state", str(self.state), *WATCH_ARGS]
         return ["export", "--state", str(self.state), *EXPORT_ARGS]
 
     def count_events(self, command: str) -> int:
@@ -304,7 +327,7 @@ class Harness:
         (Completed runs are increments like any other.)"""
         from fieldlearn.cli.main import main  # noqa: PLC0415
 
-        folder, new = self.new_folder() if command == "learn" else (None, [])
+        folder, new = self.new_folder(command)
         hooks = FsEvents(self.state).install()
         t0 = time.perf_counter()
         try:
@@ -316,16 +339,22 @@ class Harness:
         done = [i + 1 for i, t in enumerate(hooks.trace) if t.startswith("save_file done")]
         if done:
             self.torn_at[command] = done[0]
+        renamed = [i + 1 for i, t in enumerate(hooks.trace) if t.startswith("rename .tmp-")]
+        if renamed:
+            switched = [i + 1 for i, t in enumerate(hooks.trace) if i + 1 > renamed[0] and t.startswith("replace .current")]
+            self.switch_window[command] = (renamed[0] + 1, switched[0])
         self.log(f"  {command}: {hooks.n} file-system events in an uninterrupted run ({time.perf_counter() - t0:.1f} s)")
         return hooks.n
 
     def kill_once(self, command: str, kind: str, tally: Tally) -> None:
         """One child run of `command`, killed by `kind` ("event" or "timed"), then the checks,
         the next start and a re-run."""
-        folder, new = self.new_folder() if command == "learn" else (None, [])
+        folder, new = self.new_folder(command)
         before = Before.of(self.state)
         k, tear, delay = 0, False, None
-        if kind == "event":
+        if kind == "switch":
+            k = self.rng.randint(*self.switch_window[command])
+        elif kind == "event":
             k = self.rng.randint(1, max(1, self.n_events[command]))
             if command in self.torn_at and self.rng.random() < 0.2:
                 k, tear = self.torn_at[command], True   # killed half-way through writing the weights
@@ -342,7 +371,7 @@ class Harness:
                 child.send_signal(signal.SIGKILL)
         out, err = child.communicate(timeout=600)
         rc = child.returncode
-        where = f"{command} {kind} " + (f"event {k}/{self.n_events[command]}{' torn' if tear else ''}" if kind == "event"
+        where = f"{command} {kind} " + (f"event {k}/{self.n_events[command]}{' torn' if tear else ''}" if kind != "timed"
                                         else f"at {delay:.2f} s")
         if rc == -signal.SIGKILL:
             tally.kills += 1
@@ -369,10 +398,41 @@ class Harness:
         if still or (self.state / "lock").exists():
             tally.leftovers_kept += 1
             tally.problems.append(f"{where}: next start left {still}")
+        if kind == "switch" and rc == -signal.SIGKILL:
+            from fieldlearn.device.store import version_names  # noqa: PLC0415
+
+            if outcome != "old" or version_names(self.state) != sorted(before.versions, key=int):
+                tally.lost += 1
+                tally.problems.append(f"{where}: after the next start current is the {outcome} version and the "
+                                      f"versions are {version_names(self.state)} (expected {sorted(before.versions)})")
         self.log(f"  {where}: {'killed' if rc == -signal.SIGKILL else f'exit {rc}'}, current is the {outcome} "
                  f"version, {len(left)} leftover(s) removed" + (f"; PROBLEMS {corrupt + lost}" if corrupt or lost else ""))
-        if rc == -signal.SIGKILL and (command == "export" or outcome == "old"):
+        if command == "watch":
+            self.rerun(command, folder, tally)   # the daemon's next start finishes (or redoes) the increment
+            self.check_watch(before, new, where, tally)
+        elif rc == -signal.SIGKILL and (command == "export" or outcome == "old"):
             self.rerun(command, folder, tally)   # (a learn killed after publishing has nothing to redo)
+
+    def check_watch(self, before: "Before", new: list[str], where: str, tally: Tally) -> None:
+        """After a killed `watch --once` and its next start: the class learned exactly once,
+        its images gone from the inbox, nothing rejected, no journal."""
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+        from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
+
+        meta = read_meta(current_version_dir(self.state))
+        learned = [c for h in meta.get("history", []) for c in h.get("new_classes", [])]
+        problems = []
+        if meta["classes"] != before.classes + new or any(learned.count(c) != 1 for c in new):
+            problems.append(f"classes {meta['classes'][-3:]}, history {learned[-3:]}: not {new} exactly once")
+        left = [p.name for p in self.inbox.iterdir()] if self.inbox.is_dir() else []
+        if left:
+            problems.append(f"inbox still holds {left}" + (" (a class was rejected: an interruption counted as a try)"
+                                                           if ".rejected" in left else ""))
+        if (self.state / "watch-journal.json").exists():
+            problems.append("journal left after the next start")
+        if problems:
+            tally.lost += 1
+            tally.problems += [f"{where}: {p}" for p in problems]
 
     def rerun(self, command: str, folder: Path | None, tally: Tally) -> None:
         """The killed run again, in this process, to completion."""
@@ -383,25 +443,33 @@ class Harness:
             tally.problems.append(f"re-run of fieldlearn {command} failed")
 
 
-def run(work: Path, cifar_test, kills: int, seed: int = 0, timed_share: float = 0.3, log=print) -> Tally:
-    """At least `kills` SIGKILLs alternating learn/export; re-inits the state when the CIFAR
-    classes run out. Returns the tally."""
+def run(work: Path, cifar_test, kills: int, seed: int = 0, timed_share: float = 0.3, switch_share: float = 0.2,
+        log=print) -> Tally:
+    """At least `kills` SIGKILLs cycling learn, export, watch; the first learn and watch kills
+    land between rename and switch, later ones with probability `switch_share`. Re-inits the
+    state when the CIFAR classes run out. Returns the tally."""
     rng = random.Random(seed)
     tally = Tally()
     h = None
     attempts = 0
+    switched: set[str] = set()
     while tally.kills < kills and attempts < kills * 3:
-        if h is None or h.next_class + FOLDER_CLASSES_PER_STEP * 3 > len(cifar_test.class_names):
+        if h is None or h.next_class + FOLDER_CLASSES_PER_STEP * 4 > len(cifar_test.class_names):
             h = Harness(Path(work) / f"s{attempts:03d}", cifar_test, seed=rng.randrange(1 << 30), log=log)
             h.init()
-            h.count_events("learn")
-            h.count_events("export")
-        command = "learn" if attempts % 2 == 0 else "export"
-        kind = "timed" if rng.random() < timed_share else "event"
+            for command in COMMANDS:
+                h.count_events(command)
+        command = COMMANDS[attempts % len(COMMANDS)]
+        r = rng.random()
+        if command != "export" and (command not in switched or r < switch_share):
+            kind = "switch"
+            switched.add(command)
+        else:
+            kind = "timed" if r < timed_share else "event"
         h.kill_once(command, kind, tally)
         attempts += 1
     for command in ("learn", "export"):          # a final uninterrupted run of each
-        folder, _ = h.new_folder() if command == "learn" else (None, [])
+        folder, _ = h.new_folder(command)
         h.rerun(command, folder, tally)
     if leftovers(h.state):
         tally.leftovers_kept += 1

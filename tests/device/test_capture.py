@@ -65,7 +65,7 @@ def test_short_stream_leaves_no_done_marker(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--label", "../etc", "--count", "1"], "plain folder name"),
     (["--label", ".hidden", "--count", "1"], "plain folder name"),
-    (["--label", "ok", "--count", "0"], "at least 1"),
+    (["--label", "ok", "--count", "0"], "argument --count: must be an integer in [1, 1000000], got 0"),
     (["--label", "ok", "--count", "1", "--camera", "/no/such/video.avi"], "cannot open"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):

@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL `fieldlearn learn` and `fieldlearn export` at random points.
+"""Crash safety: SIGKILL `fieldlearn learn`, `export` and the `watch` daemon at random points.
 
 The harness (tests/device/crash_harness.py) kills real child processes, at random
 file-system events of the write path and at random times; benchmarks/crash.py runs the
@@ -33,12 +33,14 @@ def tree_hash(root: Path) -> str:
 
 
 def test_sigkill_at_random_points_never_corrupts_or_loses_the_model(tmp_path, cifar_test):
-    """If this fails, a power cut or OOM kill during an increment or an export can leave the
-    device without a loadable model, or a half-written version that later runs trip over."""
+    """If this fails, a power cut or OOM kill during an increment, an export or the daemon's
+    increment can leave the device without a loadable model, a half-written version that later
+    runs trip over, a version renamed but never switched to that shows up twice in history
+    (killed between rename and switch), or a daemon that loses, duplicates or rejects a class."""
     lines = []
-    t = run(tmp_path, cifar_test, kills=5, seed=1, timed_share=0.2, log=lines.append)
+    t = run(tmp_path, cifar_test, kills=6, seed=1, timed_share=0.2, log=lines.append)
     report = summary(t) + "\n" + "\n".join(lines) + "\n" + "\n".join(t.problems)
-    assert t.kills >= 5, report
+    assert t.kills >= 6 and t.kinds.get("learn switch") and t.kinds.get("watch switch"), report
     assert (t.corrupt, t.lost, t.leftovers_kept, t.reruns_failed) == (0, 0, 0, 0), report
 
 

@@ -121,3 +121,64 @@ def test_shared_data_location_is_used_by_default():
     if not (CIFAR_DIR / "test.bin").is_file():
         pytest.skip("no ../shared/data")
     assert len(open_dataset(f"cifar100:{CIFAR_DIR}", "test")) == 10000
+
+
+def test_nothing_in_an_image_folder_is_left_out_without_a_word(tmp_path, cifar_test, recwarn):
+    """If this fails, input is dropped silently (issue 14 item 4): a .gif or an extension-less
+    JPEG is ignored (8 files train on 1), a hidden class folder, a sub-folder, a FIFO or a
+    symlink loop vanishes. Decision: every non-hidden regular file is offered to the decoder;
+    what is left out is reported in ONE line with counts by reason and the first names."""
+    import os
+
+    from PIL import Image
+
+    from fieldlearn.device.data import SkippedInput
+
+    root = write_image_folder(tmp_path / "new", cifar_test, [3], 5)
+    folder = root / cifar_test.class_names[3]
+    img = Image.fromarray(cifar_test.images[0].permute(1, 2, 0).numpy())
+    img.save(folder / "anim.gif")
+    img.save(folder / "no-extension", "JPEG")
+    os.mkfifo(folder / "camera.jpg")
+    os.symlink("loop2.jpg", folder / "loop1.jpg")
+    os.symlink("loop1.jpg", folder / "loop2.jpg")
+    (folder / "sub").mkdir()
+    write_image_folder(root / ".hidden-class", cifar_test, [4], 2)
+    (root / "README.txt").write_text("what these are")
+    data = load_image_folder(root, 32)
+    assert data.class_names == [cifar_test.class_names[3]] and len(data) == 5 + 2   # the .gif and the JPEG too
+    lines = [str(w.message) for w in recwarn if issubclass(w.category, SkippedInput)]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith(f"{root}: skipped 6 of 13 entries: ") and "\n" not in line, line
+    for part in ("2 symlink loop", "1 not a regular file", "camera.jpg: a FIFO (named pipe)", "1 hidden (.hidden-class)",
+                 "1 sub-folder, not read", "1 not a class folder (README.txt: a regular file)"):
+        assert part in line, (part, line)
+
+
+def test_an_unlistable_class_folder_is_one_line(tmp_path, monkeypatch):
+    """If this fails, a class folder the user cannot read ends in a PermissionError traceback
+    (as root the permission bits do not stop us, so the listing is made to fail)."""
+    import os
+
+    (tmp_path / "root" / "tulip").mkdir(parents=True)
+    real = os.scandir
+
+    def denied(path="."):
+        if str(path).endswith("tulip"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(UserError, match="tulip: cannot list this class folder \\(Permission denied\\)"):
+        load_image_folder(tmp_path / "root", 32)
+
+
+def test_eval_data_with_classes_the_model_does_not_know_says_so(recwarn):
+    """If this fails, `fieldlearn eval --data` drops the images of classes the model does not
+    know without a word (the accuracy then covers less than the user thinks)."""
+    from fieldlearn.device.data import SkippedInput, report_unknown_classes
+
+    report_unknown_classes(["a", "b", "c", "d"], ["a", "x"], "--data D")
+    assert [str(w.message) for w in recwarn if issubclass(w.category, SkippedInput)] == [
+        "--data D: 3 of its 4 classes are not known to the model and were not evaluated (b, c, d)"]

@@ -86,3 +86,14 @@ def test_jetson_is_recognised_and_never_sent_to_pypi_torch(tmp_path):
     fix = doctor.torch_fix(info)
     assert "jetson-ai-lab" in fix and "jp6/cu126" in fix and "2.14.1" not in fix
     assert doctor.jetson_info(tmp_path / "not-a-jetson") is None
+
+
+def test_a_state_with_versions_but_no_current_is_sent_to_rollback_not_init(tmp_path):
+    """If this fails, doctor tells the owner of a state whose `current` went missing to run
+    `fieldlearn init`, which starts a new base model over the learned versions (issue 14)."""
+    state = tmp_path / "state"
+    (state / "versions" / "0003").mkdir(parents=True)
+    check = doctor.check_state(state)
+    assert check.ok is False and "fieldlearn rollback" in check.detail and "--to 3" in check.detail, check
+    assert "init" not in (check.fix or "")
+    assert doctor.check_state(tmp_path / "empty").fix.startswith("fieldlearn init")

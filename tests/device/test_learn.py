@@ -19,7 +19,7 @@ def test_hold_out_never_leaves_a_class_fewer_than_min_images_to_learn_from():
     data = ImageSet(torch.zeros(len(labels), 3, 4, 4, dtype=torch.uint8), labels, ["a", "b", "c"])
     learn, held = hold_out(data, 0.5, seed=0)
     counts = torch.bincount(learn.labels, minlength=3).tolist()
-    assert counts == [5, 5, 20], "a class keeps MIN_IMAGES; above that, the fraction is held out"
+    assert counts == [5, 5, 20], "a class keeps MIN_IMAGES; above that, the fraction is held out (halves up)"
     assert torch.bincount(held.labels, minlength=3).tolist() == [0, 1, 20]
     assert hold_out(data, 0.0, seed=0) == (data, None)
 

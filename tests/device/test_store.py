@@ -120,7 +120,7 @@ def test_prune_keeps_the_newest_and_always_the_current(state, capsys):
     assert store.version_names(state) == ["0001", "0003"] and current(state) == "0001"
     assert load_state(state).classes == ["apple", "pear"]
     rc, _, err = run(capsys, "prune", "--state", state, "--keep", "0")
-    assert rc == 2 and "--keep 0" in err and store.version_names(state) == ["0001", "0003"]
+    assert rc == 2 and "--keep: must be an integer >= 1, got 0" in err and store.version_names(state) == ["0001", "0003"]
 
 
 def test_new_versions_after_prune_and_rollback_get_fresh_numbers(state):

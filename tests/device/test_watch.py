@@ -34,7 +34,7 @@ from tests.conftest import ROOT, tiny_config, write_image_folder
 BASE = [0, 1, 2]        # CIFAR-100 classes of the base model
 NEW = [3, 4]            # the classes that arrive in the inbox (one PNG folder, one JPEG folder)
 PER_CLASS = 24
-FAST = ["--epochs", "1", "--num-threads", "1"]
+FAST = ["--epochs", "1", "--num-threads", "1", "--settle-seconds", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_watch_learns_arriving_classes_serves_them_and_keeps_no_image(base_state
     write_image_folder(inbox, cifar_train, [5], 3)        # still being copied: no .done, must stay
     waiting = cifar_train.class_names[5]
     clash = cifar_train.class_names[BASE[0]]              # a class the model knows: rejected, kept
-    write_image_folder(inbox, cifar_train, [BASE[0]], 2)
+    write_image_folder(inbox, cifar_train, [BASE[0]], W.MIN_IMAGES)
     (inbox / clash / W.DONE).touch()
 
     assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
@@ -157,7 +157,7 @@ def test_watch_learns_arriving_classes_serves_them_and_keeps_no_image(base_state
 
     assert not (state / W.JOURNAL).exists()
     status = json.loads((state / W.STATUS).read_text())
-    assert status["state"] == "idle" and status["current_version"] == "0002" and status["pid"] == os.getpid()
+    assert status["state"] == "stopped" and status["current_version"] == "0002" and status["pid"] == os.getpid()
     assert status["classes"] == base_classes + new and status["waiting"] == [waiting]
     assert status["last_increment"]["new_classes"] == new
     for event in ("claimed", "learning", "published", "cleaned", "rejected"):
@@ -192,7 +192,8 @@ def test_killed_mid_increment_then_restarted_loses_nothing(base_state, tmp_path,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "daemon.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "fieldlearn.cli.main", "watch", str(inbox), "--state",
-                               str(state), "--poll", "0.2", "--epochs", "200", "--num-threads", "1"],
+                               str(state), "--poll", "0.2", "--epochs", "200", "--num-threads", "1",
+                               "--settle-seconds", "0"],
                               stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 90
@@ -259,24 +260,238 @@ def test_stopped_after_publishing_only_finishes_the_cleanup(base_state, tmp_path
     assert list(inbox.iterdir()) == [] and not (state / W.JOURNAL).exists()
 
 
-def test_a_failing_increment_is_retried_then_set_aside(base_state, tmp_path, cifar_train, monkeypatch):
-    """If this fails, one bad folder can crash-loop the daemon forever (or get deleted)."""
+def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_state, tmp_path, cifar_train,
+                                                                           monkeypatch):
+    """If this fails, one bad folder crash-loops the daemon, gets deleted, or takes a good
+    class claimed in the same increment down with it. A failing increment of two classes is
+    narrowed to one class at a time; only the class that fails on its own is set aside, after
+    MAX_ATTEMPTS tries, and the good one is learned."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    bad, good = fill_inbox(inbox, cifar_train)
+    import fieldlearn.device.commands.learn as learn_mod
+
+    real = learn_mod.learn_new_classes
+
+    def fails_with_bad(state_dir, st, data, *a, **k):
+        if bad in data.class_names:
+            raise RuntimeError("simulated failure")
+        return real(state_dir, st, data, *a, **k)
+
+    monkeypatch.setattr(learn_mod, "learn_new_classes", fails_with_bad)
+    codes = [main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) for _ in range(W.MAX_ATTEMPTS + 2)]
+    # try 1: both together fail (narrowed, counted against neither); tries 2..4: the bad one alone,
+    # set aside at the 3rd; then the good one is learned
+    assert codes == [1] * (W.MAX_ATTEMPTS + 1) + [0], codes
+    assert current_version_name(state) == "0002" and not (state / W.JOURNAL).exists()
+    assert read_labels(current_version_dir(state) / "labels.txt")[-1] == good
+    assert "3 tries failed; last: RuntimeError: simulated failure" in (inbox / W.REJECTED / bad / W.REASON).read_text()
+    assert len(W.image_files(inbox / W.REJECTED / bad)) == PER_CLASS
+    assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
+
+
+@pytest.mark.parametrize("interruption", ["stop", "disk full", "state locked", "state unreadable"])
+def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, cifar_train, monkeypatch, interruption):
+    """If this fails, three power cuts, SIGTERMs or full disks during learning reject good
+    data (docs/FIELD.md: stopping is safe at any moment and the next start redoes the
+    increment). The journal's count of failed tries must stay 0, however many times."""
+    from fieldlearn.device.store import DiskFull, StateLocked
+
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     new = fill_inbox(inbox, cifar_train)
     import fieldlearn.device.commands.learn as learn_mod
 
-    def boom(*a, **k):
-        raise RuntimeError("simulated failure")
+    real = learn_mod.learn_new_classes
+    calls = []
 
-    monkeypatch.setattr(learn_mod, "learn_new_classes", boom)
-    for attempt in range(1, W.MAX_ATTEMPTS + 1):
-        assert main(["watch", str(inbox), "--state", str(state), "--once"]) == 1
-        assert (inbox / W.REJECTED).exists() == (attempt == W.MAX_ATTEMPTS)
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) <= W.MAX_ATTEMPTS + 1:
+            if interruption == "stop":
+                raise W.Stopped()
+            raise (DiskFull if interruption == "disk full" else StateLocked)(f"{state}: simulated {interruption}")
+        return real(*a, **k)
+
+    if interruption == "state unreadable":      # e.g. meta.json damaged while the daemon runs: not the data's fault
+        import fieldlearn.device.state as state_mod
+
+        real_load = state_mod.load_state
+
+        def interrupted(*a, **k):  # noqa: F811
+            calls.append(1)
+            if len(calls) <= W.MAX_ATTEMPTS + 1:
+                raise UserError(f"{state}/versions/0001/meta.json: simulated damage")
+            return real_load(*a, **k)
+        monkeypatch.setattr(state_mod, "load_state", interrupted)
+    else:
+        monkeypatch.setattr(learn_mod, "learn_new_classes", interrupted)
+    for _ in range(W.MAX_ATTEMPTS + 1):
+        rc = main(["watch", str(inbox), "--state", str(state), "--once", *FAST])
+        assert rc == (0 if interruption in ("stop", "state locked") else 1)   # (a busy lock is a wait, not an error)
+        journal = json.loads((state / W.JOURNAL).read_text())
+        assert journal["failures"] == 0 and sorted(journal["files"]) == sorted(new), journal
+        assert not (inbox / W.REJECTED).exists()
+    assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
+    assert read_labels(current_version_dir(state) / "labels.txt")[-2:] == new
+    assert list(inbox.iterdir()) == []
+
+
+def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_path, cifar_train, capsys):
+    """If this fails, one broken file (sorting first, so the export check used to pick it)
+    fails the increment, and after the retries rejects the good classes with it. It must be
+    learned around, reported in one line, and set aside (not deleted) with a reason."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    new = fill_inbox(inbox, cifar_train)
+    (inbox / new[0] / "0000-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (inbox / new[1] / "notes.txt").write_text("camera 3, afternoon")
+    assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert read_labels(current_version_dir(state) / "labels.txt")[-2:] == new
+    skipped = [line for line in out.splitlines() if " watch skipped:" in line]
+    assert len(skipped) == 1 and "skipped 2 of" in skipped[0] and "0000-broken.png" in skipped[0], out
+    kept = {p.name: p for p in (inbox / W.REJECTED).iterdir()}
+    assert sorted(kept) == [f"{new[0]}.unread-0002", f"{new[1]}.unread-0002"]
+    assert (kept[f"{new[0]}.unread-0002"] / "0000-broken.png").read_bytes().endswith(b"garbage")
+    assert "0000-broken.png: unreadable image" in (kept[f"{new[0]}.unread-0002"] / W.REASON).read_text()
+    assert (kept[f"{new[1]}.unread-0002"] / "notes.txt").read_text() == "camera 3, afternoon"
+    assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
+
+
+def test_a_class_with_too_few_readable_images_is_set_aside_alone(base_state, tmp_path, cifar_train):
+    """If this fails, a class of 3 good images and 3 junk files is learned from 3 images, or
+    rejects the other class of the increment with it."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    new = fill_inbox(inbox, cifar_train)
+    small = cifar_train.class_names[6]
+    write_image_folder(inbox, cifar_train, [6], 3)
+    for i in range(3):
+        (inbox / small / f"junk{i}.jpg").write_bytes(b"")
+    (inbox / small / W.DONE).touch()
+    assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
+    assert read_labels(current_version_dir(state) / "labels.txt")[-2:] == new
+    reason = (inbox / W.REJECTED / small / W.REASON).read_text()
+    assert "3 readable images of 6 files; a new class needs at least 5" in reason, reason
+    assert len(list((inbox / W.REJECTED / small).iterdir())) == 6 + 2      # nothing deleted (+ .done, .reason)
+
+
+def test_folders_are_taken_only_when_settled_and_big_enough(base_state, tmp_path, cifar_train, capsys):
+    """If this fails, a folder whose `.done` was touched while the copy was still running is
+    learned from its first image (and deleted under the copier), or a 2-image class is learned."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    new = fill_inbox(inbox, cifar_train)
+    shutil.rmtree(inbox / new[1])
+    for p in sorted((inbox / new[0]).glob("*.png"))[2:]:
+        p.unlink()                                              # 2 images and .done
+    argv = ["watch", str(inbox), "--state", str(state), "--once", "--epochs", "1", "--num-threads", "1"]
+    assert main([*argv, "--settle-seconds", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"watch waiting: {inbox / new[0]}: 2 image files; a class needs at least {W.MIN_IMAGES}" in out, out
+    assert current_version_name(state) == "0001" and not (inbox / W.REJECTED).exists()
+    write_image_folder(inbox, cifar_train, [NEW[0]], PER_CLASS)  # the copy goes on
+    assert main([*argv, "--settle-seconds", "60"]) == 0       # just changed: not taken yet
+    assert current_version_name(state) == "0001" and len(W.image_files(inbox / new[0])) == PER_CLASS
+    status = json.loads((state / W.STATUS).read_text())
+    assert status["waiting"] == [new[0]] and status["waiting_why"][new[0]].startswith("settling")
+    old = time.time() - 120
+    for p in [inbox / new[0], *(inbox / new[0]).iterdir()]:
+        os.utime(p, (old, old))
+    assert main([*argv, "--settle-seconds", "60"]) == 0
+    assert read_labels(current_version_dir(state) / "labels.txt")[-1] == new[0]
+
+
+def test_a_version_published_but_not_switched_to_is_not_a_second_history_entry(base_state, tmp_path, cifar_train,
+                                                                                capsys):
+    """If this fails, a daemon killed between the version's rename and the `current` switch
+    redoes the increment and `history` shows the same classes twice (the orphan and the redo)."""
+    from fieldlearn.runtime.layout import PENDING
+
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, cifar_train)
+    orphan = state / "versions" / "0002"                        # what the kill leaves: renamed, marked, not current
+    shutil.copytree(state / "versions" / "0001", orphan)
+    (orphan / PENDING).touch()
+    assert main(["history", "--state", str(state), "--json"]) == 0
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)] == ["0001"]
+    assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["history", "--state", str(state), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["version"] for r in rows] == ["0001", "0002"] and rows[-1]["current"] and rows[-1]["new_classes"] == 2
+    assert not (state / "versions" / "0002" / PENDING).exists()
+
+
+def _ro_bind(path: Path):
+    r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount here ({r.stderr.strip() or r.returncode})")
+    r = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        subprocess.run(["umount", str(path)], check=False)
+        pytest.skip(f"cannot remount read-only here ({r.stderr.strip() or r.returncode})")
+
+
+def test_a_read_only_inbox_is_one_line_at_start(base_state, tmp_path, cifar_train, capsys):
+    """If this fails, a daemon on a read-only inbox publishes a version, then fails to remove
+    the images, counts a failed try and crash-loops with a traceback at every restart."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    fill_inbox(inbox, cifar_train)
+    _ro_bind(inbox)
+    try:
+        rc = main(["watch", str(inbox), "--state", str(state), "--once", *FAST])
+    finally:
+        subprocess.run(["umount", str(inbox)], check=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"INBOX {inbox.resolve()}: not writable (Read-only file system)" in err[0], err
     assert current_version_name(state) == "0001" and not (state / W.JOURNAL).exists()
-    for n in new:
-        assert "simulated failure" in (inbox / W.REJECTED / n / W.REASON).read_text()
-        assert len(W.image_files(inbox / W.REJECTED / n)) == PER_CLASS
+
+
+def test_a_deleted_inbox_is_an_error_event_and_the_daemon_carries_on(base_state, tmp_path, cifar_train):
+    """If this fails, deleting the inbox under a running daemon kills it with a traceback while
+    its status file still says `idle`; it must log an `error` event, say `error` in the status
+    file, stay up, and learn again once the inbox is back."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "daemon.log", "w")
+    daemon = subprocess.Popen([sys.executable, "-m", "fieldlearn.cli.main", "watch", str(inbox), "--state",
+                               str(state), "--poll", "0.2", *FAST], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_for(pred, what: str, seconds: float = 120):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                status = json.loads((state / W.STATUS).read_text())
+            except (FileNotFoundError, ValueError):
+                status = {}
+            if pred(status):
+                return status
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()
+            time.sleep(0.1)
+        pytest.fail(f"never {what}:\n" + (tmp_path / "daemon.log").read_text())
+
+    try:
+        wait_for(lambda s: s.get("state") == "idle", "idle")
+        shutil.rmtree(inbox)
+        status = wait_for(lambda s: s.get("state") == "error", "reported the error")
+        assert "gone" in status["error"] and status["pid"] == daemon.pid
+        fill_inbox(inbox, cifar_train)
+        wait_for(lambda s: s.get("current_version") == "0002" and s.get("state") == "idle", "learned again")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        log.close()
+    text = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in text and text.count("watch error:") == 1, text
+    assert json.loads((state / W.STATUS).read_text())["state"] == "stopped"
 
 
 def test_scan_takes_done_or_quiet_folders_only(tmp_path):
@@ -285,15 +500,17 @@ def test_scan_takes_done_or_quiet_folders_only(tmp_path):
     for name in ("a", "b", "c", ".hidden", "empty"):
         (inbox / name).mkdir(parents=True)
     for name in ("a", "b", "c"):
-        (inbox / name / "x.jpg").write_bytes(b"x")
+        for i in range(W.MIN_IMAGES):
+            (inbox / name / f"x{i}.jpg").write_bytes(b"x")
     (inbox / "a" / W.DONE).touch()
     (inbox / "c" / ".part.jpg").write_bytes(b"x")
     old = time.time() - 600
-    for p in [inbox / "b", inbox / "b" / "x.jpg", inbox / "empty"]:
+    for p in [inbox / "b", *(inbox / "b").iterdir(), inbox / "empty"]:
         os.utime(p, (old, old))
     assert W.scan(inbox) == (["a"], ["b", "c", "empty"])
     assert W.scan(inbox, quiet_seconds=300) == (["a", "b"], ["c", "empty"])
-    assert W.image_files(inbox / "c") == ["x.jpg"]
+    assert W.image_files(inbox / "c") == [f"x{i}.jpg" for i in range(W.MIN_IMAGES)]
+    assert W.scan(inbox, settle_seconds=300) == ([], ["a", "b", "c", "empty"])   # a's .done is fresh
 
 
 def test_refuses_overlapping_dirs_and_a_second_daemon(base_state, tmp_path):
@@ -301,8 +518,11 @@ def test_refuses_overlapping_dirs_and_a_second_daemon(base_state, tmp_path):
     state = fresh_state(base_state, tmp_path)
     with pytest.raises(UserError, match="must not contain"):
         W.Watcher(state / "inbox", state)
-    with pytest.raises(UserError, match="holds no model"):
+    with pytest.raises(UserError, match="no such state directory"):
         W.Watcher(tmp_path / "inbox", tmp_path / "nothing")
+    (tmp_path / "empty-state").mkdir()
+    with pytest.raises(UserError, match="holds no model yet"):
+        W.Watcher(tmp_path / "inbox", tmp_path / "empty-state")
     a, b = W.Watcher(tmp_path / "inbox", state), W.Watcher(tmp_path / "inbox", state)
     a.lock()
     try:
