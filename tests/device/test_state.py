@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -301,7 +302,16 @@ def test_rollback_and_prune_make_their_changes_durable(tmp_path, monkeypatch):
 ZOO = ["zebra", "apple", "mango"]   # not alphabetical: a sort anywhere shows
 
 
-def test_class_order_survives_save_export_and_load(tmp_path):
+@pytest.fixture
+def one_thread():
+    """A tiny net exports several times faster on one thread when the cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_class_order_survives_save_export_and_load(tmp_path, one_thread):
     """If this fails, a class name is attached to the wrong output somewhere between the
     learner and the device: meta.json, labels.txt or the ONNX metadata does not list the
     classes in logit order (e.g. sorted), so every prediction is mislabelled."""
