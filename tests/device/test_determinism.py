@@ -43,8 +43,8 @@ def _run(teacher_backend: str, classifier: str, salt: int):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """torch on one thread (fast for tiny tensors on a shared machine); the ONNX Runtime
-    teacher keeps its own default thread pool, one thread per core."""
+    """torch on one thread: fast for tiny tensors on a shared machine. What several threads
+    change is tested where it happens (test_losses: LAD's gradient on 2 threads)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -56,9 +56,11 @@ def test_a_seeded_lwm_run_repeats_bit_for_bit():
     machine: something in a run (the teacher engine, the trunk encoder, the head's new rows,
     batch order, dropout, the class statistics) draws from an unseeded source or depends on
     scheduling."""
-    # The CPU default teacher (ONNX Runtime) and the paper's linear head.
-    a_state, a_logits, a_terms = _run("auto", "linear", salt=1)
-    b_state, b_logits, b_terms = _run("auto", "linear", salt=2)
+    # The paper's linear head and the torch teacher (the ONNX Runtime teacher costs an export
+    # per run; its targets were bit-identical across sessions when measured, and LwF-MC,
+    # which uses the same teacher, always repeated: the run-to-run difference was LwM's own).
+    a_state, a_logits, a_terms = _run("torch", "linear", salt=1)
+    b_state, b_logits, b_terms = _run("torch", "linear", salt=2)
     assert a_terms["lad"] > 1e-3 and a_terms["ld"] > 1e-3, "a run on dead features would say nothing"
     assert a_terms == b_terms
     differ = [k for k in a_state if not torch.equal(a_state[k], b_state[k])]
