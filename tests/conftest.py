@@ -12,7 +12,14 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 CIFAR_DIR = SHARED_DATA / "cifar-100-binary"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-os.environ.setdefault("FIELDLEARN_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "fieldlearn-test-cache"))
+# pytest-xdist (the README's `-n 2`): each worker is one process on one core, so torch gets
+# one thread there, and its own cache folder.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+os.environ.setdefault("FIELDLEARN_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fieldlearn-test-cache{WORKER}"))
+if WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def tiny_config(**train):

@@ -328,7 +328,7 @@ def test_a_diverging_step_aborts_and_keeps_the_previous_model(state, tmp_path, c
     monkeypatch.setattr(learner, "make_method", diverging)
     good_folder(tmp_path / "new", cifar_test, "tulip", n=10)
     before = tree_hash(state)
-    rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN, "--epochs", "3")
+    rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN, "--epochs", "3", "--method", "lwm")
     refused(rc, err, "learning rate", "nothing was saved")
     assert tree_hash(state) == before
 
