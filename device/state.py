@@ -26,10 +26,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from fieldlearn.device import __version__
-from fieldlearn.device.atomic import fsync_dir, fsync_tree, write_text
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
 from fieldlearn.device.store import FORMAT, META, WEIGHTS, DiskFull, clean_leftovers, disk_full_reason, read_meta
+from fieldlearn.runtime.atomic import fsync_dir, fsync_tree, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes
 from fieldlearn.runtime.layout import VERSION_RE, current_version_dir, current_version_name, versions_dir

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from fieldlearn.runtime.atomic import fsync_dir, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import NotRegularFile, open_regular
 from fieldlearn.runtime.files import read_text as read_regular_text
@@ -239,8 +240,6 @@ def history(state_dir: Path) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------- switching and pruning
 
 def _write_current(state_dir: Path, name: str) -> None:
-    from fieldlearn.device.atomic import write_text  # noqa: PLC0415 - stdlib-only module
-
     write_text(Path(state_dir) / "current", name + "\n")
 
 
@@ -285,8 +284,6 @@ def rollback(state_dir: Path, to: int | str | None = None) -> tuple[str | None, 
 def _discard(state_dir: Path, name: str) -> None:
     """Remove a version: an atomic rename out of the namespace first (a crash leaves a
     .tmp-* leftover, never a half-deleted version), then delete."""
-    from fieldlearn.device.atomic import fsync_dir  # noqa: PLC0415
-
     vd = versions_dir(state_dir)
     gone = vd / f".tmp-discard-{name}-{os.getpid()}"
     os.rename(vd / name, gone)

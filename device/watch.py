@@ -41,7 +41,6 @@ time, so only a class that fails alone MAX_ATTEMPTS times is moved to INBOX/.rej
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -56,8 +55,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fieldlearn.device.atomic import write_text
 from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
+from fieldlearn.runtime.atomic import fsync_file, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text, why_not_regular
 from fieldlearn.runtime.layout import current_version_name
@@ -226,8 +225,7 @@ def move_file(src: Path, dest: Path) -> None:
             raise
         tmp = dest.with_name(f".{dest.name}.part")
         shutil.copy2(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, dest)
         src.unlink()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -27,9 +26,9 @@ def log(msg: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    from fieldlearn.device.atomic import write_text
+    from fieldlearn.runtime.atomic import write_json as write  # noqa: PLC0415
 
-    write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write(path, obj)
 
 
 def stderr(msg: str) -> None:

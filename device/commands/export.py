@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fieldlearn.runtime.atomic import fsync_dir
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.device.config import Valid
 from fieldlearn.device.validate import option
@@ -115,11 +116,7 @@ def export_student(student, classes: list[str], step: int, out_dir: str | Path, 
 
         for f in sorted(work.iterdir()):   # every check passed: move into place
             os.replace(f, out_dir / f.name)
-        fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(out_dir)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
