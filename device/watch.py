@@ -59,15 +59,9 @@ from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
 from fieldlearn.runtime.atomic import fsync_file, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text, why_not_regular
-from fieldlearn.runtime.layout import current_version_name
+from fieldlearn.runtime.layout import (DONE, JOURNAL, REASON, REJECTED, STATUS, WATCH_LOCK, current_version_name,
+                                       has_current, version_dir)
 
-DONE = ".done"
-REJECTED = ".rejected"
-REASON = ".reason"
-MARKERS = {DONE, REASON}  # the daemon's own files in a class folder
-JOURNAL = "watch-journal.json"
-STATUS = "watch-status.json"
-LOCK = ".watch.lock"
 MAX_ATTEMPTS = 3          # failed tries (caused by the data) of one class alone before it is set aside
 EXPORT_CHECK_IMAGES = 4   # real images (from the increment) in the export's parity check
 SETTLE_SECONDS = 10.0     # default: a folder must have been quiet this long before it is taken
@@ -296,7 +290,7 @@ class Watcher:
     # ------------------------------------------------------------------ set-up
 
     def _check_paths(self) -> None:
-        if not (self.state_dir / "current").is_file():
+        if not has_current(self.state_dir):
             current_version_name(self.state_dir)     # its message says what to do (rollback --to N, or init)
             raise UserError(f"--state {self.state_dir}: holds no model yet (run fieldlearn init first)")
         if _inside(self.state_dir, self.inbox) or _inside(self.inbox, self.state_dir):
@@ -333,7 +327,7 @@ class Watcher:
 
     def lock(self) -> None:
         """One watcher per state dir; the lock dies with the process (SIGKILL included)."""
-        path = self.state_dir / LOCK
+        path = self.state_dir / WATCH_LOCK
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError as e:
@@ -380,9 +374,9 @@ class Watcher:
         a Jetson's eMMC should not be written every few seconds for nothing)."""
         try:
             name = current_version_name(self.state_dir)
-            from fieldlearn.device.state import read_meta  # noqa: PLC0415
+            from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
-            classes = list(read_meta(self.state_dir / "versions" / name).get("classes", []))
+            classes = list(read_meta(version_dir(self.state_dir, name)).get("classes", []))
         except (UserError, OSError):
             name, classes = None, []
         if scan_result is None:
@@ -414,10 +408,10 @@ class Watcher:
     def _finish_published(self, claim: Claim) -> bool:
         """A previous run was stopped after publishing `claim` (its classes are in the current
         model): only the clean-up is left. Returns False when the increment must be redone."""
-        from fieldlearn.device.state import read_meta  # noqa: PLC0415
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
         current = current_version_name(self.state_dir)
-        known = read_meta(self.state_dir / "versions" / current).get("classes", [])
+        known = read_meta(version_dir(self.state_dir, current)).get("classes", [])
         if not all(n in known for n in claim.names):
             return False
         claim.phase, claim.version = "cleanup", claim.version or current
@@ -591,13 +585,13 @@ class Watcher:
 
     def _claim(self) -> Claim | None:
         from fieldlearn.device.commands.learn import check_class_names  # noqa: PLC0415
-        from fieldlearn.device.state import read_meta  # noqa: PLC0415
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
         ready = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds).ready
         if not ready:
             return None
         current = current_version_name(self.state_dir)
-        known = list(read_meta(self.state_dir / "versions" / current).get("classes", []))
+        known = list(read_meta(version_dir(self.state_dir, current)).get("classes", []))
         files: dict[str, list[str]] = {}
         for name in ready:
             try:

@@ -35,7 +35,7 @@ import torch.nn as nn
 from fieldlearn.runtime import metadata as md
 from fieldlearn.runtime.atomic import atomic_write_bytes
 from fieldlearn.runtime.engines import Batch, OrtEngine, TorchEngine, cross_validate
-from fieldlearn.runtime.metadata import LABELS_FILE, ONNX_FILE
+from fieldlearn.runtime.layout import LABELS_FILE, ONNX_FILE
 
 OPSET = 17
 

@@ -119,6 +119,7 @@ def ort_providers() -> list[Any]:
     providers: list[Any] = []
     if "TensorrtExecutionProvider" in available:
         from fieldlearn.runtime.cuda import tensorrt_unavailable_reason  # noqa: PLC0415
+        from fieldlearn.runtime.layout import cache_dir  # noqa: PLC0415
 
         if tensorrt_unavailable_reason() is None:
             cache = cache_dir() / "ort-trt"
@@ -308,15 +309,6 @@ def _torch_with_cuda():
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None
-
-
-def cache_dir() -> Path:
-    """$FIELDLEARN_CACHE, else ~/.cache/fieldlearn (TensorRT engines for ad-hoc models)."""
-    import os  # noqa: PLC0415
-
-    root = os.environ.get("FIELDLEARN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fieldlearn")
-    return Path(root)
 
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")

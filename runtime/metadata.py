@@ -29,12 +29,7 @@ from typing import Any
 
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes, read_text, why_not_regular
-
-# Files `fieldlearn export` writes into a version dir (STATE/versions/<name>/, see
-# fieldlearn.runtime.layout) or any --out dir.
-ONNX_FILE = "model.onnx"
-LABELS_FILE = "labels.txt"
-ENGINE_FILE = "model.engine"   # + model.engine.json: what it was built for (export.tensorrt)
+from fieldlearn.runtime.layout import LABELS_FILE
 
 INPUT_NAME = "input_0"     # what jetson-inference's imagenet expects
 OUTPUT_NAME = "output_0"

@@ -21,8 +21,8 @@ from pathlib import Path
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.device.config import Valid
 from fieldlearn.device.validate import option
+from fieldlearn.runtime.layout import DONE, default_place
 
-DONE = ".done"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,14 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=option(int, Valid(16, 8192)), default=1280, help="CSI capture width (default 1280)")
     p.add_argument("--height", type=option(int, Valid(16, 8192)), default=720, help="CSI capture height (default 720)")
     p.add_argument("--quality", type=option(int, Valid(1, 100)), default=92, help="JPEG quality (default 92)")
-
-
-def default_inbox() -> Path:
-    env = os.environ.get("FIELDLEARN_INBOX")
-    if env:
-        return Path(env).expanduser()
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "fieldlearn" / "inbox"
 
 
 def import_cv2():
@@ -102,7 +94,7 @@ def check_label(label: str) -> None:
 def run(args: argparse.Namespace) -> int:
     check_label(args.label)
     cv2 = import_cv2()
-    inbox = (args.inbox or default_inbox()).expanduser()
+    inbox = (args.inbox or default_place("inbox")).expanduser()
     folder = inbox / args.label
     if (folder / DONE).exists():
         raise UserError(f"{folder}: already complete and waiting for (or being learned by) fieldlearn watch; "

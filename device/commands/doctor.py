@@ -57,14 +57,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the kernel compile check")
 
 
-def default_state_dir() -> Path:
-    env = os.environ.get("FIELDLEARN_STATE")
-    if env:
-        return Path(env).expanduser()
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "fieldlearn" / "state"
-
-
 def pip() -> str:
     return f"{shlex.quote(sys.executable)} -m pip"
 
@@ -285,29 +277,28 @@ def check_optional(jetson) -> list[Check]:
 
 def check_state(state_dir: Path) -> Check:
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
-    from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
-
     from fieldlearn.runtime.files import read_text  # noqa: PLC0415
-    from fieldlearn.runtime.layout import VERSION_RE, versions_dir  # noqa: PLC0415
+    from fieldlearn.runtime.layout import (ENGINE_FILE, META, ONNX_FILE, STATUS, current_file,  # noqa: PLC0415
+                                           current_version_dir, held_versions)
 
     try:
-        held = [p.name for p in versions_dir(state_dir).iterdir() if VERSION_RE.match(p.name)]
+        held = held_versions(state_dir)
     except OSError:
         held = []
-    if not os.path.lexists(state_dir / "current") and not held:
+    if not os.path.lexists(current_file(state_dir)) and not held:
         return Check("state", None, f"{state_dir}: no model yet",
                      f"fieldlearn init --data fashion-mnist --state {shlex.quote(str(state_dir))}")
     try:
         vd = current_version_dir(state_dir)       # its message says which rollback --to N repairs it
-        meta = json.loads(read_text(vd / "meta.json"))
+        meta = json.loads(read_text(vd / META))
     except (UserError, OSError, ValueError) as e:
         return Check("state", False, f"{state_dir}: unreadable ({e})")
     classes = meta.get("classes", [])
-    served = "model.onnx" if (vd / "model.onnx").is_file() else None
+    served = ONNX_FILE if (vd / ONNX_FILE).is_file() else None
     text = (f"{state_dir}: version {vd.name}, step {meta.get('step')}, {len(classes)} classes"
-            + (f", serves {served}" + (" + model.engine" if (vd / "model.engine").is_file() else "")
+            + (f", serves {served}" + (f" + {ENGINE_FILE}" if (vd / ENGINE_FILE).is_file() else "")
                if served else ", not exported"))
-    status = state_dir / "watch-status.json"
+    status = state_dir / STATUS
     if status.is_file():
         try:
             s = json.loads(status.read_text())
@@ -378,7 +369,9 @@ def render(checks: list[Check], summary: str, ok: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    state_dir = (args.state or default_state_dir()).expanduser()
+    from fieldlearn.runtime.layout import default_place  # noqa: PLC0415
+
+    state_dir = (args.state or default_place("state")).expanduser()
     checks, summary, ok = collect(state_dir, no_compile=args.no_compile)
     if args.json:
         print(json.dumps({"ok": ok, "uses": summary, "state_dir": str(state_dir),

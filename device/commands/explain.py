@@ -16,7 +16,7 @@ from fieldlearn.device.attention import gradcam
 from fieldlearn.device.data import to_input, try_read
 from fieldlearn.device.state import load_state, load_version
 from fieldlearn.runtime.errors import UserError
-from fieldlearn.runtime.layout import versions_dir
+from fieldlearn.runtime.layout import version_dir, version_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,17 +38,14 @@ def _maps(student, x: torch.Tensor, b: torch.Tensor, size: int) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     cur = load_state(args.state)
     if args.teacher_version is None:
-        prev = sorted(p.name for p in versions_dir(args.state).iterdir()
-                      if p.name.isdigit() and int(p.name) < int(cur.version_dir.name))
+        prev = [n for n in version_names(args.state) if int(n) < int(cur.version_dir.name)]
         if not prev:
             raise UserError(f"--state {args.state}: no earlier version to compare with")
-        teacher_dir = versions_dir(args.state) / prev[-1]
+        teacher_dir = version_dir(args.state, prev[-1])
     else:
-        from fieldlearn.device.store import version_names  # noqa: PLC0415
-
         names = {int(n): n for n in version_names(args.state)}
         try:
-            teacher_dir = versions_dir(args.state) / names[int(args.teacher_version)]
+            teacher_dir = version_dir(args.state, names[int(args.teacher_version)])
         except (ValueError, KeyError):
             raise UserError(f"--teacher-version {args.teacher_version}: no such version in {args.state} "
                             f"(have {', '.join(names.values()) or 'none'})") from None

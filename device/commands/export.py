@@ -26,7 +26,7 @@ from fieldlearn.runtime.atomic import fsync_dir
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.device.config import Valid
 from fieldlearn.device.validate import option
-from fieldlearn.runtime.metadata import ENGINE_FILE, LABELS_FILE, ONNX_FILE
+from fieldlearn.runtime.layout import ENGINE_FILE, EXPORT_PREFIX, LABELS_FILE, ONNX_FILE
 
 ENGINE_MAX_BATCH = 32   # classify's batch; a camera classifies one frame at a time (opt 1)
 FP16_RTOL = 2e-2        # TensorRT FP16 vs torch FP32
@@ -88,7 +88,7 @@ def export_student(student, classes: list[str], step: int, out_dir: str | Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     size = int(student.cfg.input_size)
     extra = {"state_version": state_version} if state_version else {}
-    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=".export-"))
+    work = Path(tempfile.mkdtemp(dir=out_dir, prefix=EXPORT_PREFIX))
     try:
         onnx_tmp = export_classifier(student, work, classes=list(classes), step=int(step), **extra)
         graph = ClassifierGraph(student)

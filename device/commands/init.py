@@ -16,9 +16,9 @@ from fieldlearn.device.learner import evaluate, train_base
 from fieldlearn.device.model import build_student
 from fieldlearn.device.commands.export import export_writer
 from fieldlearn.device.publish import publish
-from fieldlearn.device.store import version_names
 from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import current_file, version_names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     setup_torch(cfg)
     held = version_names(args.state)
-    if (held or (args.state / "current").exists()) and not args.force:
+    if (held or current_file(args.state).exists()) and not args.force:
         raise UserError(f"--state {args.state}: already holds versions ({', '.join(held[-3:]) or 'current'}); use "
                         "fieldlearn learn to add classes, fieldlearn rollback --to N to serve one of them, or "
                         "--force to start a new base model next to them")

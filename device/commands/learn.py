@@ -26,6 +26,7 @@ from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
 from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import META
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -185,7 +186,7 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
 
 def run(args: argparse.Namespace) -> int:
     state = load_state(args.state)
-    cfg = config_from_args(args, base=state.config, source=str(state.version_dir / "meta.json"))
+    cfg = config_from_args(args, base=state.config, source=str(state.version_dir / META))
     setup_torch(cfg)
     new = load_image_folder(args.images, cfg.model.input_size, min_images=MIN_IMAGES)
     learn_new_classes(args.state, state, new, cfg, val_fraction=args.val_fraction, eval_data=args.eval_data,

@@ -102,8 +102,8 @@ def check_config(watcher: Watcher, args: argparse.Namespace) -> None:
     from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
     from fieldlearn.device.commands.common import setup_torch  # noqa: PLC0415
     from fieldlearn.device.config import RunConfig  # noqa: PLC0415
-    from fieldlearn.device.state import read_meta  # noqa: PLC0415
-    from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
+    from fieldlearn.device.store import read_meta  # noqa: PLC0415
+    from fieldlearn.runtime.layout import META, current_version_dir  # noqa: PLC0415
 
     vdir = current_version_dir(watcher.state_dir)
     meta = read_meta(vdir)
@@ -111,7 +111,7 @@ def check_config(watcher: Watcher, args: argparse.Namespace) -> None:
         base = RunConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{watcher.state_dir}: the current version's config is unreadable ({e})") from None
-    setup_torch(config_from_args(args, base=base, source=str(vdir / "meta.json")))
+    setup_torch(config_from_args(args, base=base, source=str(vdir / META)))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ import torch
 
 from fieldlearn.device.ops.attention_distill import EPS, attention_distill_ref, check_shapes
 from fieldlearn.runtime.atomic import atomic_write_bytes
-from fieldlearn.runtime.engines import cache_dir as runtime_cache_dir
+from fieldlearn.runtime.layout import cache_dir as runtime_cache_dir
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "attention_distill.cu"
 BLOCK = 256                     # threads per block of the partial/backward kernels (FL_BLOCK)
