@@ -42,6 +42,7 @@ from fieldlearn.device.protocol import (_FIELDS, JOINT_NOTE, MethodResult, Order
 from fieldlearn.device.validate import option, validate_config
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text as read_regular_text
+from fieldlearn.runtime.metadata import fieldlearn_version
 
 DEFAULT_ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwf_mc+analytic", "finetune+analytic",
                 "lwm", "lwf_mc", "finetune"]
@@ -208,15 +209,6 @@ def _git_commit() -> str:
         return ""
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fieldlearn")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _machine() -> dict:
     d = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
          "torch_threads": torch.get_num_threads()}
@@ -352,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"bench accuracy: {args.data}, {args.base} base classes + {args.steps} steps of {len(groups[-1])}, "
         f"order seed(s) {seeds}, rows {', '.join(r.name for r in rows)}{' (sweep)' if args.sweep else ''}; "
         f"{torch.get_num_threads()} threads, load {_machine().get('load_average')}")
-    report = {"benchmark": "accuracy", "fieldlearn_version": _version(), "git_commit": _git_commit(),
+    report = {"benchmark": "accuracy", "fieldlearn_version": fieldlearn_version(), "git_commit": _git_commit(),
               "command": command, "data": args.data, "preset": args.preset, "sweep": args.sweep,
               "sweep_stages": SWEEP_STAGES if args.sweep else None, "sweep_keys": sorted(keys) if keys else None,
               "protocol": {"base": args.base, "steps": args.steps, **proto, "order_seeds": seeds},

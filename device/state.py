@@ -25,13 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from fieldlearn.device import __version__
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
 from fieldlearn.device.store import FORMAT, DiskFull, clean_leftovers, disk_full_reason, read_meta
 from fieldlearn.runtime.atomic import fsync_dir, fsync_tree
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes
+from fieldlearn.runtime.metadata import fieldlearn_version
 from fieldlearn.runtime.layout import (META, TMP_PREFIX, WEIGHTS, current_file, current_version_dir,
                                        next_version_name, switch_current, versions_dir)
 
@@ -85,7 +85,7 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         m = config.model
         meta = {
             "format": FORMAT,
-            "fieldlearn_version": __version__,
+            "fieldlearn_version": fieldlearn_version(),
             "step": step,
             "classes": list(classes),
             "num_classes": len(classes),

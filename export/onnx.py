@@ -36,6 +36,7 @@ from fieldlearn.runtime import metadata as md
 from fieldlearn.runtime.atomic import atomic_write_bytes
 from fieldlearn.runtime.engines import Batch, OrtEngine, TorchEngine, cross_validate
 from fieldlearn.runtime.layout import LABELS_FILE, ONNX_FILE
+from fieldlearn.runtime.metadata import fieldlearn_version
 
 OPSET = 17
 
@@ -83,15 +84,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-def fieldlearn_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
-    try:
-        return version("fieldlearn")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, Any],

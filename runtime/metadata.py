@@ -38,6 +38,17 @@ TEACHER_INPUT = "z"
 TEACHER_OUTPUTS = ("logits", "features")
 
 
+def fieldlearn_version() -> str:
+    """The installed fieldlearn's version, from the package metadata (pyproject.toml): the one
+    version source, written into meta.json, the ONNX metadata and benchmark results alike."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("fieldlearn")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def encode(metadata: dict[str, Any]) -> dict[str, str]:
     return {str(k): json.dumps(v) for k, v in metadata.items()}
 

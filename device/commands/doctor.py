@@ -324,7 +324,7 @@ def uses(torch, cap, checks: dict[str, Check]) -> str:
 
 
 def collect(state_dir: Path, no_compile: bool = False) -> tuple[list[Check], str, bool]:
-    from fieldlearn.device import __version__  # noqa: PLC0415
+    from fieldlearn.runtime.metadata import fieldlearn_version  # noqa: PLC0415
 
     jetson = jetson_info()
     checks: list[Check] = []
@@ -336,7 +336,7 @@ def collect(state_dir: Path, no_compile: bool = False) -> tuple[list[Check], str
     py_ok = sys.version_info >= (3, 10)
     checks.append(Check("python", py_ok, f"{platform.python_version()} ({sys.executable})",
                         None if py_ok else "fieldlearn needs Python >= 3.10 (JetPack 6)", required=True))
-    checks.append(Check("fieldlearn", None, __version__))
+    checks.append(Check("fieldlearn", None, fieldlearn_version()))
     pkgs, mods = check_packages(jetson)
     checks += pkgs
     torch = mods.get("torch")

@@ -116,6 +116,22 @@ def test_save_version_publishes_with_its_export(tmp_path):
     assert read_metadata(vdir / "model.onnx")["step"] == 5 and load_state(tmp_path / "state").step == 5
 
 
+def test_meta_json_and_model_onnx_name_the_same_fieldlearn_version(tmp_path):
+    """If this fails, a version's meta.json and its model.onnx disagree about which fieldlearn
+    wrote them (two version sources): both must be the package metadata's version."""
+    import json
+    from importlib.metadata import version
+
+    from fieldlearn.device.state import save_version
+
+    state = loaded_state(tmp_path / "scratch")
+    vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=1, history=[],
+                        writers=[export_writer(state.student, CLASSES, 1, engine=False)])
+    onnx_meta = read_metadata(vdir / "model.onnx")
+    assert json.loads((vdir / "meta.json").read_text())["fieldlearn_version"] == version("fieldlearn")
+    assert onnx_meta["fieldlearn_version"] == version("fieldlearn")
+
+
 def test_a_net_that_answers_the_same_for_every_input_is_still_exported(tmp_path):
     """An untrained or collapsed net gives nothing for parity to compare; that must not stop
     init/learn from publishing (it used to escape as a traceback). A real disagreement still
