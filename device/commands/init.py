@@ -14,7 +14,7 @@ from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MIN_IMAGES, class_order, open_dataset
 from fieldlearn.device.learner import evaluate, train_base
 from fieldlearn.device.model import build_student
-from fieldlearn.device.commands.export import export_writer
+from fieldlearn.export.deploy import export_writer
 from fieldlearn.device.publish import publish
 from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError

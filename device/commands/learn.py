@@ -21,7 +21,7 @@ from fieldlearn.device.commands.common import log, setup_torch
 from fieldlearn.device.config import RunConfig, Valid
 from fieldlearn.device.data import MIN_IMAGES, ImageSet, load_image_folder, open_dataset, report_unknown_classes
 from fieldlearn.device.learner import evaluate, fold_in, learn_increment, predict_logits
-from fieldlearn.device.commands.export import export_writer
+from fieldlearn.export.deploy import export_writer
 from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
 from fieldlearn.device.validate import option
