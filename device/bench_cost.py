@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -230,7 +231,7 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
     import contextlib  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fieldlearn.device.commands import learn as learn_cmd  # noqa: PLC0415
+    from fieldlearn.device import increment as learn_cmd  # noqa: PLC0415
     from fieldlearn.device.data import load_image_folder  # noqa: PLC0415
     from fieldlearn.device.model import build_student  # noqa: PLC0415
     from fieldlearn.device.state import load_state, save_version  # noqa: PLC0415
@@ -436,11 +437,13 @@ def run(args) -> int:
     import time  # noqa: PLC0415
 
     from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
-    from fieldlearn.device.commands.common import log, setup_torch, write_json  # noqa: PLC0415
+    from fieldlearn.device.learner import setup_torch  # noqa: PLC0415
+    from fieldlearn.runtime.atomic import write_json  # noqa: PLC0415
     from fieldlearn.device.profile.measure import measure_in_subprocess  # noqa: PLC0415
     from fieldlearn.device.profile.meter import loadavg  # noqa: PLC0415
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
 
+    log = functools.partial(print, flush=True)
     cfg = config_from_args(args)
     cfg.train.progress = False
     setup_torch(cfg)

@@ -54,6 +54,18 @@ class StepReport:
     statistics_only: bool = False
 
 
+def setup_torch(cfg: RunConfig) -> None:
+    """torch as the config asks before a step runs: its thread count, and a UserError naming
+    --device when the CUDA device it names is not there."""
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.train.device}: CUDA is not available on this machine")
+    index = cfg.train.device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {cfg.train.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
         return iterable

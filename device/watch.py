@@ -59,8 +59,8 @@ from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
 from fieldlearn.runtime.atomic import fsync_file, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text, why_not_regular
-from fieldlearn.runtime.layout import (DONE, JOURNAL, REASON, REJECTED, STATUS, WATCH_LOCK, current_version_name,
-                                       has_current, version_dir)
+from fieldlearn.runtime.layout import (DONE, JOURNAL, META, REASON, REJECTED, STATUS, WATCH_LOCK, current_version_dir,
+                                       current_version_name, has_current, version_dir)
 
 MAX_ATTEMPTS = 3          # failed tries (caused by the data) of one class alone before it is set aside
 EXPORT_CHECK_IMAGES = 4   # real images (from the increment) in the export's parity check
@@ -325,6 +325,22 @@ class Watcher:
             if problem:
                 raise UserError(f"{what} {folder}: not writable ({problem}); fieldlearn watch needs write access: {why}")
 
+    def check_config(self) -> None:
+        """At start: fail (exit 2) on options that cannot work here, e.g. --device cuda without
+        a GPU, rather than on every increment (which would end with the folders set aside).
+        The config is checked as an increment will make it (increment.step_config)."""
+        from fieldlearn.device.config import RunConfig  # noqa: PLC0415
+        from fieldlearn.device.increment import step_config  # noqa: PLC0415
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+
+        vdir = current_version_dir(self.state_dir)
+        meta = read_meta(vdir)
+        try:
+            base = RunConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.state_dir}: the current version's config is unreadable ({e})") from None
+        step_config(base, self.cfg_args, source=str(vdir / META))
+
     def lock(self) -> None:
         """One watcher per state dir; the lock dies with the process (SIGKILL included)."""
         path = self.state_dir / WATCH_LOCK
@@ -584,7 +600,7 @@ class Watcher:
     # ------------------------------------------------------------------ parts of a step
 
     def _claim(self) -> Claim | None:
-        from fieldlearn.device.commands.learn import check_class_names  # noqa: PLC0415
+        from fieldlearn.device.increment import check_new_class_names  # noqa: PLC0415
         from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
         ready = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds).ready
@@ -595,7 +611,7 @@ class Watcher:
         files: dict[str, list[str]] = {}
         for name in ready:
             try:
-                check_class_names([name], known, self.inbox)
+                check_new_class_names([name], known, self.inbox)
             except UserError as e:
                 self._reject(name, str(e))
                 continue
@@ -659,16 +675,11 @@ class Watcher:
         return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), names), good
 
     def _learn(self, claim: Claim) -> bool:
-        from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
-        from fieldlearn.device.commands.common import setup_torch  # noqa: PLC0415
-        from fieldlearn.device.commands.learn import learn_new_classes  # noqa: PLC0415
-        from fieldlearn.device.state import load_state  # noqa: PLC0415
+        from fieldlearn.device import increment  # noqa: PLC0415 - torch: only once something is learned
 
         t0 = time.perf_counter()
         try:
-            state = load_state(self.state_dir)
-            cfg = config_from_args(self.cfg_args, base=state.config) if self.cfg_args is not None else state.config
-            setup_torch(cfg)
+            state, cfg = increment.open_increment(self.state_dir, self.cfg_args)   # as fieldlearn learn does
         except UserError as e:                       # a broken state is not the new classes' fault
             raise NotTheData(str(e)) from None
         if not hasattr(self.cfg_args, "train.progress"):
@@ -678,9 +689,9 @@ class Watcher:
             return False
         self.event("learning", f"{len(data.class_names)} classes, {len(data)} images, {cfg.method}",
                    state="learning", claimed=claim.names)
-        inc = learn_new_classes(self.state_dir, state, data, cfg, val_fraction=self.val_fraction,
-                                eval_data=self.eval_data, where=self.inbox, export=True, export_images=check,
-                                extra_entry={"source": "watch"})
+        inc = increment.learn_new_classes(self.state_dir, state, data, cfg, val_fraction=self.val_fraction,
+                                          eval_data=self.eval_data, where=self.inbox, export=True,
+                                          export_images=check, extra_entry={"source": "watch"})
         claim.phase, claim.version = "cleanup", inc.version_dir.name
         write_journal(self.state_dir, claim)
         acc = inc.entry.get("new_class_val_accuracy")

@@ -16,12 +16,14 @@ import time
 from pathlib import Path
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
-from fieldlearn.device.commands.common import log, setup_torch, write_json
+from fieldlearn.device.commands.common import log
 from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig, Valid
+from fieldlearn.device.learner import setup_torch
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, class_order, incremental_split, open_dataset
 from fieldlearn.device.metrics import plot_accuracy
 from fieldlearn.device.protocol import Order, default_row, parse_row, row_settings
 from fieldlearn.device.validate import option
+from fieldlearn.runtime.atomic import write_json
 from fieldlearn.runtime.errors import UserError
 
 DEMO_CONFIG = RunConfig(

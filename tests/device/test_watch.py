@@ -269,7 +269,7 @@ def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_s
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     bad, good = fill_inbox(inbox, cifar_train)
-    import fieldlearn.device.commands.learn as learn_mod
+    import fieldlearn.device.increment as learn_mod
 
     real = learn_mod.learn_new_classes
 
@@ -300,7 +300,7 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     new = fill_inbox(inbox, cifar_train)
-    import fieldlearn.device.commands.learn as learn_mod
+    import fieldlearn.device.increment as learn_mod
 
     real = learn_mod.learn_new_classes
     calls = []
@@ -314,16 +314,14 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
         return real(*a, **k)
 
     if interruption == "state unreadable":      # e.g. meta.json damaged while the daemon runs: not the data's fault
-        import fieldlearn.device.state as state_mod
-
-        real_load = state_mod.load_state
+        real_load = learn_mod.load_state
 
         def interrupted(*a, **k):  # noqa: F811
             calls.append(1)
             if len(calls) <= W.MAX_ATTEMPTS + 1:
                 raise UserError(f"{state}/versions/0001/meta.json: simulated damage")
             return real_load(*a, **k)
-        monkeypatch.setattr(state_mod, "load_state", interrupted)
+        monkeypatch.setattr(learn_mod, "load_state", interrupted)
     else:
         monkeypatch.setattr(learn_mod, "learn_new_classes", interrupted)
     for _ in range(W.MAX_ATTEMPTS + 1):
