@@ -37,6 +37,7 @@ from fieldlearn.device.learner import (evaluate, fold_in, learn_increment, predi
 from fieldlearn.device.model import build_student
 from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
+from fieldlearn.device.store import check_new_class_names
 from fieldlearn.export.deploy import export_writer
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import META, current_file, version_names
@@ -101,15 +102,6 @@ def open_increment(state_dir: Path, options: argparse.Namespace | None = None) -
     runs with (step_config). What `fieldlearn learn` and the watch daemon start from."""
     state = load_state(state_dir)
     return state, step_config(state.config, options, source=str(state.version_dir / META))
-
-
-def check_new_class_names(new: list[str], known: list[str], where: Path) -> None:
-    clash = [n for n in new if n in known]
-    if clash:
-        raise UserError(f"{where / clash[0]}: class '{clash[0]}' is already known to the model")
-    for n in new:
-        if not n.strip() or n != n.strip() or any(ord(ch) < 32 for ch in n):
-            raise UserError(f"{where / n}: class name must be non-blank printable text without edge spaces")
 
 
 @dataclass
@@ -262,5 +254,5 @@ def evaluate_version(state_dir: Path, data: str, split: str = "test") -> dict[st
                          for h, g, a in zip(state.history, groups, per)]}
 
 
-__all__ = ["Increment", "NewClassCheck", "check_new_class_names", "check_new_classes", "evaluate_version", "hold_out",
+__all__ = ["Increment", "NewClassCheck", "check_new_classes", "evaluate_version", "hold_out",
            "learn_base", "learn_folder", "learn_new_classes", "open_increment", "step_config"]

@@ -90,6 +90,18 @@ def check_class_names(names: list, where: str | Path) -> None:
         seen[key] = n
 
 
+def check_new_class_names(new: list, known: list[str], where: Path) -> None:
+    """Classes to add to a model that knows `known`: UserError unless every new name is a
+    valid class name, they are distinct (check_class_names, naming `where`), and none is known
+    already (compared in NFC too, naming `where`/NAME). fieldlearn learn and the watch daemon
+    (before it claims a folder) both ask this."""
+    check_class_names(new, where)
+    known_keys = {unicodedata.normalize("NFC", k) for k in known}
+    for n in new:
+        if unicodedata.normalize("NFC", n) in known_keys:
+            raise UserError(f"{Path(where) / n}: class '{n}' is already known to the model")
+
+
 # ------------------------------------------------------------------------- reading versions
 
 def read_meta(version_dir: Path) -> dict[str, Any]:
@@ -509,5 +521,5 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
 
 __all__ = ["FORMAT", "LockOwner", "StateLocked", "read_meta", "version_problem",
            "safetensors_problem", "history", "rollback", "prune", "clean_leftovers",
-           "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names",
+           "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names", "check_new_class_names",
            "disk_full_reason", "DiskFull", "check_saved_config"]

@@ -357,6 +357,23 @@ def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_pat
     assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
 
 
+def test_a_folder_that_breaks_the_class_name_rule_is_set_aside_before_learning(base_state, tmp_path, cifar_train):
+    """If this fails, the daemon learns a class whose name the state's own meta.json check then
+    refuses (a bidi override hides the real text), and the state no longer loads. learn and
+    watch apply the one class-name rule (fieldlearn.device.store.check_new_class_names)."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    write_image_folder(inbox, cifar_train, [NEW[0]], W.MIN_IMAGES)
+    bad = "tulip\u202egnp.exe"
+    (inbox / cifar_train.class_names[NEW[0]]).rename(inbox / bad)
+    (inbox / bad / W.DONE).touch()
+    assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
+    assert current_version_name(state) == "0001", "nothing is learned from it"
+    reason = (inbox / W.REJECTED / bad / W.REASON).read_text()
+    assert repr(bad) in reason and "U+202E" in reason
+    assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
+
+
 def test_a_class_with_too_few_readable_images_is_set_aside_alone(base_state, tmp_path, cifar_train):
     """If this fails, a class of 3 good images and 3 junk files is learned from 3 images, or
     rejects the other class of the increment with it."""
