@@ -48,7 +48,7 @@ def test_shipped_configs_are_valid():
     """If this fails, a default, the demo's config, a benchmark preset or a method's shipped
     settings would be refused by the validator (or never were checked)."""
     from fieldlearn.device.bench_accuracy import PRESETS, SWEEP_STAGES
-    from fieldlearn.device.commands.demo import DEMO_CONFIG
+    from fieldlearn.device.demo import DEMO_CONFIG
     from fieldlearn.device.protocol import CHOSEN, apply_settings
 
     validate_config(RunConfig())
