@@ -29,7 +29,7 @@ import pytest
 import torch
 
 ca = importlib.import_module("fieldlearn.device.ops.cuda_attention")
-sc = importlib.import_module("fieldlearn.device.selfcheck")
+sc = importlib.import_module("fieldlearn.tools.selfcheck")
 from fieldlearn.device.ops.attention_distill import attention_distill, attention_distill_ref  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

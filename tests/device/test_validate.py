@@ -47,7 +47,7 @@ def test_the_method_choices_are_the_registered_methods():
 def test_shipped_configs_are_valid():
     """If this fails, a default, the demo's config, a benchmark preset or a method's shipped
     settings would be refused by the validator (or never were checked)."""
-    from fieldlearn.device.bench_accuracy import PRESETS, SWEEP_STAGES
+    from fieldlearn.tools.bench_accuracy import PRESETS, SWEEP_STAGES
     from fieldlearn.device.demo import DEMO_CONFIG
     from fieldlearn.device.protocol import CHOSEN, apply_settings
 
@@ -191,7 +191,7 @@ def test_product_code_saves_versions_only_through_the_gate():
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "save_version":
                 callers.append(str(path.relative_to(ROOT)))
-    assert callers == ["device/bench_cost.py", "device/publish.py"], callers
+    assert callers == ["tools/bench_cost.py", "device/publish.py"], callers
 
 
 def test_init_refuses_a_state_with_versions_and_learn_points_at_rollback(state, tmp_path, new_folder, capsys):

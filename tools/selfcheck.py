@@ -1,6 +1,6 @@
 """One-call self-check of the fused attention-distillation kernel (issue 5).
 
-    python -m fieldlearn.device.selfcheck [--out FILE.json] [--quick] [--no-compile]
+    python -m fieldlearn.tools.selfcheck [--out FILE.json] [--quick] [--no-compile]
 
 On a CUDA machine (H100/H200, Jetson Orin), in one call of a few minutes:
   1. parity: forward loss and both gradients of the fused kernels against attention_distill_ref
@@ -641,7 +641,7 @@ def table(rep: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fieldlearn.device.selfcheck", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fieldlearn.tools.selfcheck", description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the full report as JSON to this file")
     ap.add_argument("--quick", action="store_true", help="smaller parity grid and fewer timings")
     ap.add_argument("--no-compile", action="store_true", help="skip the NVRTC sm_87/sm_90 compile check")

@@ -1,4 +1,4 @@
-"""The one-call self-check (python -m fieldlearn.device.selfcheck): its CPU-side parts, and
+"""The one-call self-check (python -m fieldlearn.tools.selfcheck): its CPU-side parts, and
 its GPU-side code paths run on the CPU with the pure-torch kernel contract standing in."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-sc = importlib.import_module("fieldlearn.device.selfcheck")
+sc = importlib.import_module("fieldlearn.tools.selfcheck")
 ca = importlib.import_module("fieldlearn.device.ops.cuda_attention")
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
@@ -101,7 +101,7 @@ def test_cli_cpu_only_says_gpu_parts_skipped(tmp_path):
     out = tmp_path / "sc.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("FIELDLEARN_FORCE_REF", None)
-    proc = subprocess.run([sys.executable, "-m", "fieldlearn.device.selfcheck", "--out", str(out), "--no-compile"],
+    proc = subprocess.run([sys.executable, "-m", "fieldlearn.tools.selfcheck", "--out", str(out), "--no-compile"],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads(out.read_text())
