@@ -24,9 +24,10 @@ import torch
 from fieldlearn.device.classifier import TooFewImages, check_counts, fit_drift, phi, solve_head
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import ImageSet, to_input
+from fieldlearn.device.engine_teacher import make_teacher
 from fieldlearn.device.methods import Batch, Method, make_method
 from fieldlearn.device.model import Student
-from fieldlearn.device.teacher import Teacher, make_teacher, teacher_targets
+from fieldlearn.device.teacher import Teacher, teacher_targets
 from fieldlearn.device.trunk_encoder import trunk_encoder
 from fieldlearn.runtime.errors import UserError
 

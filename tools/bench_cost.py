@@ -99,7 +99,8 @@ def time_precompute(cfg: RunConfig, *, n_old: int, backends: list[str], images: 
     from fieldlearn.device.learner import chunk_size, encode  # noqa: PLC0415
     from fieldlearn.device.model import build_student  # noqa: PLC0415
     from fieldlearn.tools.profile.harness import random_images  # noqa: PLC0415
-    from fieldlearn.device.teacher import make_teacher, teacher_targets  # noqa: PLC0415
+    from fieldlearn.device.engine_teacher import make_teacher  # noqa: PLC0415
+    from fieldlearn.device.teacher import teacher_targets  # noqa: PLC0415
 
     torch.manual_seed(0)
     student = build_student(cfg.model, n_old).to(cfg.train.device).eval()

@@ -106,7 +106,7 @@ class StepHarness:
             self.teacher = self.naive_step.teacher
         else:
             from fieldlearn.device.learner import EVAL_BATCH  # noqa: PLC0415
-            from fieldlearn.device.teacher import make_teacher  # noqa: PLC0415
+            from fieldlearn.device.engine_teacher import make_teacher  # noqa: PLC0415
 
             self.teacher = make_teacher(self.student, self.spec.cfg.teacher_backend, batch_size=EVAL_BATCH)
         self.teacher_backend = "torch, per batch" if self.naive else getattr(self.teacher, "backend", "torch")
