@@ -84,6 +84,7 @@ def parse_row(spec: str) -> Row:
 # entry takes its method's). The product's default learner (default_row) has none: it runs at
 # config.py's defaults, which are its sweep's choices.
 CHOSEN: dict[str, dict] = {
+    "analytic": {"ridge": 0.0},     # GCV beat 0.03-1.0 on validation (benchmarks/results/fmnist-sweep)
     "finetune": {"lc_span": "new", "lr": 0.02},
     "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.02},
     "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 1.0, "lr": 0.02},
@@ -100,7 +101,7 @@ def default_row(cfg: RunConfig) -> str:
 def row_settings(row: Row) -> dict:
     """The settings a row starts from (before --settings, the command line and --sweep)."""
     if row.pretrained_only:
-        return {}
+        return dict(CHOSEN.get(row.name, {}))
     return dict(CHOSEN.get(row.name, CHOSEN.get(row.method, {}) if row.kind == "linear" else {}))
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
-from fieldlearn.device.store import FORMAT, DiskFull, clean_leftovers, disk_full_reason, read_meta
+from fieldlearn.device.store import FORMAT, DiskFull, clean_leftovers, config_of, disk_full_reason, read_meta
 from fieldlearn.runtime.atomic import fsync_dir, fsync_tree
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes
@@ -138,25 +138,11 @@ def _raise_if_disk_full(e: BaseException, state_dir: Path) -> None:
             from None
 
 
-def _config_of(meta: dict[str, Any]) -> dict[str, Any]:
-    """The saved config, in today's fields. Format 1 predates the statistics classifiers:
-    its model predicts with the trained head, and it may name options since removed."""
-    cfg = meta["config"]
-    if meta["format"] == 1:
-        cfg = json.loads(json.dumps(cfg))
-        cfg.setdefault("model", {}).update(classifier="linear", features="student")
-        for gone in ("lc_calibration", "lc_margin"):
-            cfg.get("loss", {}).pop(gone, None)
-        if cfg.get("train", {}).get("new_head_init") == "random":
-            cfg["train"]["new_head_init"] = "scaled"
-    return cfg
-
-
 def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
     version_dir = Path(version_dir)
     meta = read_meta(version_dir)
     try:
-        config = RunConfig.from_dict(_config_of(meta))
+        config = RunConfig.from_dict(config_of(meta))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{version_dir / META}: bad config ({e})") from None
     wpath = version_dir / WEIGHTS

@@ -133,8 +133,22 @@ def read_meta(version_dir: Path) -> dict[str, Any]:
     if not isinstance(meta.get("step"), int) or isinstance(meta.get("step"), bool) or meta["step"] < 0:
         raise UserError(f"{path}: 'step' is not an integer >= 0")
     if "config" in meta:
-        check_saved_config(meta["config"], path)
+        check_saved_config(config_of(meta), path)
     return meta
+
+
+def config_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The saved config, in today's fields. Format 1 predates the statistics classifiers:
+    its model predicts with the trained head, and it may name options since removed."""
+    cfg = meta["config"]
+    if meta["format"] == 1:
+        cfg = json.loads(json.dumps(cfg))
+        cfg.setdefault("model", {}).update(classifier="linear", features="student")
+        for gone in ("lc_calibration", "lc_margin"):
+            cfg.get("loss", {}).pop(gone, None)
+        if cfg.get("train", {}).get("new_head_init") == "random":
+            cfg["train"]["new_head_init"] = "scaled"
+    return cfg
 
 
 def check_saved_config(d: Any, path: Path):
@@ -519,7 +533,7 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
-__all__ = ["FORMAT", "LockOwner", "StateLocked", "read_meta", "version_problem",
+__all__ = ["config_of", "FORMAT", "LockOwner", "StateLocked", "read_meta", "version_problem",
            "safetensors_problem", "history", "rollback", "prune", "clean_leftovers",
            "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names", "check_new_class_names",
            "disk_full_reason", "DiskFull", "check_saved_config"]

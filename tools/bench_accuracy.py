@@ -65,16 +65,38 @@ SWEEP_STAGES: list[dict[str, list]] = [
 # Presets: protocol size and model/training config. cpu45: CIFAR-100 10x10 on 2 CPU cores
 # (benchmarks/README.md); gpu: the 128x128 setting, for a GPU.
 PRESETS: dict[str, dict] = {
+    # CIFAR-100 10 x 10 at 32 px (the cifar variant) on 2 CPU cores
     "cpu45": {"per_class": 200, "test_per_class": 100, "val_fraction": 0.1,
               "model": {"variant": "cifar", "input_size": 32, "pretrained": True, "freeze_blocks": 14},
               "train": {"epochs": 5, "base_epochs": 10, "batch_size": 64}},
-    "cifar128": {"per_class": 100, "test_per_class": 50, "val_fraction": 0.2,
+    # CIFAR-100 10 x 10 at 128 px, 100 images per class (80 train + 20 validation), 50 test
+    "cifar128": {"data": "cifar100", "base": 10, "steps": 9, "per_class": 100, "test_per_class": 50,
+                 "val_fraction": 0.2,
                  "model": {"variant": "imagenet", "input_size": 128, "pretrained": True, "freeze_blocks": 14},
                  "train": {"batch_size": 64}},
+    # field-sized CIFAR-100: 10 base classes, then 20 steps of 2 classes, 50 images per class
+    "cifar128-field": {"data": "cifar100", "classes": 50, "base": 10, "steps": 20, "per_class": 50,
+                       "test_per_class": 50, "val_fraction": 0.2,
+                       "model": {"variant": "imagenet", "input_size": 128, "pretrained": True, "freeze_blocks": 14},
+                       "train": {"batch_size": 64}},
+    # the README demo's protocol (Fashion-MNIST, 4 base + 3 steps of 2, 200 images per class) with
+    # a validation split, at the demo's model (32 px cifar variant)
+    "fmnist-demo": {"data": "fashion-mnist", "base": 4, "steps": 3, "per_class": 200, "test_per_class": 200,
+                    "val_fraction": 0.2,
+                    "model": {"variant": "cifar", "input_size": 32, "pretrained": True, "freeze_blocks": 14},
+                    "train": {"batch_size": 64}},
+    # field-sized Fashion-MNIST: 2 base classes, then 4 steps of 2 classes, 50 images per class
+    "fmnist-field": {"data": "fashion-mnist", "base": 2, "steps": 4, "per_class": 50, "test_per_class": 200,
+                     "val_fraction": 0.2,
+                     "model": {"variant": "cifar", "input_size": 32, "pretrained": True, "freeze_blocks": 14},
+                     "train": {"batch_size": 64}},
+    # the 128 px setting with all 500 images per class, for a GPU
     "gpu": {"per_class": 500, "test_per_class": 100, "val_fraction": 0.1,
             "model": {"variant": "imagenet", "input_size": 128, "pretrained": True, "freeze_blocks": 14},
             "train": {"epochs": 6, "base_epochs": 10, "batch_size": 64, "device": "cuda"}},
 }
+PROTOCOL_DEFAULTS = {"data": "cifar100", "base": 10, "steps": 9, "classes": None}
+
 
 
 def joint_step(student: Student, seen: ImageSet, n_new: int, cfg: RunConfig, step: int,
@@ -225,14 +247,15 @@ def _machine() -> dict:
 # ---------------------------------------------------------------------------- CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="cifar100",
+    p.add_argument("--data", default=None,
                    help="cifar100 (default: ../shared/data/cifar-100-binary), fashion-mnist, NAME:PATH, "
                         "or an ImageFolder root with train/ and val/ or test/")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="cpu45: CIFAR-100 10x10 at 32 px on 2 CPU cores; cifar128: 128 px, 100 images per class; "
-                        "gpu: larger, for a GPU")
-    p.add_argument("--base", type=option(int, Valid(1, 10_000)), default=10, help="base classes (default 10)")
-    p.add_argument("--steps", type=option(int, Valid(0, 10_000)), default=9, help="increments after the base, splitting the remaining classes evenly "
+                   help="protocol and model: cifar128 (CIFAR-100 10x10, 128 px), cifar128-field (2-class steps, "
+                        "50 images per class), fmnist-demo (the README demo's protocol), fmnist-field, cpu45 "
+                        "(CIFAR-100 at 32 px), gpu; options given on the command line override it")
+    p.add_argument("--base", type=option(int, Valid(1, 10_000)), default=None, help="base classes (default 10)")
+    p.add_argument("--steps", type=option(int, Valid(0, 10_000)), default=None, help="increments after the base, splitting the remaining classes evenly "
                                                                  "(default 9: 10 steps of 10 classes on CIFAR-100)")
     p.add_argument("--classes", type=option(int, Valid(1, 100_000)), default=None,
                    help="use only the first N classes of each order (default: base + steps x step size = all)")
@@ -264,6 +287,9 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, dict]:
                                           **preset.get("model", {})}),
                      train=TrainConfig(**{"progress": False, **preset.get("train", {})}))
     cfg = config_from_args(args, base=base)
+    for key, default in PROTOCOL_DEFAULTS.items():     # the command line, else the preset, else the default
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
     proto = {"per_class": args.per_class if args.per_class is not None else preset.get("per_class"),
              "test_per_class": args.test_per_class if args.test_per_class is not None else preset.get("test_per_class"),
              "val_fraction": args.val_fraction if args.val_fraction is not None else preset.get("val_fraction", 0.1)}
