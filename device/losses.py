@@ -73,5 +73,10 @@ def lad(student_feats: torch.Tensor, student_head_weight: torch.Tensor, b: torch
 
     student_feats [B, C, h, w] (requires grad), student_head_weight [K, C] (a Parameter:
     the gather keeps the graph, so LAD's gradient reaches both), b [B], q_t [B, h*w].
+
+    The rows are gathered with index_select, not W[b]: the backward of W[b] on a CPU adds
+    the rows of samples that share a class with parallel atomic adds once B * C is large
+    and torch runs more than one thread, in an order that varies from run to run, which
+    made a seeded LwM run irreproducible (index_select's backward adds them in order).
     """
-    return attention_distill(student_feats, student_head_weight[b], q_t)
+    return attention_distill(student_feats, student_head_weight.index_select(0, b), q_t)

@@ -107,3 +107,24 @@ def test_methods_return_their_terms():
     assert set(make_method("lwf_mc", cfg).terms(batch)) == {"lc", "ld"}
     assert set(make_method("lwm", cfg).terms(batch)) == {"lc", "ld", "lad"}
     assert set(make_method("lc_lad", cfg).terms(batch)) == {"lc", "lad"}
+
+
+def test_lad_gradient_is_bit_identical_run_to_run_on_several_threads():
+    """If this fails, an LwM run is not reproducible from its seed: LAD's gradient into the
+    head rows W_s[b] is summed in an order that depends on thread scheduling (torch's CPU
+    backward of W[b] adds duplicate rows with parallel atomic adds once the batch is large
+    and more than one thread runs), so the same command gives different tables."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        b_, c, k = 64, 1280, 6                          # B * C above torch's parallel grain (32768)
+        feats = torch.randn(b_, c, 4, 4, generator=g)
+        head = torch.randn(k, c, generator=g, requires_grad=True)
+        cls = torch.randint(0, 3, (b_,), generator=g)  # many samples share a teacher class
+        q_t = l2_normalize(torch.rand(b_, 16, generator=g))
+        grads = [torch.autograd.grad(losses.lad(feats.clone().requires_grad_(True), head, cls, q_t), head)[0]
+                 for _ in range(12)]
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(grads[0], gw) for gw in grads[1:])

@@ -1,4 +1,5 @@
-"""The state: atomic versions, and the promise that no training data is ever stored.
+"""The state: atomic and durable versions (fsync before every publishing rename), class
+order kept end to end, and the promise that no training data is ever stored.
 
 The audit trains real increments through the CLI with TMPDIR pointed into the test's
 own folder, then reads every byte written under the state dir and the temp dir and
@@ -11,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -186,3 +188,141 @@ def test_a_format_1_state_loads_as_a_linear_head_model(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(st.student.predict(x)[1], s(x)[1])
+
+
+# ---------------------------------------------------------------- durability: fsync before publish
+
+def _linear_cfg():
+    cfg = tiny_config()
+    cfg.model.classifier = "linear"   # no class statistics: a small weights file
+    return cfg
+
+
+class _FsLog:
+    """Records os.fsync (by the path its fd is open on), os.rename and os.replace, in order.
+    A SIGKILL keeps the page cache, so a crash test cannot see a missing fsync: its order
+    against the renames that publish is the only evidence."""
+
+    def __init__(self, monkeypatch):
+        self.events: list[tuple] = []
+        real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+        def fsync(fd):
+            self.events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+            return real_fsync(fd)
+
+        def rename(src, dst, *a, **kw):
+            self.events.append(("rename", os.path.realpath(src), os.path.realpath(dst)))
+            return real_rename(src, dst, *a, **kw)
+
+        def replace(src, dst, *a, **kw):
+            self.events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+            return real_replace(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "replace", replace)
+
+    def move_to(self, dst) -> int:
+        """Index of the (last) rename/replace onto dst."""
+        dst = os.path.realpath(dst)
+        hits = [i for i, e in enumerate(self.events) if e[0] in ("rename", "replace") and e[2] == dst]
+        assert hits, f"nothing was renamed onto {dst}: {self.events}"
+        return hits[-1]
+
+    def fsyncs(self, path) -> list[int]:
+        path = os.path.realpath(path)
+        return [i for i, e in enumerate(self.events) if e == ("fsync", path)]
+
+    def assert_published(self, dst, after: int = -1) -> int:
+        """dst (a file or a directory tree) was renamed into place after fsync of everything
+        in it under its temporary name, and its parent directory was fsynced after the rename.
+        Returns the index of the parent's fsync."""
+        i = self.move_to(dst)
+        assert i > after
+        src = self.events[i][1]
+        dst = os.path.realpath(dst)
+        inside = [dst] + ([os.path.join(d, n) for d, dirs, files in os.walk(dst) for n in dirs + files]
+                          if os.path.isdir(dst) else [])
+        for path in inside:
+            tmp_name = src + path[len(dst):]
+            assert any(j < i for j in self.fsyncs(tmp_name)), \
+                f"{tmp_name} was not fsynced before the rename that published it as {path}"
+        parent = [j for j in self.fsyncs(os.path.dirname(dst)) if j > i]
+        assert parent, f"{os.path.dirname(dst)} was not fsynced after {dst} was renamed into it"
+        return parent[0]
+
+
+def _nested_writer(version_dir):
+    (version_dir / "extra").mkdir()
+    (version_dir / "extra" / "notes.txt").write_text("written by a writer, e.g. the export")
+
+
+def test_save_version_fsyncs_every_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """If this fails, a power cut can publish a version (or a `current` pointer) whose bytes
+    or directory entry never reached the disk: a file of the version is not fsynced before
+    the rename that publishes it, or the parent directory not after it. (A SIGKILL keeps the
+    page cache, so the crash tests cannot see this.)"""
+    cfg = _linear_cfg()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+    log = _FsLog(monkeypatch)
+    vd = save_version(tmp_path, s, ["a", "b"], cfg, 1, [], writers=[_nested_writer])
+    assert vd.name == "0002" and (vd / "extra" / "notes.txt").is_file()
+    version_synced = log.assert_published(vd)
+    # `current` moves only once the version is durable, and is itself durable after.
+    assert log.move_to(tmp_path / "current") > version_synced
+    log.assert_published(tmp_path / "current", after=version_synced)
+
+
+def test_rollback_and_prune_make_their_changes_durable(tmp_path, monkeypatch):
+    """If this fails, a power cut after `rollback` can bring the old `current` back, or after
+    `prune` a half-deleted version back into versions/ (the pointer's file or directory
+    fsync, or the versions directory's fsync after the rename out, went missing)."""
+    from fieldlearn.device.store import prune, rollback
+
+    cfg = _linear_cfg()
+    s = build_student(cfg.model, 2)
+    for step in range(3):
+        save_version(tmp_path, s, ["a", "b"], cfg, step, [])
+    log = _FsLog(monkeypatch)
+    assert rollback(tmp_path) == ("0003", "0002")
+    log.assert_published(tmp_path / "current")
+    n = len(log.events)
+    assert prune(tmp_path, keep=1) == ["0001"]       # 0003 is the newest, 0002 is current
+    renames = [i for i, e in enumerate(log.events) if i >= n and e[0] == "rename"
+               and e[1] == os.path.realpath(tmp_path / "versions" / "0001")]
+    assert renames, log.events[n:]
+    assert any(j > renames[0] for j in log.fsyncs(tmp_path / "versions")), \
+        "versions/ not fsynced after a version was renamed out of it"
+
+
+# ---------------------------------------------------------------- class order
+
+ZOO = ["zebra", "apple", "mango"]   # not alphabetical: a sort anywhere shows
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny net exports several times faster on one thread when the cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_class_order_survives_save_export_and_load(tmp_path, one_thread):
+    """If this fails, a class name is attached to the wrong output somewhere between the
+    learner and the device: meta.json, labels.txt or the ONNX metadata does not list the
+    classes in logit order (e.g. sorted), so every prediction is mislabelled."""
+    from fieldlearn.export.onnx import export_classifier
+    from fieldlearn.runtime.metadata import model_info, read_labels, read_metadata
+
+    cfg = _linear_cfg()
+    s = build_student(cfg.model, len(ZOO)).eval()
+    vd = save_version(tmp_path, s, ZOO, cfg, 0, [],
+                      writers=[lambda d: export_classifier(s, d, classes=ZOO, step=0)])
+    assert load_state(tmp_path).classes == ZOO
+    assert read_labels(vd / "labels.txt") == ZOO
+    assert read_metadata(vd / "model.onnx")["classes"] == ZOO
+    assert model_info(vd / "model.onnx").classes == ZOO

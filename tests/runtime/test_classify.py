@@ -132,3 +132,30 @@ def test_bad_state_or_model_is_a_one_line_error(state, tmp_path, case):
     r = fieldlearn("classify", str(state.images["red"]), *args)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and named in r.stderr, r.stderr
+
+
+def test_top_k_lists_every_class_in_order_of_probability(state, tmp_path):
+    """If this fails, classify names the right set of classes but in the wrong order, or puts
+    one class's name on another's probability (labels looked up sorted, the ranking reversed):
+    with k = the number of classes a comparison of label *sets* cannot see either."""
+    from fieldlearn.runtime.classify import classify
+    from fieldlearn.runtime.engines import OrtEngine
+    from fieldlearn.runtime.metadata import model_info
+
+    info = model_info(state.model)
+    assert info.classes == CLASSES          # red, green, blue: logit order, not alphabetical
+    colours = {"gbr.png": (0.2, 1.0, 0.6), "brg.png": (0.5, 0.1, 1.0), "rgb.png": (1.0, 0.55, 0.1)}
+    paths = []
+    for i, (name, rgb) in enumerate(colours.items()):
+        photo(rgb, (30, 30), 10 + i).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    results = classify(paths, info, OrtEngine(state.model, threads=1), top_k=len(CLASSES))
+    mean, std = info.mean, info.std
+    for res, rgb in zip(results, colours.values()):
+        # ColourNet's logit of a class is 4 x its channel's normalised mean (photo: c * 200 + 25).
+        logits = [4 * ((c * 200 + 25) / 255 - m) / s for c, m, s in zip(rgb, mean, std)]
+        want = sorted(range(3), key=lambda j: -logits[j])
+        assert [t["label"] for t in res["top"]] == [CLASSES[j] for j in want], res
+        assert [t["index"] for t in res["top"]] == want
+        probs = [t["prob"] for t in res["top"]]
+        assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,172 @@
+"""One increment's training step (fieldlearn.device.learner.train_step), seen from outside:
+what reaches the student's trainable blocks, and the loss it logs against the paper's
+formula written out here in plain torch (not taken from the method objects)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from fieldlearn.device.data import ImageSet, to_input
+from fieldlearn.device.learner import train_step
+from fieldlearn.device.methods import make_method
+from fieldlearn.device.model import build_student
+from fieldlearn.device.engine_teacher import make_teacher
+from tests.conftest import tiny_config
+
+N_OLD, N_NEW, PER_CLASS = 2, 2, 4
+
+
+def _cfg(**loss):
+    """tiny_config with the paper's linear head, torch everywhere, one batch per epoch and
+    no gradient clipping (the clip would rescale the terms' gradients together)."""
+    cfg = tiny_config(max_grad_norm=0.0, augment=False, trunk_backend="torch", lr=0.05)
+    cfg.model = dataclasses.replace(cfg.model, classifier="linear")
+    cfg.teacher_backend = "torch"
+    cfg.loss = dataclasses.replace(cfg.loss, **loss)
+    return cfg
+
+
+def _increment(seed: int = 0):
+    """(student widened to N_OLD + N_NEW, teacher, new-class data). The teacher is a
+    perturbed copy of the student: at the first batch of a real increment the student IS
+    its teacher and LAD (an L1 at zero) has no gradient yet, so the difference between
+    the two would only show from the second batch on."""
+    cfg = _cfg()
+    torch.manual_seed(seed)
+    student = build_student(cfg.model, N_OLD)
+    g = torch.Generator().manual_seed(seed + 1)
+    images = torch.randint(0, 256, ((N_NEW * PER_CLASS), 3, 32, 32), generator=g, dtype=torch.uint8)
+    _warm_batchnorm(student, to_input(images, 32, cfg.model.mean, cfg.model.std))
+    old = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in [*old.top.parameters(), *old.head.parameters()]:
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    teacher = make_teacher(old, "torch")
+    student.widen(N_NEW)
+    labels = torch.arange(N_OLD, N_OLD + N_NEW).repeat_interleave(PER_CLASS)
+    data = ImageSet(images, labels, [f"c{i}" for i in range(N_OLD + N_NEW)])
+    return student, teacher, data
+
+
+def _warm_batchnorm(student, x):
+    """BatchNorm statistics from data: a fresh net's eval-mode features are ~0 (its running
+    statistics are the identity), which would leave every loss term without a gradient."""
+    bns = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # a plain average over the warm-up pass
+        m.train()
+    with torch.no_grad():
+        student(x)
+    for m in bns:
+        m.momentum = 0.1
+    student.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster, and steadier on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def increment():
+    return _increment()
+
+
+def _step(increment, method: str, **loss):
+    """One lwm/lwf_mc/... train_step (one batch) on a copy of the student: (student after, report)."""
+    student, teacher, data = increment
+    student = copy.deepcopy(student)
+    cfg = _cfg(**loss)
+    report = train_step(student, make_method(method, cfg.loss), data, n_old=N_OLD, epochs=1, cfg=cfg,
+                        teacher=teacher, step=1)
+    assert report.optimizer_steps == [1]
+    return student, report
+
+
+def _blocks(student) -> torch.Tensor:
+    """The trainable blocks of the top (the head excluded), flattened."""
+    return torch.cat([p.detach().flatten() for p in student.top.parameters()])
+
+
+def test_lad_reaches_the_trainable_blocks_through_a_training_step(increment):
+    """If this fails, LwM has quietly become LwF-MC: the attention term's gradient no longer
+    reaches the student's feature blocks (e.g. a .detach() of the student features in the
+    learner or the method), so gamma changes nothing but the head."""
+    w0 = _blocks(increment[0])
+    d = {g: _blocks(_step(increment, "lwm", gamma=g)[0]) - w0 for g in (0.0, 1.0, 2.0)}
+    lad_part = d[1.0] - d[0.0]
+    assert lad_part.abs().max() > 1e-3 * d[0.0].abs().max(), "gamma * LAD moved no weight of the blocks"
+    # One SGD step is linear in the gradient: gamma = 2 moves the blocks twice as far as gamma = 1.
+    torch.testing.assert_close(d[2.0] - d[0.0], 2 * lad_part, rtol=1e-3, atol=1e-3 * lad_part.abs().max().item())
+    # LwF-MC is LwM at gamma = 0, step for step.
+    assert torch.equal(_blocks(_step(increment, "lwf_mc")[0]) - w0, d[0.0])
+
+
+def test_ld_reaches_the_blocks_in_proportion_to_beta(increment):
+    """If this fails, beta no longer weighs LD in what trains the student (e.g. `beta *`
+    dropped from the total loss): LwF-MC's distillation strength is not what is configured."""
+    w0 = _blocks(increment[0])
+    d = {b: _blocks(_step(increment, "lwf_mc", beta=b)[0]) - w0 for b in (0.0, 1.0, 3.0)}
+    ld_part = d[1.0] - d[0.0]
+    assert ld_part.abs().max() > 1e-3 * d[0.0].abs().max()
+    torch.testing.assert_close(d[3.0] - d[0.0], 3 * ld_part, rtol=1e-3, atol=1e-3 * ld_part.abs().max().item())
+
+
+# ---------------------------------------------------------------- the paper's loss, by hand
+
+def _hand_loss(logits, feats, head_w, labels, t_logits, t_feats, t_head_w, *, ld, beta, gamma, temperature):
+    """LC (cross-entropy over the new classes' logits), beta * LD, gamma * LAD, each written
+    out from its definition (Dhar et al. 2019; Hinton et al. 2015 for KD)."""
+    logits, feats, head_w = logits.double(), feats.double(), head_w.double()
+    t_logits, t_feats, t_head_w = t_logits.double(), t_feats.double(), t_head_w.double()
+    b = len(labels)
+    new = logits[:, N_OLD:]
+    lc = -(new.gather(1, (labels - N_OLD)[:, None]).squeeze(1) - new.exp().sum(1).log()).mean()
+    s_old = logits[:, :N_OLD]
+    if ld == "kd":
+        t = temperature
+        p_t = (t_logits / t).exp() / (t_logits / t).exp().sum(1, keepdim=True)
+        log_p_s = s_old / t - (s_old / t).exp().sum(1, keepdim=True).log()
+        ld_val = t * t * (p_t * (p_t.log() - log_p_s)).sum() / b          # T^2 KL(teacher || student)
+    else:
+        y, yh = torch.sigmoid(t_logits), torch.sigmoid(s_old)
+        ld_val = -(y * yh.log() + (1 - y) * (1 - yh).log()).sum() / b
+
+    def cam(f, w):   # Grad-CAM of a GAP -> linear head at the last conv map, L2-normalised
+        m = torch.stack([(w[i][:, None, None] * f[i]).sum(0).flatten() for i in range(b)]).clamp_min(0)
+        return m / m.norm(dim=1, keepdim=True)
+
+    cls = t_logits.argmax(1)                                   # the teacher's top-1 base class
+    lad = (cam(feats, head_w[cls]) - cam(t_feats, t_head_w[cls])).abs().sum(1).mean()
+    return {"lc": lc, "ld": beta * ld_val, "lad": gamma * lad}
+
+
+@pytest.mark.parametrize("ld", ["kd", "bce"])
+def test_logged_loss_terms_equal_the_papers_formula(increment, ld):
+    """If this fails, the loss that trains an LwM increment is not LC + beta * LD + gamma * LAD
+    as defined: a weight dropped, KD's T^2 factor gone, the KL's arguments swapped, BCE's
+    targets and predictions exchanged, or LAD's maps built from the wrong class."""
+    loss = dict(ld=ld, beta=0.7, gamma=1.3, temperature=3.0)
+    student, teacher, data = increment
+    before = copy.deepcopy(student).eval()   # increments freeze BatchNorm; dropout is 0
+    _, report = _step(increment, "lwm", **loss)
+    cfg = _cfg(**loss)
+    with torch.no_grad():
+        z = before.encode(to_input(data.images, 32, cfg.model.mean, cfg.model.std))
+        feats, logits = before.forward_top(z)
+        t_feats, t_logits = teacher.model.forward_top(z)
+    want = _hand_loss(logits, feats, before.head.weight.detach(), data.labels, t_logits, t_feats,
+                      teacher.head_weight, **loss)
+    assert set(report.loss_terms) == {"lc", "ld", "lad"}
+    for k, v in want.items():
+        assert v.item() > 1e-3, f"{k} is ~0 at this point: the comparison would say nothing"
+        assert report.loss_terms[k] == pytest.approx(v.item(), rel=2e-5), k
