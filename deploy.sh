@@ -249,7 +249,7 @@ fi
 # ----------------------------------------------------------------------------- extras
 if [[ $SELFCHECK -eq 1 ]]; then
     say "self-check of the fused kernel"
-    "$VPY" -m fieldlearn.device.selfcheck --out "$ROOT/selfcheck.json"
+    "$VPY" -m fieldlearn.tools.selfcheck --out "$ROOT/selfcheck.json"
 fi
 
 if [[ $SERVICE -eq 1 ]]; then

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from importlib.metadata import version
+        from fieldlearn.runtime.metadata import fieldlearn_version  # noqa: PLC0415
 
-        print(f"fieldlearn {version('fieldlearn')}")
+        print(f"fieldlearn {fieldlearn_version()}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -1,3 +1,4 @@
-"""fieldlearn.device: the on-device class-incremental learner (Learning without Memorizing)."""
+"""fieldlearn.device: the on-device class-incremental learner (Learning without Memorizing).
 
-__version__ = "0.1.0"
+The version of fieldlearn is the package metadata's (fieldlearn.runtime.metadata.fieldlearn_version).
+"""

@@ -6,6 +6,9 @@ and the map ReLU(sum_k alpha_k A_k) = ReLU(sum_k W[c, k] A_k) / (h*w). After L2
 normalisation the positive factor is gone: `gradcam` below is exact, with no backward.
 `gradcam_autograd` builds the map the textbook way (hooks + autograd.grad) and is the
 test oracle; with create_graph=True it is differentiable (double backward).
+
+This module owns the maps and their normalisation floor EPS; the fused LAD op
+(fieldlearn.device.ops.attention_distill) builds on them, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from fieldlearn.device.ops.attention_distill import EPS
+EPS = 1e-12   # floor of a map's L2 norm: an all-zero map stays zero instead of 0/0
 
 
 def gradcam(feats: torch.Tensor, head_weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

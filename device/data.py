@@ -423,3 +423,17 @@ def report_unknown_classes(data_classes: list[str], model_classes: list[str], wh
         warnings.warn(f"{where}: {len(unknown)} of its {len(data_classes)} classes are not known to the model and "
                       f"were not evaluated ({', '.join(unknown[:SHOWN])}{', ...' if len(unknown) > SHOWN else ''})",
                       SkippedInput, stacklevel=2)
+
+
+def known_classes_of(spec: str, split: str, model_classes: list[str], image_size: int,
+                     what: str) -> tuple[ImageSet, list[str]]:
+    """The images of dataset `spec`'s split whose class the model knows, labelled by the
+    model's class indices, and those classes (in the model's order): what `fieldlearn eval`
+    and `learn --eval` score. UserError naming `what` when it shares no class with the model;
+    one warning line for the classes left out (report_unknown_classes)."""
+    data = open_dataset(spec, split, image_size)
+    known = [c for c in model_classes if c in data.class_names]
+    if not known:
+        raise UserError(f"{what}: shares no class name with the model ({', '.join(model_classes[:5])}...)")
+    report_unknown_classes(data.class_names, model_classes, what)
+    return data.reorder([data.class_names.index(c) for c in known]).relabel(model_classes), known

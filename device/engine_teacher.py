@@ -1,4 +1,6 @@
-"""A teacher that runs in an inference engine (ONNX Runtime or TensorRT) instead of torch.
+"""A teacher that runs in an inference engine (ONNX Runtime or TensorRT) instead of torch, and
+`make_teacher`, which picks the next increment's teacher: torch (fieldlearn.device.teacher)
+or an engine, whichever the backend option and this machine allow.
 
 After each increment the student's top (trainable blocks + head) is exported as the
 teacher graph z -> (logits, features) (fieldlearn.export.onnx.export_teacher) and loaded
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fieldlearn.device.model import Student
-from fieldlearn.device.teacher import TeacherOutput
+from fieldlearn.device.teacher import Teacher, TeacherOutput, TorchTeacher
 from fieldlearn.runtime.errors import UserError
 
 ENGINE_BACKENDS = ("onnxruntime", "tensorrt")
@@ -121,3 +123,27 @@ def pick_backend(device: torch.device) -> str:
         if "CUDAExecutionProvider" in ort.get_available_providers():
             return "onnxruntime"
     return "torch"
+
+
+def make_teacher(student: Student, backend: str = "torch", **engine_options) -> Teacher:
+    """The teacher for the next increment, on the requested backend.
+
+    "auto": TensorRT (CUDA + tensorrt importable) > ONNX Runtime > torch (see
+    pick_backend); "torch", "onnxruntime", "tensorrt"
+    force one, with a UserError saying why when it cannot run here. engine_options
+    (work_dir, batch_size, threads) go to EngineTeacher.
+    """
+    choices = ("auto", "torch", "onnxruntime", "tensorrt")
+    if backend not in choices:
+        raise UserError(f"--teacher-backend {backend}: unknown (choose {', '.join(choices)})")
+    if backend == "torch":
+        return TorchTeacher(student)
+    device = student.head.weight.device
+    if backend == "auto":
+        backend = pick_backend(device)
+        if backend == "torch":
+            return TorchTeacher(student)
+    reason = engine_unavailable_reason(backend, device)
+    if reason is not None:
+        raise UserError(f"--teacher-backend {backend}: {reason}")
+    return EngineTeacher(student, backend, **engine_options)

@@ -24,9 +24,10 @@ import torch
 from fieldlearn.device.classifier import TooFewImages, check_counts, fit_drift, phi, solve_head
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import ImageSet, to_input
+from fieldlearn.device.engine_teacher import make_teacher
 from fieldlearn.device.methods import Batch, Method, make_method
 from fieldlearn.device.model import Student
-from fieldlearn.device.teacher import Teacher, make_teacher, teacher_targets
+from fieldlearn.device.teacher import Teacher, teacher_targets
 from fieldlearn.device.trunk_encoder import trunk_encoder
 from fieldlearn.runtime.errors import UserError
 
@@ -52,6 +53,18 @@ class StepReport:
     # True when the step learns by class statistics alone, by design (method "none", or a
     # classifier that reads only the frozen ImageNet top): no optimiser step is expected.
     statistics_only: bool = False
+
+
+def setup_torch(cfg: RunConfig) -> None:
+    """torch as the config asks before a step runs: its thread count, and a UserError naming
+    --device when the CUDA device it names is not there."""
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.train.device}: CUDA is not available on this machine")
+    index = cfg.train.device.partition(":")[2]
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {cfg.train.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _progress(iterable, enabled: bool, desc: str):

@@ -24,11 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from fieldlearn.device.atomic import fsync_dir
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.learner import StepReport
 from fieldlearn.device.model import Student
 from fieldlearn.device.state import save_version
+from fieldlearn.runtime.atomic import fsync_dir
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import PENDING
 

@@ -25,19 +25,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from fieldlearn.device import __version__
-from fieldlearn.device.atomic import fsync_dir, fsync_tree, write_text
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
-from fieldlearn.device.store import (
-    FORMAT, META, WEIGHTS, DiskFull, clean_leftovers, config_of, disk_full_reason, read_meta,
-)
+from fieldlearn.device.store import FORMAT, DiskFull, clean_leftovers, config_of, disk_full_reason, read_meta
+from fieldlearn.runtime.atomic import fsync_dir, fsync_tree
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes
-from fieldlearn.runtime.layout import VERSION_RE, current_version_dir, current_version_name, versions_dir
+from fieldlearn.runtime.metadata import fieldlearn_version
+from fieldlearn.runtime.layout import (META, TMP_PREFIX, WEIGHTS, current_file, current_version_dir,
+                                       next_version_name, switch_current, versions_dir)
 
-# FORMAT, WEIGHTS, META, read_meta and clean_leftovers live in fieldlearn.device.store (no torch)
-# so that history/rollback/prune and the lock stay light; they are re-exported here.
+# FORMAT, read_meta and clean_leftovers live in fieldlearn.device.store (no torch) so that
+# history/rollback/prune and the lock stay light; the file names in fieldlearn.runtime.layout.
 
 
 @dataclass
@@ -66,15 +65,6 @@ def init_state_dir(state_dir: Path) -> Path:
     return state_dir
 
 
-def has_state(state_dir: Path) -> bool:
-    return (Path(state_dir) / "current").is_file()
-
-
-def _next_version_name(state_dir: Path) -> str:
-    existing = [int(p.name) for p in versions_dir(state_dir).iterdir() if VERSION_RE.match(p.name)]
-    return f"{(max(existing) if existing else 0) + 1:04d}"
-
-
 def save_version(state_dir: Path, student: Student, classes: list[str], config: RunConfig, step: int,
                  history: list[dict], extra: dict[str, Any] | None = None,
                  writers: list | None = None) -> Path:
@@ -87,7 +77,7 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         raise ValueError(f"{len(classes)} class names for a head of {student.num_classes}")
     state_dir = init_state_dir(state_dir)
     vd = versions_dir(state_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=vd))   # 0700
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=vd))   # 0700
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS))
@@ -95,7 +85,7 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         m = config.model
         meta = {
             "format": FORMAT,
-            "fieldlearn_version": __version__,
+            "fieldlearn_version": fieldlearn_version(),
             "step": step,
             "classes": list(classes),
             "num_classes": len(classes),
@@ -114,7 +104,7 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         for w in writers or []:
             w(tmp)
         fsync_tree(tmp)
-        name = _next_version_name(state_dir)
+        name = next_version_name(state_dir)
         final = vd / name
         os.rename(tmp, final)
         fsync_dir(vd)
@@ -123,17 +113,17 @@ def save_version(state_dir: Path, student: Student, classes: list[str], config: 
         _raise_if_disk_full(e, state_dir)
         raise
     try:
-        write_text(state_dir / "current", name + "\n")
+        switch_current(state_dir, name)
     except BaseException as e:
         # Not current, so not published: take it back out of the namespace (a crash right
         # here leaves a complete but never-current version, which is harmless). If the
         # pointer did switch (only its directory fsync failed), the version stays.
         try:
-            switched = (state_dir / "current").read_text().strip() == name
+            switched = current_file(state_dir).read_text().strip() == name
         except OSError:
             switched = False
         if not switched:
-            back = vd / f".tmp-unpublished-{name}"
+            back = vd / f"{TMP_PREFIX}unpublished-{name}"
             os.rename(final, back)
             shutil.rmtree(back, ignore_errors=True)
         _raise_if_disk_full(e, state_dir)
@@ -191,7 +181,6 @@ def load_state(state_dir: Path, device: str = "cpu") -> LoadedState:
     return load_version(current_version_dir(state_dir), device=device)
 
 
-__all__ = ["LoadedState", "save_version", "load_state", "load_version", "read_meta", "has_state",
-           "init_state_dir", "clean_leftovers", "current_version_name"]
+__all__ = ["LoadedState", "save_version", "load_state", "load_version", "init_state_dir"]
 
 

@@ -34,15 +34,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from fieldlearn.runtime.atomic import fsync_dir
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import NotRegularFile, open_regular
 from fieldlearn.runtime.files import read_text as read_regular_text
-from fieldlearn.runtime.layout import PENDING, VERSION_RE, current_version_name, versions_dir
+from fieldlearn.runtime.layout import (CURRENT, EXPORT_PREFIX, LOCK, META, ONNX_FILE, ENGINE_FILE, PENDING, TMP_PREFIX,
+                                       VERSION_RE, VERSIONS, WEIGHTS, current_version_name, switch_current,
+                                       version_names, versions_dir)
 
 FORMAT = 2  # bump when meta.json changes incompatibly (2: class statistics and a solved classifier head)
-WEIGHTS = "model.safetensors"
-META = "meta.json"
-LOCK = "lock"
 MAX_CLASS_NAME = 200  # characters; a class name also names an ONNX label and a folder
 
 # ------------------------------------------------------------------------- class names
@@ -88,6 +88,18 @@ def check_class_names(names: list, where: str | Path) -> None:
             raise UserError(f"{where}: class name {n!r} appears twice" +
                             (f" (as {seen[key]!r})" if seen[key] != n else ""))
         seen[key] = n
+
+
+def check_new_class_names(new: list, known: list[str], where: Path) -> None:
+    """Classes to add to a model that knows `known`: UserError unless every new name is a
+    valid class name, they are distinct (check_class_names, naming `where`), and none is known
+    already (compared in NFC too, naming `where`/NAME). fieldlearn learn and the watch daemon
+    (before it claims a folder) both ask this."""
+    check_class_names(new, where)
+    known_keys = {unicodedata.normalize("NFC", k) for k in known}
+    for n in new:
+        if unicodedata.normalize("NFC", n) in known_keys:
+            raise UserError(f"{Path(where) / n}: class '{n}' is already known to the model")
 
 
 # ------------------------------------------------------------------------- reading versions
@@ -196,22 +208,6 @@ def version_problem(version_dir: Path) -> str | None:
     return f"{Path(version_dir) / WEIGHTS}: {why}" if why else None
 
 
-def version_names(state_dir: Path, pending: bool = True) -> list[str]:
-    """Published versions, oldest first. pending=False leaves out a version that was renamed
-    into place but never switched to (its writer died in between; the next writer removes it)."""
-    vd = versions_dir(state_dir)
-    if not vd.is_dir():
-        return []
-    names = [p.name for p in vd.iterdir() if VERSION_RE.match(p.name) and p.is_dir()]
-    if not pending:
-        try:
-            cur = current_version_name(state_dir)
-        except UserError:
-            cur = None
-        names = [n for n in names if n == cur or not (vd / n / PENDING).exists()]
-    return sorted(names, key=int)
-
-
 def _accuracies(entry: dict) -> dict[str, float]:
     keys = ("test_accuracy", "new_class_val_accuracy", "eval_accuracy")
     return {k: entry[k] for k in keys if isinstance(entry.get(k), (int, float))}
@@ -242,8 +238,8 @@ def history(state_dir: Path) -> list[dict[str, Any]]:
                        new_classes=len(new) if isinstance(new, list) else None,
                        method=last.get("method"), accuracy=_accuracies(last),
                        fieldlearn_version=meta.get("fieldlearn_version"))
-        rec["exported"] = (vdir / "model.onnx").is_file()
-        rec["engine"] = (vdir / "model.engine").is_file()
+        rec["exported"] = (vdir / ONNX_FILE).is_file()
+        rec["engine"] = (vdir / ENGINE_FILE).is_file()
         rec["created"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(vdir.stat().st_mtime))
         rec["problem"] = problem
         out.append(rec)
@@ -251,12 +247,6 @@ def history(state_dir: Path) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------- switching and pruning
-
-def _write_current(state_dir: Path, name: str) -> None:
-    from fieldlearn.device.atomic import write_text  # noqa: PLC0415 - stdlib-only module
-
-    write_text(Path(state_dir) / "current", name + "\n")
-
 
 def _resolve(state_dir: Path, to: int | str) -> str:
     names = version_names(state_dir)
@@ -292,17 +282,15 @@ def rollback(state_dir: Path, to: int | str | None = None) -> tuple[str | None, 
         if problem:
             raise UserError(f"--to {to}: version {target} is not complete ({problem})")
     if target != cur:
-        _write_current(state_dir, target)
+        switch_current(state_dir, target)
     return cur, target
 
 
 def _discard(state_dir: Path, name: str) -> None:
     """Remove a version: an atomic rename out of the namespace first (a crash leaves a
     .tmp-* leftover, never a half-deleted version), then delete."""
-    from fieldlearn.device.atomic import fsync_dir  # noqa: PLC0415
-
     vd = versions_dir(state_dir)
-    gone = vd / f".tmp-discard-{name}-{os.getpid()}"
+    gone = vd / f"{TMP_PREFIX}discard-{name}-{os.getpid()}"
     os.rename(vd / name, gone)
     fsync_dir(vd)
     shutil.rmtree(gone, ignore_errors=True)
@@ -349,7 +337,7 @@ def clean_leftovers(state_dir: Path) -> list[Path]:
         cur = None
     if vd.is_dir():
         for p in list(vd.iterdir()):
-            if p.name.startswith(".tmp-"):
+            if p.name.startswith(TMP_PREFIX):
                 rm(p)
             elif VERSION_RE.match(p.name) and p.is_dir() and (p / PENDING).exists():
                 if p.name == cur:
@@ -359,9 +347,9 @@ def clean_leftovers(state_dir: Path) -> list[Path]:
                     removed.append(p)
             elif VERSION_RE.match(p.name) and p.is_dir():
                 for q in list(p.iterdir()):
-                    if q.name.startswith(".export-") or (q.name.startswith(".") and q.name.endswith(".tmp")):
+                    if q.name.startswith(EXPORT_PREFIX) or (q.name.startswith(".") and q.name.endswith(".tmp")):
                         rm(q)
-    for p in state_dir.glob(".current.*.tmp"):
+    for p in state_dir.glob(f".{CURRENT}.*.tmp"):   # runtime.atomic's temp name of the pointer
         rm(p)
     return removed
 
@@ -540,12 +528,12 @@ def state_lock(state_dir: Path, command: str, create: bool = False) -> Iterator[
     finally:
         if read_lock(state_dir) == me:
             path.unlink(missing_ok=True)
-        if made and not any(p for p in state_dir.iterdir() if p.name != "versions") and \
+        if made and not any(p for p in state_dir.iterdir() if p.name != VERSIONS) and \
                 not any(versions_dir(state_dir).iterdir() if versions_dir(state_dir).is_dir() else []):
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
-__all__ = ["config_of", "FORMAT", "WEIGHTS", "META", "LOCK", "LockOwner", "StateLocked", "read_meta", "version_problem",
-           "safetensors_problem", "version_names", "history", "rollback", "prune", "clean_leftovers",
-           "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names",
+__all__ = ["config_of", "FORMAT", "LockOwner", "StateLocked", "read_meta", "version_problem",
+           "safetensors_problem", "history", "rollback", "prune", "clean_leftovers",
+           "state_lock", "read_lock", "owner_alive", "class_name_problem", "check_class_names", "check_new_class_names",
            "disk_full_reason", "DiskFull", "check_saved_config"]

@@ -5,6 +5,10 @@ A teacher maps the trunk output z (the frozen blocks are shared by teacher and s
 so they run once) to its base-class logits and last conv feature map, with no gradient.
 It also exposes its head weight so the learner builds the teacher's Grad-CAM in closed
 form (fieldlearn.device.attention.gradcam): no backward pass through the teacher.
+
+This module owns the interface (Teacher, TeacherOutput), the torch teacher and the targets
+the losses take from a teacher; fieldlearn.device.engine_teacher runs one in an engine and
+picks which one an increment gets (make_teacher).
 """
 
 from __future__ import annotations
@@ -88,31 +92,3 @@ class TorchTeacher:
 
         self.model = None
         trim_heap()   # its weights' pages go back to the OS, not only to malloc
-
-
-def make_teacher(student: Student, backend: str = "torch", **engine_options) -> Teacher:
-    """The teacher for the next increment, on the requested backend.
-
-    "auto": TensorRT (CUDA + tensorrt importable) > ONNX Runtime > torch (see
-    fieldlearn.device.engine_teacher.pick_backend); "torch", "onnxruntime", "tensorrt"
-    force one, with a UserError saying why when it cannot run here. engine_options
-    (work_dir, batch_size, threads) go to EngineTeacher.
-    """
-    from fieldlearn.runtime.errors import UserError
-
-    choices = ("auto", "torch", "onnxruntime", "tensorrt")
-    if backend not in choices:
-        raise UserError(f"--teacher-backend {backend}: unknown (choose {', '.join(choices)})")
-    if backend == "torch":
-        return TorchTeacher(student)
-    from fieldlearn.device import engine_teacher
-
-    device = student.head.weight.device
-    if backend == "auto":
-        backend = engine_teacher.pick_backend(device)
-        if backend == "torch":
-            return TorchTeacher(student)
-    reason = engine_teacher.engine_unavailable_reason(backend, device)
-    if reason is not None:
-        raise UserError(f"--teacher-backend {backend}: {reason}")
-    return engine_teacher.EngineTeacher(student, backend, **engine_options)

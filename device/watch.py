@@ -41,7 +41,6 @@ time, so only a class that fails alone MAX_ATTEMPTS times is moved to INBOX/.rej
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -56,19 +55,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fieldlearn.device.atomic import write_text
 from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
+from fieldlearn.runtime.atomic import fsync_file, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text, why_not_regular
-from fieldlearn.runtime.layout import current_version_name
+from fieldlearn.runtime.layout import (DONE, JOURNAL, META, REASON, REJECTED, STATUS, WATCH_LOCK, current_version_dir,
+                                       current_version_name, has_current, version_dir)
 
-DONE = ".done"
-REJECTED = ".rejected"
-REASON = ".reason"
-MARKERS = {DONE, REASON}  # the daemon's own files in a class folder
-JOURNAL = "watch-journal.json"
-STATUS = "watch-status.json"
-LOCK = ".watch.lock"
 MAX_ATTEMPTS = 3          # failed tries (caused by the data) of one class alone before it is set aside
 EXPORT_CHECK_IMAGES = 4   # real images (from the increment) in the export's parity check
 SETTLE_SECONDS = 10.0     # default: a folder must have been quiet this long before it is taken
@@ -226,8 +219,7 @@ def move_file(src: Path, dest: Path) -> None:
             raise
         tmp = dest.with_name(f".{dest.name}.part")
         shutil.copy2(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.replace(tmp, dest)
         src.unlink()
 
@@ -298,7 +290,7 @@ class Watcher:
     # ------------------------------------------------------------------ set-up
 
     def _check_paths(self) -> None:
-        if not (self.state_dir / "current").is_file():
+        if not has_current(self.state_dir):
             current_version_name(self.state_dir)     # its message says what to do (rollback --to N, or init)
             raise UserError(f"--state {self.state_dir}: holds no model yet (run fieldlearn init first)")
         if _inside(self.state_dir, self.inbox) or _inside(self.inbox, self.state_dir):
@@ -333,9 +325,25 @@ class Watcher:
             if problem:
                 raise UserError(f"{what} {folder}: not writable ({problem}); fieldlearn watch needs write access: {why}")
 
+    def check_config(self) -> None:
+        """At start: fail (exit 2) on options that cannot work here, e.g. --device cuda without
+        a GPU, rather than on every increment (which would end with the folders set aside).
+        The config is checked as an increment will make it (increment.step_config)."""
+        from fieldlearn.device.config import RunConfig  # noqa: PLC0415
+        from fieldlearn.device.increment import step_config  # noqa: PLC0415
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+
+        vdir = current_version_dir(self.state_dir)
+        meta = read_meta(vdir)
+        try:
+            base = RunConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.state_dir}: the current version's config is unreadable ({e})") from None
+        step_config(base, self.cfg_args, source=str(vdir / META))
+
     def lock(self) -> None:
         """One watcher per state dir; the lock dies with the process (SIGKILL included)."""
-        path = self.state_dir / LOCK
+        path = self.state_dir / WATCH_LOCK
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
         except OSError as e:
@@ -382,9 +390,9 @@ class Watcher:
         a Jetson's eMMC should not be written every few seconds for nothing)."""
         try:
             name = current_version_name(self.state_dir)
-            from fieldlearn.device.state import read_meta  # noqa: PLC0415
+            from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
-            classes = list(read_meta(self.state_dir / "versions" / name).get("classes", []))
+            classes = list(read_meta(version_dir(self.state_dir, name)).get("classes", []))
         except (UserError, OSError):
             name, classes = None, []
         if scan_result is None:
@@ -416,10 +424,10 @@ class Watcher:
     def _finish_published(self, claim: Claim) -> bool:
         """A previous run was stopped after publishing `claim` (its classes are in the current
         model): only the clean-up is left. Returns False when the increment must be redone."""
-        from fieldlearn.device.state import read_meta  # noqa: PLC0415
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
         current = current_version_name(self.state_dir)
-        known = read_meta(self.state_dir / "versions" / current).get("classes", [])
+        known = read_meta(version_dir(self.state_dir, current)).get("classes", [])
         if not all(n in known for n in claim.names):
             return False
         claim.phase, claim.version = "cleanup", claim.version or current
@@ -592,18 +600,17 @@ class Watcher:
     # ------------------------------------------------------------------ parts of a step
 
     def _claim(self) -> Claim | None:
-        from fieldlearn.device.commands.learn import check_class_names  # noqa: PLC0415
-        from fieldlearn.device.state import read_meta  # noqa: PLC0415
+        from fieldlearn.device.store import check_new_class_names, read_meta  # noqa: PLC0415
 
         ready = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds).ready
         if not ready:
             return None
         current = current_version_name(self.state_dir)
-        known = list(read_meta(self.state_dir / "versions" / current).get("classes", []))
+        known = list(read_meta(version_dir(self.state_dir, current)).get("classes", []))
         files: dict[str, list[str]] = {}
         for name in ready:
             try:
-                check_class_names([name], known, self.inbox)
+                check_new_class_names([name], known, self.inbox)
             except UserError as e:
                 self._reject(name, str(e))
                 continue
@@ -667,16 +674,11 @@ class Watcher:
         return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), names), good
 
     def _learn(self, claim: Claim) -> bool:
-        from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
-        from fieldlearn.device.commands.common import setup_torch  # noqa: PLC0415
-        from fieldlearn.device.commands.learn import learn_new_classes  # noqa: PLC0415
-        from fieldlearn.device.state import load_state  # noqa: PLC0415
+        from fieldlearn.device import increment  # noqa: PLC0415 - torch: only once something is learned
 
         t0 = time.perf_counter()
         try:
-            state = load_state(self.state_dir)
-            cfg = config_from_args(self.cfg_args, base=state.config) if self.cfg_args is not None else state.config
-            setup_torch(cfg)
+            state, cfg = increment.open_increment(self.state_dir, self.cfg_args)   # as fieldlearn learn does
         except UserError as e:                       # a broken state is not the new classes' fault
             raise NotTheData(str(e)) from None
         if not hasattr(self.cfg_args, "train.progress"):
@@ -686,9 +688,9 @@ class Watcher:
             return False
         self.event("learning", f"{len(data.class_names)} classes, {len(data)} images, {cfg.method}",
                    state="learning", claimed=claim.names)
-        inc = learn_new_classes(self.state_dir, state, data, cfg, val_fraction=self.val_fraction,
-                                eval_data=self.eval_data, where=self.inbox, export=True, export_images=check,
-                                extra_entry={"source": "watch"})
+        inc = increment.learn_new_classes(self.state_dir, state, data, cfg, val_fraction=self.val_fraction,
+                                          eval_data=self.eval_data, where=self.inbox, export=True,
+                                          export_images=check, extra_entry={"source": "watch"})
         claim.phase, claim.version = "cleanup", inc.version_dir.name
         write_journal(self.state_dir, claim)
         acc = inc.entry.get("new_class_val_accuracy")

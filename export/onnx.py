@@ -35,7 +35,8 @@ import torch.nn as nn
 from fieldlearn.runtime import metadata as md
 from fieldlearn.runtime.atomic import atomic_write_bytes
 from fieldlearn.runtime.engines import Batch, OrtEngine, TorchEngine, cross_validate
-from fieldlearn.runtime.metadata import LABELS_FILE, ONNX_FILE
+from fieldlearn.runtime.layout import LABELS_FILE, ONNX_FILE
+from fieldlearn.runtime.metadata import fieldlearn_version
 
 OPSET = 17
 
@@ -85,26 +86,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = flag
 
 
-def fieldlearn_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
-    try:
-        return version("fieldlearn")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, Any],
-                output_names: Sequence[str], input_name: str = md.INPUT_NAME,
-                dynamic_batch: bool = True) -> Path:
-    """Export `model` (forward(input) -> one tensor or a tuple in `output_names` order) to
-    `path`, float32, opset 17, with `metadata` JSON-encoded into metadata_props.
+def onnx_bytes(model: nn.Module, input_shape: Sequence[int], *, metadata: dict[str, Any],
+               output_names: Sequence[str], input_name: str = md.INPUT_NAME, dynamic_batch: bool = True) -> bytes:
+    """`model` (forward(input) -> one tensor or a tuple in `output_names` order) as a checked
+    ONNX model, float32, opset 17, with `metadata` JSON-encoded into metadata_props.
 
     The model is traced in eval mode under no_grad; its own train/eval flags are restored.
     """
     import onnx  # noqa: PLC0415
 
-    path = Path(path)
     param = next(model.parameters(), None)
     dummy = torch.zeros(tuple(input_shape), dtype=torch.float32,
                         device=param.device if param is not None else "cpu")
@@ -122,7 +112,16 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name, proto.producer_version = "fieldlearn", fieldlearn_version()
     onnx.checker.check_model(proto, full_check=True)   # also runs shape inference
-    atomic_write_bytes(path, proto.SerializeToString())
+    return proto.SerializeToString()
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *, metadata: dict[str, Any],
+                output_names: Sequence[str], input_name: str = md.INPUT_NAME,
+                dynamic_batch: bool = True) -> Path:
+    """onnx_bytes of `model`, written atomically to `path`."""
+    path = Path(path)
+    atomic_write_bytes(path, onnx_bytes(model, input_shape, metadata=metadata, output_names=output_names,
+                                         input_name=input_name, dynamic_batch=dynamic_batch))
     return path
 
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from fieldlearn.runtime.cuda import device_description, import_tensorrt, tensorrt_unavailable_reason
-from fieldlearn.runtime.engines import cache_dir
-from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.atomic import atomic_write_bytes
+from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import cache_dir
 
 
 def tensorrt_available() -> bool:

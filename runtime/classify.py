@@ -24,8 +24,8 @@ from fieldlearn.runtime.engines import BACKENDS, best_engine
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import why_not_regular
 from fieldlearn.runtime.images import UnreadableImage, decode_rgb
-from fieldlearn.runtime.layout import current_version_dir
-from fieldlearn.runtime.metadata import ONNX_FILE, ModelInfo, model_info
+from fieldlearn.runtime.layout import ONNX_FILE, current_version_dir
+from fieldlearn.runtime.metadata import ModelInfo, model_info
 
 BATCH = 32  # images per engine call (also the TensorRT profile's max batch for ad-hoc engines)
 

@@ -29,18 +29,24 @@ from typing import Any
 
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes, read_text, why_not_regular
-
-# Files `fieldlearn export` writes into a version dir (STATE/versions/<name>/, see
-# fieldlearn.runtime.layout) or any --out dir.
-ONNX_FILE = "model.onnx"
-LABELS_FILE = "labels.txt"
-ENGINE_FILE = "model.engine"   # + model.engine.json: what it was built for (export.tensorrt)
+from fieldlearn.runtime.layout import LABELS_FILE
 
 INPUT_NAME = "input_0"     # what jetson-inference's imagenet expects
 OUTPUT_NAME = "output_0"
 FEATURES_NAME = "features"
 TEACHER_INPUT = "z"
 TEACHER_OUTPUTS = ("logits", "features")
+
+
+def fieldlearn_version() -> str:
+    """The installed fieldlearn's version, from the package metadata (pyproject.toml): the one
+    version source, written into meta.json, the ONNX metadata and benchmark results alike."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("fieldlearn")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def encode(metadata: dict[str, Any]) -> dict[str, str]:

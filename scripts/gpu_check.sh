@@ -79,7 +79,7 @@ fi
 
 quick=()
 [ "${QUICK:-0}" != "0" ] && quick=(--quick)
-timeout 330 "$PY" -m fieldlearn.device.selfcheck --out "$OUT/selfcheck.json" "${quick[@]}" \
+timeout 330 "$PY" -m fieldlearn.tools.selfcheck --out "$OUT/selfcheck.json" "${quick[@]}" \
     >"$OUT/selfcheck.txt" 2>&1
 sc_rc=$?
 echo

@@ -11,9 +11,9 @@ import importlib
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "accuracy": ("fieldlearn.device.bench_accuracy",
+    "accuracy": ("fieldlearn.tools.bench_accuracy",
                  "class-incremental accuracy: finetune, lwf_mc, lwm, lc_lad and the joint upper bound in one run"),
-    "cost": ("fieldlearn.device.bench_cost",
+    "cost": ("fieldlearn.tools.bench_cost",
              "step time and peak memory of LwM vs fine-tuning, LwF-MC and a naive LwM; time to learn one increment"),
 }
 

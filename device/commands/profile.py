@@ -4,7 +4,7 @@
     fieldlearn profile --state DIR --budget 2GiB --out DIR    # the state's config
 
 Prints the configured increment's memory by component and phase, measured (a fresh
-process; see fieldlearn.device.profile.measure) next to the analytic estimate, then the
+process; see fieldlearn.tools.profile.measure) next to the analytic estimate, then the
 plan: the configuration with the most training throughput whose measured peak fits the
 budget, with the options that select it. Writes profile.json and profile.png (stacked
 bars by component) into --out. Nothing fitting is a one-line error naming the smallest
@@ -17,11 +17,13 @@ import argparse
 from pathlib import Path
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
-from fieldlearn.device.commands.common import log, setup_torch, write_json
+from fieldlearn.device.commands.common import log
+from fieldlearn.device.learner import setup_torch
+from fieldlearn.runtime.atomic import write_json
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MAX_IMAGES
 from fieldlearn.device.validate import option
-from fieldlearn.device.profile.budget import PRESETS, fmt_bytes, parse_budget
+from fieldlearn.tools.profile.budget import PRESETS, fmt_bytes, parse_budget
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fieldlearn.device.profile.chart import plot_plan  # noqa: PLC0415
-    from fieldlearn.device.profile.planner import NothingFits, make_plan  # noqa: PLC0415
+    from fieldlearn.tools.profile.chart import plot_plan  # noqa: PLC0415
+    from fieldlearn.tools.profile.planner import NothingFits, make_plan  # noqa: PLC0415
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
 
     budget = parse_budget(args.budget)

@@ -16,6 +16,7 @@ happens when the daemon is stopped mid-increment.
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import os
 import shutil
@@ -24,11 +25,9 @@ import sys
 from pathlib import Path
 
 from fieldlearn.device.cli_config import add_config_arguments
-from fieldlearn.device.commands.common import log
 from fieldlearn.device.config import Valid
 from fieldlearn.device.validate import option
 from fieldlearn.device.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
-from fieldlearn.runtime.errors import UserError
 
 SECONDS = Valid(0.0, 7 * 86400.0)
 
@@ -96,28 +95,10 @@ def _unit_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def check_config(watcher: Watcher, args: argparse.Namespace) -> None:
-    """Fail at start (exit 2) on options that cannot work here, e.g. --device cuda without a
-    GPU, rather than on every increment (which would end with the folders set aside)."""
-    from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
-    from fieldlearn.device.commands.common import setup_torch  # noqa: PLC0415
-    from fieldlearn.device.config import RunConfig  # noqa: PLC0415
-    from fieldlearn.device.state import read_meta  # noqa: PLC0415
-    from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
-
-    vdir = current_version_dir(watcher.state_dir)
-    meta = read_meta(vdir)
-    try:
-        base = RunConfig.from_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{watcher.state_dir}: the current version's config is unreadable ({e})") from None
-    setup_torch(config_from_args(args, base=base, source=str(vdir / "meta.json")))
-
-
 def run(args: argparse.Namespace) -> int:
     watcher = Watcher(args.inbox, args.state, quiet_seconds=args.quiet_seconds, keep_images=args.keep_images,
                       status_path=args.status, val_fraction=args.val_fraction, eval_data=args.eval_data,
-                      cfg_args=args, log=log, settle_seconds=args.settle_seconds)
+                      cfg_args=args, log=functools.partial(print, flush=True), settle_seconds=args.settle_seconds)
     if args.print_unit:
         # under sudo the service runs as the user who owns the venv and state, not as root
         user = os.environ.get("SUDO_USER") or None if os.geteuid() == 0 else getpass.getuser()
@@ -125,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                            extra_args=_unit_args(args), user=user, scope=args.unit_scope), end="")
         return 0
 
-    check_config(watcher, args)
+    watcher.check_config()
 
     def on_term(signum, frame):  # noqa: ARG001
         raise Stopped()

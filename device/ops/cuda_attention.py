@@ -1,6 +1,7 @@
-"""Fused Grad-CAM + LAD on CUDA: NVRTC-compiled kernels launched with cuda-python.
-
-    AttentionDistillFn.apply(feat_s, w_s, q_t) -> [] float32     (shapes: see attention_distill)
+"""The fused Grad-CAM + LAD kernels' launcher: NVRTC compile, disk cache and launch with
+cuda-python. The op itself (reference, autograd Function, dispatcher) is
+fieldlearn.device.ops.attention_distill, which imports this module only once a CUDA tensor
+arrives; nothing here imports it back.
 
 The source is device/csrc/attention_distill.cu (plain CUDA C, extern "C" kernels). At first
 use it is compiled with NVRTC (`cuda.bindings.nvrtc`) for the compute capability of the
@@ -15,7 +16,7 @@ The host side is split so that it can be exercised without a GPU:
     KernelBackend(launcher)   launch geometry, workspaces, argument packing (the kernel contract)
       CudaLauncher            -> cuLaunchKernel (the real thing)
       (tests)                 -> the same .cu run by a CPU emulator, same packed arguments
-    TorchKernelBackend        the same contract in plain torch: the kernel's math, written out
+    (attention_distill.TorchKernelBackend: the same contract in plain torch)
 
 `use_backend(...)` swaps the backend that AttentionDistillFn calls (tests, self-check).
 
@@ -31,7 +32,6 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -40,9 +40,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from fieldlearn.device.ops.attention_distill import EPS, attention_distill_ref, check_shapes
+from fieldlearn.device.attention import EPS
 from fieldlearn.runtime.atomic import atomic_write_bytes
-from fieldlearn.runtime.engines import cache_dir as runtime_cache_dir
+from fieldlearn.runtime.layout import cache_dir as runtime_cache_dir
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "attention_distill.cu"
 BLOCK = 256                     # threads per block of the partial/backward kernels (FL_BLOCK)
@@ -55,6 +55,11 @@ _TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _PAIRS = (("f32", "f32"), ("f16", "f16"), ("f16", "f32"), ("bf16", "bf16"), ("bf16", "f32"))
 _ITEMS_FWD = {"f32": 8, "f16": 16, "bf16": 16}   # fl_items_fwd<T> = 32 / sizeof(T)
 _MAX_SAMPLE = 1 << 30           # in-sample offsets are int in the kernels
+
+
+def head_dtype(feat_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """dtype the head rows are given to the kernel in (others are cast to float32)."""
+    return w_dtype if (_TAGS[feat_dtype], _TAGS.get(w_dtype)) in _PAIRS else torch.float32
 
 
 def kernel_names() -> list[str]:
@@ -393,8 +398,7 @@ class KernelBackend:
                 and feat.shape[1] * feat.shape[2] * feat.shape[3] <= _MAX_SAMPLE)
 
     def head_dtype(self, feat_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-        """dtype the head rows are given to the kernel in (others are cast to float32)."""
-        return w_dtype if (_TAGS[feat_dtype], _TAGS.get(w_dtype)) in _PAIRS else torch.float32
+        return head_dtype(feat_dtype, w_dtype)
 
     def workspace_numel(self, feat: torch.Tensor) -> int:
         """float32 elements of the forward's partial-sum workspace."""
@@ -444,64 +448,6 @@ class KernelBackend:
         return dfeat, dw
 
 
-class TorchKernelBackend:
-    """The kernel contract in plain torch, formula for formula (float32, or float64 for float64
-    inputs so that gradcheck can check it). Stands in for the kernels where there is no GPU."""
-
-    name = "torch"
-
-    def supports(self, feat: torch.Tensor, w: torch.Tensor, qt: torch.Tensor) -> bool:
-        return feat.dtype.is_floating_point and feat.numel() > 0
-
-    def head_dtype(self, feat_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
-        if feat_dtype == torch.float64:
-            return torch.float64
-        return w_dtype if (_TAGS[feat_dtype], _TAGS.get(w_dtype)) in _PAIRS else torch.float32
-
-    def workspace_numel(self, feat: torch.Tensor) -> int:
-        return 0
-
-    @staticmethod
-    def _acc(feat: torch.Tensor) -> torch.dtype:
-        return torch.float64 if feat.dtype == torch.float64 else torch.float32
-
-    def forward(self, feat, w, qt, out: FwdOut | None = None, workspace=None) -> FwdOut:
-        acc = self._acc(feat)
-        cam = torch.einsum("bc,bcj->bj", w.to(acc), feat.to(acc).flatten(2))     # [B, HW]
-        r = cam.clamp_min(0)
-        nraw = r.norm(dim=1)                                                      # [B]
-        n = torch.where(nraw < EPS, torch.full_like(nraw, EPS), nraw)
-        q = r / n[:, None]
-        d = q - qt.to(acc)
-        loss_b = d.abs().sum(1)
-        S = (q * d.sign()).sum(1)
-        res = FwdOut(loss_b.mean(), cam, torch.stack([nraw, S], 1), loss_b)
-        if out is not None:
-            for name in ("loss", "cam", "stats", "loss_b"):
-                getattr(out, name).copy_(getattr(res, name))
-            return out
-        return res
-
-    def backward(self, feat, w, qt, cam, stats, grad, out=None):
-        acc = cam.dtype
-        B = feat.shape[0]
-        nraw, S = stats[:, 0:1], stats[:, 1:2]                                    # [B, 1]
-        clamped = nraw < EPS
-        n = torch.where(clamped, torch.full_like(nraw, EPS), nraw)
-        gB = grad.to(acc) / B
-        q = cam.clamp_min(0) / n
-        sg = (q - qt.to(acc)).sign()
-        dc = torch.where(cam > 0, gB * torch.where(clamped, sg, sg - q * S) / n, torch.zeros_like(cam))
-        A = feat.to(acc).flatten(2)                                               # [B, C, HW]
-        dfeat = (w.to(acc)[:, :, None] * dc[:, None, :]).view(feat.shape).to(feat.dtype)
-        dw = torch.einsum("bj,bcj->bc", dc, A).to(w.dtype)
-        if out is not None:
-            out[0].copy_(dfeat)
-            out[1].copy_(dw)
-            return out
-        return dfeat, dw
-
-
 # ----------------------------------------------------------------------------- backend choice
 
 _backend: Any = None
@@ -538,56 +484,3 @@ def available() -> bool:
         return bool(torch.cuda.is_available())
     except Exception:  # pragma: no cover - broken driver installs
         return False
-
-
-# ----------------------------------------------------------------------------- autograd
-
-class AttentionDistillFn(torch.autograd.Function):
-    """LAD through the backend's fused forward and single-pass backward.
-
-    Inputs are made contiguous; head rows of a dtype the kernels do not pair with the feature
-    dtype are cast to float32 (their gradient is cast back); q_t is read as float32 (a
-    gradient for it, rarely wanted since the teacher is frozen, is computed in torch).
-    """
-
-    @classmethod
-    def apply(cls, feat_s, w_s, q_t):  # type: ignore[override]
-        # Inputs the backend cannot take (float64, empty batches) go to the reference, so
-        # that the dispatcher may send any CUDA tensor here.
-        if not get_backend().supports(feat_s, w_s, q_t):
-            return attention_distill_ref(feat_s, w_s, q_t)
-        return super().apply(feat_s, w_s, q_t)
-
-    @staticmethod
-    def forward(ctx, feat_s: torch.Tensor, w_s: torch.Tensor, q_t: torch.Tensor) -> torch.Tensor:
-        check_shapes(feat_s, w_s, q_t)
-        if not (feat_s.device == w_s.device == q_t.device):
-            raise ValueError(f"attention_distill: feat_s, w_s and q_t must be on one device, got "
-                             f"{feat_s.device}, {w_s.device}, {q_t.device}")
-        backend = get_backend()
-        acc = torch.float64 if feat_s.dtype == torch.float64 else torch.float32
-        feat = feat_s.detach().contiguous()
-        w = w_s.detach().to(backend.head_dtype(feat_s.dtype, w_s.dtype)).contiguous()
-        qt = q_t.detach().to(acc).contiguous()
-        res = backend.forward(feat, w, qt)
-        ctx.save_for_backward(feat, w, qt, res.cam, res.stats)
-        ctx.backend = backend
-        ctx.w_dtype = w_s.dtype
-        ctx.qt_dtype = q_t.dtype
-        return res.loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        feat, w, qt, cam, stats = ctx.saved_tensors
-        need_feat, need_w, need_qt = ctx.needs_input_grad
-        dfeat = dw = dqt = None
-        if need_feat or need_w:
-            dfeat, dw = ctx.backend.backward(feat, w, qt, cam, stats, grad)
-            dfeat = dfeat if need_feat else None
-            dw = dw.to(ctx.w_dtype) if need_w else None
-        if need_qt:  # d/dqt |q - qt| = -sign(q - qt), times g / B
-            n = stats[:, 0:1].clamp_min(EPS)
-            q = cam.clamp_min(0) / n
-            dqt = (-(grad.to(cam.dtype) / feat.shape[0]) * (q - qt).sign()).to(ctx.qt_dtype)
-        return dfeat, dw, dqt

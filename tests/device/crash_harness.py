@@ -157,7 +157,8 @@ def _sha(path: Path) -> str:
 
 def snapshot_versions(state: Path) -> dict[str, dict[str, str]]:
     """version -> {file: sha256} of every complete published version."""
-    from fieldlearn.device.store import version_names, version_problem  # noqa: PLC0415
+    from fieldlearn.device.store import version_problem  # noqa: PLC0415
+    from fieldlearn.runtime.layout import version_names  # noqa: PLC0415
 
     out = {}
     for name in version_names(state):
@@ -399,7 +400,7 @@ class Harness:
             tally.leftovers_kept += 1
             tally.problems.append(f"{where}: next start left {still}")
         if kind == "switch" and rc == -signal.SIGKILL:
-            from fieldlearn.device.store import version_names  # noqa: PLC0415
+            from fieldlearn.runtime.layout import version_names  # noqa: PLC0415
 
             if outcome != "old" or version_names(self.state) != sorted(before.versions, key=int):
                 tally.lost += 1

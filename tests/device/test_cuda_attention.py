@@ -29,8 +29,9 @@ import pytest
 import torch
 
 ca = importlib.import_module("fieldlearn.device.ops.cuda_attention")
-sc = importlib.import_module("fieldlearn.device.selfcheck")
-from fieldlearn.device.ops.attention_distill import attention_distill, attention_distill_ref  # noqa: E402
+sc = importlib.import_module("fieldlearn.tools.selfcheck")
+from fieldlearn.device.ops.attention_distill import (  # noqa: E402
+    AttentionDistillFn, TorchKernelBackend, attention_distill, attention_distill_ref)
 
 HERE = Path(__file__).resolve().parent
 EMULATOR_SRC = HERE / "cuda_emulator.cpp"
@@ -224,7 +225,7 @@ def _emu_backend(lib, sms=1):
 def _fn_with(backend):
     def public(f, w, q):
         with ca.use_backend(backend):
-            return ca.AttentionDistillFn.apply(f, w, q)
+            return AttentionDistillFn.apply(f, w, q)
     return public
 
 
@@ -270,7 +271,7 @@ def test_emulated_saved_state_matches_contract(emulator):
     """cam (pre-ReLU), the unclamped norm and S = sum q sign(q - qt) are what the backward reads."""
     feat, ws, qt = sc.make_inputs(3, 40, 49, torch.float32, seed=3)
     out = _emu_backend(emulator, 2).forward(feat, ws, qt)
-    want = ca.TorchKernelBackend().forward(feat.double(), ws.double(), qt.double())
+    want = TorchKernelBackend().forward(feat.double(), ws.double(), qt.double())
     assert sc.relerr(out.cam, want.cam) < 1e-6
     assert sc.relerr(out.stats[:, 0], want.stats[:, 0]) < 1e-6
     assert sc.relerr(out.stats[:, 1], want.stats[:, 1]) < 1e-5
@@ -441,8 +442,8 @@ def test_function_gradcheck_with_torch_kernel_contract():
     feat, ws, qt = sc.make_inputs(3, 6, 12, torch.float64, seed=2)
     feat = feat.reshape(3, 6, 3, 4).requires_grad_(True)
     ws = ws.requires_grad_(True)
-    with ca.use_backend(ca.TorchKernelBackend()):
-        assert torch.autograd.gradcheck(ca.AttentionDistillFn.apply, (feat, ws, qt), eps=1e-6, atol=1e-7)
+    with ca.use_backend(TorchKernelBackend()):
+        assert torch.autograd.gradcheck(AttentionDistillFn.apply, (feat, ws, qt), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -451,8 +452,8 @@ def test_function_plumbing_matches_reference(dtype):
     feat, ws, qt = sc.make_inputs(5, 24, 49, dtype, seed=4)
     f1, w1 = feat.clone().requires_grad_(), ws.clone().requires_grad_()
     f2, w2 = feat.clone().requires_grad_(), ws.clone().requires_grad_()
-    with ca.use_backend(ca.TorchKernelBackend()):
-        l1 = ca.AttentionDistillFn.apply(f1, w1, qt)
+    with ca.use_backend(TorchKernelBackend()):
+        l1 = AttentionDistillFn.apply(f1, w1, qt)
         l1.backward()
     l2 = attention_distill_ref(f2, w2, qt)
     l2.backward()
@@ -464,8 +465,8 @@ def test_function_plumbing_matches_reference(dtype):
 
 def test_function_rejects_mixed_devices():
     feat, ws, qt = sc.make_inputs(2, 8, 16, torch.float32)
-    with ca.use_backend(ca.TorchKernelBackend()), pytest.raises(ValueError, match="one device"):
-        ca.AttentionDistillFn.apply(feat, ws, qt.to("meta"))
+    with ca.use_backend(TorchKernelBackend()), pytest.raises(ValueError, match="one device"):
+        AttentionDistillFn.apply(feat, ws, qt.to("meta"))
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from fieldlearn.device.attention import gradcam_normalized
 from fieldlearn.device.config import ModelConfig
-from fieldlearn.device.engine_teacher import EngineTeacher
+from fieldlearn.device.engine_teacher import EngineTeacher, make_teacher
 from fieldlearn.device.model import Student
 from fieldlearn.device.ops import attention_distill_ref
-from fieldlearn.device.teacher import TorchTeacher, make_teacher
+from fieldlearn.device.teacher import TorchTeacher
 from fieldlearn.runtime.cuda import tensorrt_unavailable_reason
 from fieldlearn.runtime.errors import UserError
 

@@ -14,7 +14,7 @@ from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.learner import train_step
 from fieldlearn.device.methods import make_method
 from fieldlearn.device.model import build_student
-from fieldlearn.device.teacher import make_teacher
+from fieldlearn.device.engine_teacher import make_teacher
 from tests.conftest import tiny_config
 
 N_OLD, N_NEW, PER_CLASS = 2, 2, 4

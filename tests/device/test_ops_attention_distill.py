@@ -100,7 +100,8 @@ class _FakeCuda(torch.Tensor):
 
 
 def _spy_module(monkeypatch, available=True):
-    """Replace fieldlearn.device.ops.cuda_attention with a spy that records kernel calls."""
+    """Replace fieldlearn.device.ops.cuda_attention (and the Function that launches its kernels)
+    with a spy that records kernel calls."""
     calls = []
 
     class Fn:
@@ -109,9 +110,10 @@ def _spy_module(monkeypatch, available=True):
             calls.append(f.shape)
             return ad.attention_distill_ref(f, w, q) * 0 + 123.0
 
-    spy = types.SimpleNamespace(available=lambda: available, AttentionDistillFn=Fn)
+    spy = types.SimpleNamespace(available=lambda: available)
     monkeypatch.setitem(sys.modules, "fieldlearn.device.ops.cuda_attention", spy)
     monkeypatch.setattr(ops_pkg, "cuda_attention", spy, raising=False)
+    monkeypatch.setattr(ad, "AttentionDistillFn", Fn)   # the Function sits beside the dispatcher
     return calls
 
 

@@ -22,6 +22,7 @@ from fieldlearn.device import store
 from fieldlearn.device.model import build_student
 from fieldlearn.device.state import load_state, save_version
 from fieldlearn.runtime.errors import UserError
+from fieldlearn.runtime.layout import version_names
 from tests.conftest import ROOT, tiny_config, write_image_folder
 
 
@@ -117,10 +118,10 @@ def test_prune_keeps_the_newest_and_always_the_current(state, capsys):
     run(capsys, "rollback", "--state", state, "--to", "1")
     rc, out, _ = run(capsys, "prune", "--state", state, "--keep", "1")
     assert rc == 0 and "0002" in out
-    assert store.version_names(state) == ["0001", "0003"] and current(state) == "0001"
+    assert version_names(state) == ["0001", "0003"] and current(state) == "0001"
     assert load_state(state).classes == ["apple", "pear"]
     rc, _, err = run(capsys, "prune", "--state", state, "--keep", "0")
-    assert rc == 2 and "--keep: must be an integer >= 1, got 0" in err and store.version_names(state) == ["0001", "0003"]
+    assert rc == 2 and "--keep: must be an integer >= 1, got 0" in err and version_names(state) == ["0001", "0003"]
 
 
 def test_new_versions_after_prune_and_rollback_get_fresh_numbers(state):
@@ -221,7 +222,7 @@ def test_leftovers_of_an_interrupted_run_are_removed_on_the_next_start(state, ca
     rc, _, err = run(capsys, "prune", "--state", state, "--keep", "10")
     assert rc == 0 and "removed 5 leftover(s)" in err
     assert not any(p.exists() for p in junk + files)
-    assert store.version_names(state) == ["0001", "0002", "0003"]
+    assert version_names(state) == ["0001", "0002", "0003"]
 
 
 def test_history_takes_no_lock_and_removes_nothing(state, capsys):
@@ -259,11 +260,11 @@ def test_disk_full_while_switching_current_unpublishes_the_version(state, monkey
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(st_mod, "write_text", full)
+    monkeypatch.setattr(st_mod, "switch_current", full)
     s = load_state(state)
     with pytest.raises(UserError, match="No space left on device"):
         save_version(state, s.student, s.classes, s.config, s.step + 1, s.history)
-    assert store.version_names(state) == ["0001", "0002", "0003"] and current(state) == "0003"
+    assert version_names(state) == ["0001", "0002", "0003"] and current(state) == "0003"
     assert not [p for p in (state / "versions").iterdir() if p.name.startswith(".")]
 
 

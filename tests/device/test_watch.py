@@ -269,7 +269,7 @@ def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_s
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     bad, good = fill_inbox(inbox, cifar_train)
-    import fieldlearn.device.commands.learn as learn_mod
+    import fieldlearn.device.increment as learn_mod
 
     real = learn_mod.learn_new_classes
 
@@ -300,7 +300,7 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     new = fill_inbox(inbox, cifar_train)
-    import fieldlearn.device.commands.learn as learn_mod
+    import fieldlearn.device.increment as learn_mod
 
     real = learn_mod.learn_new_classes
     calls = []
@@ -314,16 +314,14 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
         return real(*a, **k)
 
     if interruption == "state unreadable":      # e.g. meta.json damaged while the daemon runs: not the data's fault
-        import fieldlearn.device.state as state_mod
-
-        real_load = state_mod.load_state
+        real_load = learn_mod.load_state
 
         def interrupted(*a, **k):  # noqa: F811
             calls.append(1)
             if len(calls) <= W.MAX_ATTEMPTS + 1:
                 raise UserError(f"{state}/versions/0001/meta.json: simulated damage")
             return real_load(*a, **k)
-        monkeypatch.setattr(state_mod, "load_state", interrupted)
+        monkeypatch.setattr(learn_mod, "load_state", interrupted)
     else:
         monkeypatch.setattr(learn_mod, "learn_new_classes", interrupted)
     for _ in range(W.MAX_ATTEMPTS + 1):
@@ -356,6 +354,23 @@ def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_pat
     assert (kept[f"{new[0]}.unread-0002"] / "0000-broken.png").read_bytes().endswith(b"garbage")
     assert "0000-broken.png: unreadable image" in (kept[f"{new[0]}.unread-0002"] / W.REASON).read_text()
     assert (kept[f"{new[1]}.unread-0002"] / "notes.txt").read_text() == "camera 3, afternoon"
+    assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
+
+
+def test_a_folder_that_breaks_the_class_name_rule_is_set_aside_before_learning(base_state, tmp_path, cifar_train):
+    """If this fails, the daemon learns a class whose name the state's own meta.json check then
+    refuses (a bidi override hides the real text), and the state no longer loads. learn and
+    watch apply the one class-name rule (fieldlearn.device.store.check_new_class_names)."""
+    state = fresh_state(base_state, tmp_path)
+    inbox = tmp_path / "inbox"
+    write_image_folder(inbox, cifar_train, [NEW[0]], W.MIN_IMAGES)
+    bad = "tulip\u202egnp.exe"
+    (inbox / cifar_train.class_names[NEW[0]]).rename(inbox / bad)
+    (inbox / bad / W.DONE).touch()
+    assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
+    assert current_version_name(state) == "0001", "nothing is learned from it"
+    reason = (inbox / W.REJECTED / bad / W.REASON).read_text()
+    assert repr(bad) in reason and "U+202E" in reason
     assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
 
 

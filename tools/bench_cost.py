@@ -8,13 +8,13 @@ In one run on one machine:
    output z is cached once per image and the teacher's logits and maps are precomputed
    once per image, so a step is forward_top + loss + backward. Their one-off cost per
    image is reported beside it and amortised over the epochs ("step + precompute").
-2. Peak memory of each method's step: each in a fresh subprocess (fieldlearn.device.profile),
+2. Peak memory of each method's step: each in a fresh subprocess (fieldlearn.tools.profile),
    peak RSS above the import baseline (CUDA: the allocator's peak).
 3. Teacher forward time per available backend (torch, ONNX Runtime, TensorRT) on the same z.
 4. Time to learn: one whole increment at the shipped defaults, read from an ImageFolder,
    trained, evaluated on held-out images, exported to ONNX and saved, seconds per phase.
 
-The naive LwM (`NaiveLwM`) is built the way public LwM code does it: forward hooks on the
+The naive LwM (`NaiveLwM`, fieldlearn.tools.naive_lwm) is built the way public LwM code does it: forward hooks on the
 last conv block of the student and of a PyTorch copy of the teacher, a second forward of
 that teacher on every batch, Grad-CAM by autograd.grad (create_graph=True for the
 student so that LAD's gradient flows through the double backward). Two variants:
@@ -27,78 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from fieldlearn.device.config import RunConfig
-from fieldlearn.device.methods import Batch, make_method
-from fieldlearn.device.model import Student
-
-
-class NaiveLwM:
-    """LC + beta * LD + gamma * LAD computed the textbook way, for the cost baseline.
-
-    Given its best case: the teacher's hooked feature map is cut from the teacher's graph
-    (a leaf), so its Grad-CAM backward runs through the head only, not the whole teacher.
-    """
-
-    def __init__(self, student: Student, cfg: RunConfig, from_pixels: bool = False):
-        self.student = student
-        self.cfg = cfg
-        self.from_pixels = from_pixels
-        self.teacher = copy.deepcopy(student).eval()            # a second PyTorch model
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
-        self.head_weight = self.teacher.head.weight             # what a Teacher exposes
-        self._acts: dict[str, torch.Tensor] = {}
-        self.student.top[-1].register_forward_hook(self._save("student"))
-        self.teacher.top[-1].register_forward_hook(self._save("teacher", leaf=True))
-        self.labels = None
-        self.n_old = 0
-        self.method = make_method("lwm", cfg.loss)
-
-    def _save(self, name: str, leaf: bool = False):
-        def hook(module, inputs, output):
-            if leaf:
-                output = output.detach().requires_grad_(True)
-            self._acts[name] = output
-            return output
-        return hook
-
-    def bind(self, labels: torch.Tensor, n_old: int) -> None:
-        self.labels, self.n_old = labels, n_old
-
-    def _forward(self, model: Student, x: torch.Tensor) -> torch.Tensor:
-        return model(x)[1] if self.from_pixels else model.forward_top(x)[1]
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg.loss
-        with torch.enable_grad():                                   # teacher: forward + Grad-CAM each batch
-            logits_t = self._forward(self.teacher, x)               # [B, K_old]
-            feats_t = self._acts["teacher"]                         # [B, C, h, w]
-            b = logits_t.argmax(1)
-            q_t = _gradcam(logits_t, feats_t, b, create_graph=False).detach()
-        logits_t = logits_t.detach()
-        logits = self._forward(self.student, x)                     # [B, K]
-        feats = self._acts["student"]
-        q_s = _gradcam(logits, feats, b, create_graph=True)         # differentiable: double backward
-        lad = (q_s - q_t).abs().sum(1).mean()
-        # LC and LD as LwM computes them (every LC span and LD form); only LAD is done the naive way
-        batch = Batch(labels=self.labels, n_old=self.n_old, feats=feats, logits=logits,
-                      head_weight=self.student.head.weight,
-                      teacher_logits=logits_t)
-        return self.method.lc(batch) + self.method.ld(batch) + c.gamma * lad
-
-
-def _gradcam(logits: torch.Tensor, feats: torch.Tensor, classes: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """Selvaraju et al.: alpha = spatial mean of d y_c / d A; map = relu(sum_k alpha_k A_k),
-    L2-normalised. [B, K], [B, C, h, w], [B] -> [B, h*w]."""
-    score = logits.gather(1, classes[:, None]).sum()
-    (grad,) = torch.autograd.grad(score, feats, create_graph=create_graph)
-    cam = (grad.mean((2, 3), keepdim=True) * feats).sum(1).flatten(1).relu()
-    return F.normalize(cam, dim=1, eps=1e-12)
 
 
 # ---------------------------------------------------------------------------- step time
@@ -110,7 +44,7 @@ LABELS = {"finetune": "fine-tuning", "lwf_mc": "LwF-MC", "lwm": "LwM (ours)",
 
 
 def _spec(cfg: RunConfig, method: str, n_old: int, n_new: int):
-    from fieldlearn.device.profile.harness import StepSpec  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import StepSpec  # noqa: PLC0415
 
     if method == "lwm_torch_teacher":
         cfg = copy.deepcopy(cfg)
@@ -125,7 +59,7 @@ def time_steps(cfg: RunConfig, methods: list[str], *, n_old: int, n_new: int, wa
     import statistics  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fieldlearn.device.profile.harness import StepHarness  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import StepHarness  # noqa: PLC0415
 
     harnesses = {}
     for m in methods:
@@ -164,8 +98,9 @@ def time_precompute(cfg: RunConfig, *, n_old: int, backends: list[str], images: 
 
     from fieldlearn.device.learner import chunk_size, encode  # noqa: PLC0415
     from fieldlearn.device.model import build_student  # noqa: PLC0415
-    from fieldlearn.device.profile.harness import random_images  # noqa: PLC0415
-    from fieldlearn.device.teacher import make_teacher, teacher_targets  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import random_images  # noqa: PLC0415
+    from fieldlearn.device.engine_teacher import make_teacher  # noqa: PLC0415
+    from fieldlearn.device.teacher import teacher_targets  # noqa: PLC0415
 
     torch.manual_seed(0)
     student = build_student(cfg.model, n_old).to(cfg.train.device).eval()
@@ -230,7 +165,7 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
     import contextlib  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fieldlearn.device.commands import learn as learn_cmd  # noqa: PLC0415
+    from fieldlearn.device import increment as learn_cmd  # noqa: PLC0415
     from fieldlearn.device.data import load_image_folder  # noqa: PLC0415
     from fieldlearn.device.model import build_student  # noqa: PLC0415
     from fieldlearn.device.state import load_state, save_version  # noqa: PLC0415
@@ -436,11 +371,13 @@ def run(args) -> int:
     import time  # noqa: PLC0415
 
     from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
-    from fieldlearn.device.commands.common import log, setup_torch, write_json  # noqa: PLC0415
-    from fieldlearn.device.profile.measure import measure_in_subprocess  # noqa: PLC0415
-    from fieldlearn.device.profile.meter import loadavg  # noqa: PLC0415
+    from fieldlearn.device.learner import setup_torch  # noqa: PLC0415
+    from fieldlearn.runtime.atomic import write_json  # noqa: PLC0415
+    from fieldlearn.tools.profile.measure import measure_in_subprocess  # noqa: PLC0415
+    from fieldlearn.tools.profile.meter import loadavg  # noqa: PLC0415
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
 
+    log = functools.partial(print, flush=True)
     cfg = config_from_args(args)
     cfg.train.progress = False
     setup_torch(cfg)

@@ -1,4 +1,4 @@
-"""The one-call self-check (python -m fieldlearn.device.selfcheck): its CPU-side parts, and
+"""The one-call self-check (python -m fieldlearn.tools.selfcheck): its CPU-side parts, and
 its GPU-side code paths run on the CPU with the pure-torch kernel contract standing in."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
-sc = importlib.import_module("fieldlearn.device.selfcheck")
+sc = importlib.import_module("fieldlearn.tools.selfcheck")
 ca = importlib.import_module("fieldlearn.device.ops.cuda_attention")
+ad = importlib.import_module("fieldlearn.device.ops.attention_distill")
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
@@ -42,11 +43,11 @@ def test_make_inputs_avoids_ties():
 def test_gpu_code_paths_with_a_cpu_stand_in():
     """parity_case / parity_grid / determinism / timing logic, run with TorchKernelBackend on
     the CPU so that the code the GPU run depends on is exercised here."""
-    backend = ca.TorchKernelBackend()
+    backend = ad.TorchKernelBackend()
 
     def public(f, w, q):
         with ca.use_backend(backend):
-            return ca.AttentionDistillFn.apply(f, w, q)
+            return ad.AttentionDistillFn.apply(f, w, q)
 
     rows = sc.parity_grid(backend, "cpu", grid_b=(1, 3), grid_c=(16,), grid_hw=(16, 49), public=public)
     assert len(rows) == 3 * 2 * 2 + 2 * 2
@@ -63,13 +64,13 @@ def test_gpu_code_paths_with_a_cpu_stand_in():
 def test_parity_case_catches_a_wrong_kernel():
     """A backend that drops one output element must be reported (NaN coverage), and one with a
     wrong gradient must fail parity."""
-    class Lazy(ca.TorchKernelBackend):
+    class Lazy(ad.TorchKernelBackend):
         def backward(self, feat, w, qt, cam, stats, grad, out=None):
             dfeat, dw = super().backward(feat, w, qt, cam, stats, grad, out=out)
             dfeat.view(-1)[-1] = float("nan")               # "forgot" the last element
             return dfeat, dw
 
-    class Wrong(ca.TorchKernelBackend):
+    class Wrong(ad.TorchKernelBackend):
         def backward(self, feat, w, qt, cam, stats, grad, out=None):
             dfeat, dw = super().backward(feat, w, qt, cam, stats, grad, out=out)
             dw.mul_(1.01)
@@ -84,7 +85,7 @@ def test_parity_case_catches_a_wrong_kernel():
 def _fn(backend):
     def public(f, w, q):
         with ca.use_backend(backend):
-            return ca.AttentionDistillFn.apply(f, w, q)
+            return ad.AttentionDistillFn.apply(f, w, q)
     return public
 
 
@@ -101,7 +102,7 @@ def test_cli_cpu_only_says_gpu_parts_skipped(tmp_path):
     out = tmp_path / "sc.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("FIELDLEARN_FORCE_REF", None)
-    proc = subprocess.run([sys.executable, "-m", "fieldlearn.device.selfcheck", "--out", str(out), "--no-compile"],
+    proc = subprocess.run([sys.executable, "-m", "fieldlearn.tools.selfcheck", "--out", str(out), "--no-compile"],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rep = json.loads(out.read_text())

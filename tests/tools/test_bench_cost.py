@@ -21,7 +21,7 @@ def test_naive_lwm_computes_the_same_loss_as_ours():
     """The naive baseline (hooks, autograd Grad-CAM, teacher per batch) must compute LwM's
     loss, or the cost comparison compares different things. With dropout off, Grad-CAM by
     autograd equals the closed form, so the losses match."""
-    from fieldlearn.device.profile.harness import StepHarness, StepSpec
+    from fieldlearn.tools.profile.harness import StepHarness, StepSpec
 
     cfg = tiny_config()
     cfg.model.dropout = 0.0

@@ -20,6 +20,7 @@ orders; the test numbers of the chosen settings are the result (benchmarks/READM
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,18 +31,21 @@ from pathlib import Path
 import torch
 
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
-from fieldlearn.device.commands.common import log, setup_torch, write_json
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, ImageSet, class_order, incremental_split, open_dataset
-from fieldlearn.device.learner import train_step
+from fieldlearn.device.learner import setup_torch, train_step
 from fieldlearn.device.methods import make_method
 from fieldlearn.device.metrics import AccuracyMatrix, plot_accuracy
 from fieldlearn.device.model import Student
 from fieldlearn.device.protocol import (_FIELDS, JOINT_NOTE, MethodResult, Order, Row, parse_row, row_config,
                                         row_settings, row_uses)
 from fieldlearn.device.validate import option, validate_config
+from fieldlearn.runtime.atomic import write_json
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text as read_regular_text
+from fieldlearn.runtime.metadata import fieldlearn_version
+
+log = functools.partial(print, flush=True)
 
 DEFAULT_ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwf_mc+analytic", "finetune+analytic",
                 "lwm", "lwf_mc", "finetune"]
@@ -230,15 +234,6 @@ def _git_commit() -> str:
         return ""
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fieldlearn")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _machine() -> dict:
     d = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
          "torch_threads": torch.get_num_threads()}
@@ -378,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"bench accuracy: {args.data}, {args.base} base classes + {args.steps} steps of {len(groups[-1])}, "
         f"order seed(s) {seeds}, rows {', '.join(r.name for r in rows)}{' (sweep)' if args.sweep else ''}; "
         f"{torch.get_num_threads()} threads, load {_machine().get('load_average')}")
-    report = {"benchmark": "accuracy", "fieldlearn_version": _version(), "git_commit": _git_commit(),
+    report = {"benchmark": "accuracy", "fieldlearn_version": fieldlearn_version(), "git_commit": _git_commit(),
               "command": command, "data": args.data, "preset": args.preset, "sweep": args.sweep,
               "sweep_stages": SWEEP_STAGES if args.sweep else None, "sweep_keys": sorted(keys) if keys else None,
               "protocol": {"base": args.base, "steps": args.steps, **proto, "order_seeds": seeds},

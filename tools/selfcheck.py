@@ -1,6 +1,6 @@
 """One-call self-check of the fused attention-distillation kernel (issue 5).
 
-    python -m fieldlearn.device.selfcheck [--out FILE.json] [--quick] [--no-compile]
+    python -m fieldlearn.tools.selfcheck [--out FILE.json] [--quick] [--no-compile]
 
 On a CUDA machine (H100/H200, Jetson Orin), in one call of a few minutes:
   1. parity: forward loss and both gradients of the fused kernels against attention_distill_ref
@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fieldlearn.device.ops import cuda_attention
-from fieldlearn.device.ops.attention_distill import attention_distill, attention_distill_ref
+from fieldlearn.device.ops.attention_distill import TorchKernelBackend, attention_distill, attention_distill_ref
 
 GRID_B = (1, 7, 64, 256)
 GRID_C = (320, 1280)
@@ -140,7 +140,7 @@ class FakeCuda(torch.Tensor):
         return True
 
 
-class CountingBackend(cuda_attention.TorchKernelBackend):
+class CountingBackend(TorchKernelBackend):
     """TorchKernelBackend that counts its calls (proves the Function really ran)."""
 
     def __init__(self) -> None:
@@ -641,7 +641,7 @@ def table(rep: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fieldlearn.device.selfcheck", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m fieldlearn.tools.selfcheck", description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="write the full report as JSON to this file")
     ap.add_argument("--quick", action="store_true", help="smaller parity grid and fewer timings")
     ap.add_argument("--no-compile", action="store_true", help="skip the NVRTC sm_87/sm_90 compile check")

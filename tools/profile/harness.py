@@ -10,7 +10,7 @@ fieldlearn.device.learner.train_step's inner loop line for line: forward_top -> 
 terms -> zero_grad -> backward -> clip -> SGD step. With freeze_blocks=0 the batch is
 normalised pixels and the teacher runs on each batch, as in the learner.
 
-`naive_lwm` (fieldlearn.device.bench_cost.NaiveLwM) is the baseline the way public LwM
+`naive_lwm` (fieldlearn.tools.bench_cost.NaiveLwM) is the baseline the way public LwM
 code computes the step; it is set up here too so that the profiler and the cost
 benchmark measure every method with the same harness.
 """
@@ -100,13 +100,13 @@ class StepHarness:
         if not self.uses_teacher:
             return
         if self.naive:
-            from fieldlearn.device.bench_cost import NaiveLwM  # noqa: PLC0415 - baseline lives with the bench
+            from fieldlearn.tools.naive_lwm import NaiveLwM  # noqa: PLC0415
 
             self.naive_step = NaiveLwM(self.student, self.spec.cfg, from_pixels=not self.cached)
             self.teacher = self.naive_step.teacher
         else:
             from fieldlearn.device.learner import EVAL_BATCH  # noqa: PLC0415
-            from fieldlearn.device.teacher import make_teacher  # noqa: PLC0415
+            from fieldlearn.device.engine_teacher import make_teacher  # noqa: PLC0415
 
             self.teacher = make_teacher(self.student, self.spec.cfg.teacher_backend, batch_size=EVAL_BATCH)
         self.teacher_backend = "torch, per batch" if self.naive else getattr(self.teacher, "backend", "torch")

@@ -66,7 +66,7 @@ def test_all_rows_one_run_schema(folder, tmp_path):
 
 
 def test_a_row_with_an_unknown_method_or_classifier_is_one_line():
-    from fieldlearn.device.bench_accuracy import parse_row
+    from fieldlearn.tools.bench_accuracy import parse_row
     from fieldlearn.runtime.errors import UserError
 
     assert parse_row("lwm+analytic").classifier == "analytic" and parse_row("ncm").pretrained_only

@@ -1,6 +1,6 @@
 """Analytic estimate of an increment's memory, from the architecture alone.
 
-The same phases as fieldlearn.device.profile.measure are run on the meta device: tensors
+The same phases as fieldlearn.tools.profile.measure are run on the meta device: tensors
 there have shapes and dtypes but no data, so the whole increment (encode, teacher targets,
 training steps with backward and the optimiser) costs milliseconds and no memory. A
 dispatch mode counts the bytes of every tensor storage that comes into existence and
@@ -48,8 +48,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fieldlearn.device.profile.harness import StepHarness, StepSpec
-from fieldlearn.device.profile.meter import is_jetson
+from fieldlearn.tools.profile.harness import StepHarness, StepSpec
+from fieldlearn.tools.profile.meter import is_jetson
 from fieldlearn.device.trunk_encoder import resolve as resolve_trunk
 
 CPU_RUNTIME_BYTES = 24 << 20

@@ -1,14 +1,14 @@
 """Measure an increment's memory, phase by phase, in this process or in a fresh one.
 
     measured = measure_in_subprocess(spec, n_images=900)      # what the profiler and tests use
-    python -m fieldlearn.device.profile.measure SPEC.json     # the subprocess's entry point
+    python -m fieldlearn.tools.profile.measure SPEC.json     # the subprocess's entry point
 
 The phases follow fieldlearn.device.learner.learn_increment: the student (weights), the
 increment's images in memory, the teacher (built from the student before its head is
 widened), encode (frozen trunk over every image, z kept), teacher targets (once per
 image, kept; with a cached trunk the teacher is then closed, as the learner does), then
 training steps. Each phase's peak is read with the meter's high-water
-mark reset at its start (fieldlearn.device.profile.meter). Everything is reported in
+mark reset at its start (fieldlearn.tools.profile.meter). Everything is reported in
 bytes above the baseline: the process after imports and a warm-up of torch's CPU kernels
 (its thread pool and kernel caches would otherwise be charged to the first phase).
 
@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from fieldlearn.device.profile.meter import open_meter, rss_parts, system_used
+from fieldlearn.tools.profile.meter import open_meter, rss_parts, system_used
 
 STEPS = 3     # measured steps (after WARMUP); the peak is over all of them
 WARMUP = 2
@@ -103,7 +103,7 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
     process loaded torch (Jetson: the budget counts the whole process)."""
     import torch  # noqa: PLC0415
 
-    from fieldlearn.device.profile.harness import StepHarness, random_images  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import StepHarness, random_images  # noqa: PLC0415
 
     cfg = spec.cfg
     if cfg.train.num_threads > 0:
@@ -231,7 +231,7 @@ def measure_in_subprocess(spec, n_images: int, *, repeats: int = 1, threads: int
     payload = json.dumps({"spec": spec.to_dict(), "n_images": n_images})
     runs = []
     for _ in range(max(1, repeats)):
-        proc = subprocess.run([sys.executable, "-m", "fieldlearn.device.profile.measure"], input=payload,
+        proc = subprocess.run([sys.executable, "-m", "fieldlearn.tools.profile.measure"], input=payload,
                               capture_output=True, text=True, env=env, timeout=timeout)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -247,7 +247,7 @@ def main() -> int:
     before = system_used()            # before torch is imported: a Jetson counts all of it
     import warnings  # noqa: PLC0415
 
-    from fieldlearn.device.profile.harness import StepSpec  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import StepSpec  # noqa: PLC0415
 
     warnings.filterwarnings("ignore")
     req = json.loads(sys.stdin.read())

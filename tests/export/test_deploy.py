@@ -1,4 +1,4 @@
-"""`fieldlearn export`: writes a checked model.onnx + labels.txt into the current version dir."""
+"""fieldlearn.export.deploy and `fieldlearn export`: a checked model.onnx + labels.txt in the current version dir."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 from fieldlearn.cli.main import main
-from fieldlearn.device.commands.export import export_state, export_writer
+from fieldlearn.export.deploy import export_state, export_writer
 from fieldlearn.device.config import ModelConfig, RunConfig
 from fieldlearn.device.model import Student
 from fieldlearn.runtime.cuda import tensorrt_unavailable_reason
@@ -66,14 +66,14 @@ def test_export_state_writes_checked_files(tmp_path):
 
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
     """If this fails, a model that does not match torch can land in the version dir."""
-    import fieldlearn.export.onnx as onnx_mod
+    import fieldlearn.export.deploy as deploy_mod
 
     state = loaded_state(tmp_path / "v")
 
     def broken_parity(*a, **k):
         raise ParityError("output_0 0.5 > 0.001")
 
-    monkeypatch.setattr(onnx_mod, "check_parity", broken_parity)
+    monkeypatch.setattr(deploy_mod, "check_parity", broken_parity)
     with pytest.raises(ParityError):
         export_state(state, engine=False)
     assert list(state.version_dir.iterdir()) == []
@@ -116,13 +116,29 @@ def test_save_version_publishes_with_its_export(tmp_path):
     assert read_metadata(vdir / "model.onnx")["step"] == 5 and load_state(tmp_path / "state").step == 5
 
 
+def test_meta_json_and_model_onnx_name_the_same_fieldlearn_version(tmp_path):
+    """If this fails, a version's meta.json and its model.onnx disagree about which fieldlearn
+    wrote them (two version sources): both must be the package metadata's version."""
+    import json
+    from importlib.metadata import version
+
+    from fieldlearn.device.state import save_version
+
+    state = loaded_state(tmp_path / "scratch")
+    vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=1, history=[],
+                        writers=[export_writer(state.student, CLASSES, 1, engine=False)])
+    onnx_meta = read_metadata(vdir / "model.onnx")
+    assert json.loads((vdir / "meta.json").read_text())["fieldlearn_version"] == version("fieldlearn")
+    assert onnx_meta["fieldlearn_version"] == version("fieldlearn")
+
+
 def test_a_net_that_answers_the_same_for_every_input_is_still_exported(tmp_path):
     """An untrained or collapsed net gives nothing for parity to compare; that must not stop
     init/learn from publishing (it used to escape as a traceback). A real disagreement still
     raises ParityError (test above)."""
     import torch
 
-    from fieldlearn.device.commands.export import export_student
+    from fieldlearn.export.deploy import export_student
     from fieldlearn.device.model import build_student
     from tests.conftest import tiny_config
 

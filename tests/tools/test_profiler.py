@@ -47,8 +47,8 @@ def test_checkpointing_changes_neither_gradients_nor_bn_statistics(frozen_bn):
 
 def test_checkpointing_saves_less_for_backward():
     """The point of checkpointing: fewer bytes kept for backward (analytic count)."""
-    from fieldlearn.device.profile.analytic import estimate
-    from fieldlearn.device.profile.harness import StepSpec
+    from fieldlearn.tools.profile.analytic import estimate
+    from fieldlearn.tools.profile.harness import StepSpec
 
     cfg = tiny_config()
     plain = estimate(StepSpec(cfg, "finetune", n_old=5, n_new=3), 64)
@@ -79,7 +79,7 @@ def test_learner_trains_with_checkpointing(tmp_path):
 
 def test_budget_sizes_and_presets():
     """A wrong unit or preset would make the planner fit the wrong number."""
-    from fieldlearn.device.profile.budget import GiB, PRESETS, parse_budget, parse_size
+    from fieldlearn.tools.profile.budget import GiB, PRESETS, parse_budget, parse_size
     from fieldlearn.runtime.errors import UserError
 
     assert parse_size("2GiB") == parse_size("2G") == 2 * GiB
@@ -111,9 +111,9 @@ def _configs():
 def test_analytic_estimate_within_15_percent_of_measured_peak(cfg, method, n_images, repeats):
     """The planner ranks candidates by the analytic estimate: if it strays more than 15%
     from the peak RSS a fresh process really reaches, plans stop being trustworthy."""
-    from fieldlearn.device.profile.analytic import estimate
-    from fieldlearn.device.profile.harness import StepSpec
-    from fieldlearn.device.profile.measure import measure_in_subprocess
+    from fieldlearn.tools.profile.analytic import estimate
+    from fieldlearn.tools.profile.harness import StepSpec
+    from fieldlearn.tools.profile.measure import measure_in_subprocess
 
     cfg.train.progress = False
     spec = StepSpec(cfg, method)
@@ -138,10 +138,10 @@ def test_plan_for_a_small_budget_stays_under_it_when_run():
     """A budget below what the configured batch needs: the planner must pick something
     smaller, and that plan, run again in a fresh process, must stay under the budget
     (the promise `fieldlearn profile` makes to a Jetson user)."""
-    from fieldlearn.device.profile.budget import Budget
-    from fieldlearn.device.profile.harness import StepSpec
-    from fieldlearn.device.profile.measure import measure_in_subprocess
-    from fieldlearn.device.profile.planner import make_plan, measured_total
+    from fieldlearn.tools.profile.budget import Budget
+    from fieldlearn.tools.profile.harness import StepSpec
+    from fieldlearn.tools.profile.measure import measure_in_subprocess
+    from fieldlearn.tools.profile.planner import make_plan, measured_total
 
     cfg = tiny_config(batch_size=128)
     n = 128

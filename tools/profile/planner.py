@@ -11,7 +11,7 @@ Knobs, searched in this order of preference:
         blocks, fp16 autocast (CUDA) change only speed and memory: within a level, the
         combination with the most predicted throughput that fits is taken.
 
-Every candidate is estimated analytically (fieldlearn.device.profile.analytic: meta
+Every candidate is estimated analytically (fieldlearn.tools.profile.analytic: meta
 device, milliseconds). The configured one is also measured in a fresh process first: that
 gives the runtime's own baseline (torch and its libraries) and the ratio of measured to
 analytic peak on this machine (allocator overhead), which scales the other candidates'
@@ -33,9 +33,9 @@ from typing import Callable
 
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import N_BLOCKS
-from fieldlearn.device.profile.analytic import Estimate, estimate
-from fieldlearn.device.profile.budget import Budget, fmt_bytes
-from fieldlearn.device.profile.harness import StepSpec
+from fieldlearn.tools.profile.analytic import Estimate, estimate
+from fieldlearn.tools.profile.budget import Budget, fmt_bytes
+from fieldlearn.tools.profile.harness import StepSpec
 from fieldlearn.runtime.errors import UserError
 
 BATCHES = (8, 16, 32, 64, 128)
@@ -159,7 +159,7 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
               max_measured: int = 3, measure: Callable | None = None,
               log: Callable[[str], None] = lambda s: None) -> PlanResult:
     """Search the knobs (module docstring) for the fastest candidate whose measured total fits."""
-    from fieldlearn.device.profile.measure import measure_in_subprocess  # noqa: PLC0415
+    from fieldlearn.tools.profile.measure import measure_in_subprocess  # noqa: PLC0415
 
     measure = measure or measure_in_subprocess
     method = method or cfg.method

@@ -1,0 +1,95 @@
+"""The demo: the main job on an embedded default, what `fieldlearn demo` runs.
+
+    run_demo(cfg, data, out)      every row through the same increments -> the table, results files
+
+A short class-incremental run on real data that installs on a fresh machine
+(Fashion-MNIST from Debian's `dataset-fashion-mnist`, or CIFAR-100 where present): the
+pretrained network with no training at all (ncm, analytic), fieldlearn's default learner,
+and the paper's LwM and its baselines with their linear heads, from one shared base
+network, through the same increments, each evaluated on all classes seen so far
+(fieldlearn.device.protocol). Prints a table, writes results.json, results.md and
+accuracy.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Callable
+
+from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig
+from fieldlearn.device.data import class_order, incremental_split, open_dataset
+from fieldlearn.device.learner import setup_torch
+from fieldlearn.device.metrics import plot_accuracy
+from fieldlearn.device.protocol import Order, default_row, parse_row, row_settings
+from fieldlearn.runtime.atomic import write_json
+from fieldlearn.runtime.errors import UserError
+
+DEMO_CONFIG = RunConfig(
+    model=ModelConfig(variant="cifar", input_size=32, pretrained=True, freeze_blocks=14),
+    train=TrainConfig(epochs=6, base_epochs=8, num_threads=0),
+)
+
+
+def _default_data() -> str:
+    from fieldlearn.device.data import CIFAR100_PLACES, FASHION_PLACES
+
+    for spec, places in (("fashion-mnist", FASHION_PLACES), ("cifar100", CIFAR100_PLACES)):
+        if any(Path(p).expanduser().exists() for p in places):
+            return spec
+    raise UserError("--data: no dataset found; install one: apt-get install dataset-fashion-mnist")
+
+
+def format_table(groups: list[list[int]], runs: dict) -> str:
+    seen = [sum(len(g) for g in groups[: t + 1]) for t in range(len(groups))]
+    head = "| method | " + " | ".join(f"{n} cls" for n in seen) + " | avg incr. | forgetting |"
+    sep = "|---" * (len(seen) + 3) + "|"
+    rows = [head, sep]
+    for name, res in runs.items():
+        m = res.test
+        rows.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in m.acc)
+                    + f" | {100 * m.average_incremental:.1f} | {100 * m.forgetting:.1f} |")
+    return "\n".join(rows)
+
+
+def run_demo(cfg: RunConfig, data: str | None, out: Path, *, base: int = 4, steps: int = 3, per_class: int = 200,
+             test_per_class: int = 200, order_seed: int = 1993, methods: str | None = None,
+             log: Callable[[str], None] = functools.partial(print, flush=True)) -> tuple[str, float]:
+    """The rows (`methods`, comma-separated; default: ncm, analytic, the default learner, lwm,
+    lwf_mc, finetune) from one shared base network through the same increments of dataset
+    `data` (default: Fashion-MNIST where installed), each evaluated on all classes seen so far.
+    Writes OUT/results.json, results.md and accuracy.png; returns (the table, seconds)."""
+    setup_torch(cfg)
+    spec = data or _default_data()
+    names = methods.split(",") if methods else ["ncm", "analytic", default_row(cfg), "lwm", "lwf_mc", "finetune"]
+    rows = [parse_row(n) for n in dict.fromkeys(n.strip() for n in names if n.strip())]
+    if not rows:
+        raise UserError(f"--methods {methods!r}: no rows given")
+    train = open_dataset(spec, "train", cfg.model.input_size)
+    test = open_dataset(spec, "test", cfg.model.input_size)
+    order = class_order(len(train.class_names), order_seed)
+    groups = incremental_split(list(range(len(order))), base, steps)
+    used = sum(len(g) for g in groups)
+    train = train.reorder(order).select(list(range(used)), per_class, seed=cfg.train.seed)
+    test = test.reorder(order).select(list(range(used)), test_per_class, seed=cfg.train.seed)
+    log(f"demo: {spec}, {base} base classes + {steps} steps of {len(groups[-1])}, "
+        f"{len(train)} training images, rows {', '.join(r.name for r in rows)}")
+    t0 = time.perf_counter()
+    o = Order(cfg, train, None, test, groups, log=log)
+    runs = {}
+    for row in rows:
+        runs[row.name] = res = o.run(row, {} if row.name == default_row(cfg) else row_settings(row))
+        log(f"{row.name}: average incremental accuracy {100 * res.test.average_incremental:.1f}%, "
+            f"last {100 * res.test.last:.1f}% [{res.seconds:.0f} s]")
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(groups, runs)
+    write_json(out / "results.json", {
+        "data": spec, "groups": [[train.class_names[c] for c in g] for g in groups],
+        "config": cfg.to_dict(), "seconds": seconds, "default_learner": default_row(cfg),
+        "methods": {n: {**r.test.to_dict(), "seconds": r.seconds, "settings": r.settings, "config": r.config}
+                    for n, r in runs.items()}})
+    plot_accuracy({n: r.test for n, r in runs.items()}, out / "accuracy.png", title=f"{spec}")
+    (out / "results.md").write_text(table + "\n")
+    return table, seconds

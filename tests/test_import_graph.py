@@ -1,0 +1,197 @@
+"""The import graph of fieldlearn.*, built from the source with `ast`: every import, the lazy
+ones inside functions included, and every string constant that names a fieldlearn module
+(the dispatch tables of `fieldlearn` and `fieldlearn bench` import by name; a module started
+as a process, `[python, "-m", module]`, is not an import).
+
+If a test here fails, the rooms of the house leak into each other:
+- a cycle: two modules need each other, so neither can be read, tested or moved alone;
+- library code imports a command (fieldlearn.device.commands): the pipeline lives in a
+  command file again instead of the library;
+- fieldlearn.runtime or fieldlearn.export imports fieldlearn.device: an inference-only
+  device needs the training code;
+- the product imports fieldlearn.tools: a benchmark or the self-check becomes part of what
+  ships. Only the thin command files (fieldlearn.device.commands) may reach into tools.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def package_dirs(root: Path = ROOT) -> dict[str, Path]:
+    """{package: folder} from pyproject's [tool.setuptools.package-dir]."""
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())
+    return {pkg: root / d for pkg, d in cfg["tool"]["setuptools"]["package-dir"].items()}
+
+
+def module_files(dirs: dict[str, Path]) -> dict[str, Path]:
+    """{dotted module name: file} for every .py under the mapped folders."""
+    out = {}
+    for pkg, folder in dirs.items():
+        for f in sorted(folder.rglob("*.py")):
+            parts = list(f.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([pkg, *parts])] = f
+    return out
+
+
+def imports_of(name: str, source: str, modules: set[str], is_package: bool = False) -> set[str]:
+    """The fieldlearn modules that module `name` imports, wherever in the file."""
+    pkg = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def add(target: str) -> None:
+        while target and target not in modules:   # `import a.b.c` of a name inside a module
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            found.add(target)
+
+    tree = ast.parse(source)
+    run_as_script = {id(b) for node in ast.walk(tree) if isinstance(node, (ast.List, ast.Tuple))
+                     for a, b in zip(node.elts, node.elts[1:])
+                     if isinstance(a, ast.Constant) and a.value == "-m"}   # [python, "-m", module]: a process
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                add(a.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = pkg.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                add(sub if sub in modules else base)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules \
+                and id(node) not in run_as_script:
+            add(node.value)
+    return found
+
+
+def import_graph(dirs: dict[str, Path]) -> dict[str, set[str]]:
+    files = module_files(dirs)
+    names = set(files)
+    return {m: imports_of(m, f.read_text(), names, f.name == "__init__.py") for m, f in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def room(module: str) -> str:
+    """cli, commands, tools, device, export or runtime."""
+    if module.startswith("fieldlearn.device.commands"):
+        return "commands"
+    return module.split(".")[1]
+
+
+# room -> rooms it must never import
+FORBIDDEN = {
+    "cli": {"tools"},
+    "device": {"commands", "cli", "tools"},
+    "export": {"device", "commands", "cli", "tools"},
+    "runtime": {"device", "commands", "cli", "tools"},
+    "tools": {"commands", "cli"},
+    "commands": {"cli"},
+}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                  if room(t) in FORBIDDEN.get(room(m), ()))
+
+
+# ---------------------------------------------------------------------------- the tree
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph(package_dirs())) == []
+
+
+def test_no_upward_imports():
+    assert upward_imports(import_graph(package_dirs())) == []
+
+
+def test_the_graph_sees_lazy_and_by_name_imports():
+    """If this fails, the graph above misses imports and its two tests prove nothing."""
+    graph = import_graph(package_dirs())
+    assert {"fieldlearn.device", "fieldlearn.export", "fieldlearn.runtime", "fieldlearn.tools"} <= set(graph)
+    assert "fieldlearn.runtime.metadata" in graph["fieldlearn.cli.main"]                 # inside main()
+    assert "fieldlearn.device.commands.learn" in graph["fieldlearn.cli.main"]            # COMMANDS table
+    assert "fieldlearn.tools.bench_accuracy" in graph["fieldlearn.device.commands.bench"]
+    assert "fieldlearn.device.increment" in graph["fieldlearn.device.commands.learn"]
+
+
+# ---------------------------------------------------------------------------- the detector
+
+
+def synthetic(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
+    for rel, text in files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    return import_graph({"fieldlearn.device": tmp_path / "device", "fieldlearn.runtime": tmp_path / "runtime",
+                         "fieldlearn.tools": tmp_path / "tools"})
+
+
+def test_the_detector_flags_a_cycle_through_a_lazy_import(tmp_path):
+    graph = synthetic(tmp_path, {
+        "device/__init__.py": "",
+        "device/a.py": "from fieldlearn.device.b import f\n",
+        "device/b.py": "def f():\n    from . import a\n    return a\n",
+        "device/c.py": "import fieldlearn.device.a\n",
+        "runtime/__init__.py": "",
+    })
+    assert cycles(graph) == [["fieldlearn.device.a", "fieldlearn.device.b"]]
+
+
+def test_the_detector_flags_upward_imports(tmp_path):
+    graph = synthetic(tmp_path, {
+        "device/__init__.py": "",
+        "device/commands/__init__.py": "",
+        "device/commands/learn.py": "import fieldlearn.tools.bench\n",       # allowed: a command
+        "device/lib.py": "def g():\n    import importlib\n    return importlib.import_module('fieldlearn.tools.bench')\n",
+        "runtime/__init__.py": "",
+        "runtime/engines.py": "from fieldlearn.device import lib\n",
+        "tools/__init__.py": "",
+        "tools/bench.py": "from fieldlearn.device import lib\n",                # allowed: tools use the product
+    })
+    assert upward_imports(graph) == ["fieldlearn.device.lib -> fieldlearn.tools.bench",
+                                     "fieldlearn.runtime.engines -> fieldlearn.device.lib"]
