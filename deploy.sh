@@ -187,7 +187,7 @@ else
             "$VPY" -c 'import torch, torchvision; print(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}")' >"$cons"
             say "keeping NVIDIA's $(tr '\n' ' ' <"$cons")"
             "${PIP[@]}" install -q -c "$cons" onnx onnxruntime
-            "${PIP[@]}" install -q -c "$cons" -e "${ROOT}[train]" pytest
+            "${PIP[@]}" install -q -c "$cons" -e "${ROOT}[train]" pytest pytest-xdist
             ;;
         *)
             say "installing ${TORCH_PINS[*]} onnx onnxruntime (a few minutes the first time)"

@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fieldlearn.tools.profile.chart import plot_plan  # noqa: PLC0415
-    from fieldlearn.tools.profile.planner import NothingFits, make_plan  # noqa: PLC0415
+    from fieldlearn.tools.profile.planner import NothingFits, make_plan, training_method  # noqa: PLC0415
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
 
     budget = parse_budget(args.budget)
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = config_from_args(args)
     setup_torch(cfg)
-    log(f"budget {budget.describe()}; method {cfg.method}, {n_old} known + {args.new_classes} new classes, "
+    log(f"budget {budget.describe()}; method {training_method(cfg)}, {n_old} known + {args.new_classes} new classes, "
         f"{args.images} images in memory")
     try:
         result = make_plan(cfg, budget, n_images=args.images, n_old=n_old, n_new=args.new_classes,

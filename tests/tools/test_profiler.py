@@ -144,6 +144,7 @@ def test_plan_for_a_small_budget_stays_under_it_when_run():
     from fieldlearn.tools.profile.planner import make_plan, measured_total
 
     cfg = tiny_config(batch_size=128)
+    cfg.method = "lwm"
     n = 128
     ref = measure_in_subprocess(StepSpec(cfg, "lwm"), n)
     budget = Budget(measured_total(ref) - int(0.4 * ref["peak_bytes"]), "test")
@@ -171,7 +172,7 @@ def test_nothing_fits_is_one_line_error_naming_the_smallest_config(tmp_path, cap
     out = tmp_path / "prof"
     rc = main(["profile", "--budget", "100MB", "--out", str(out), "--images", "64", "--width", "0.35",
                "--variant", "cifar", "--input-size", "32", "--no-pretrained", "--freeze-blocks", "10",
-               "--batch-size", "16", "--no-progress"])
+               "--batch-size", "16", "--no-progress", "--method", "lwm"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("fieldlearn profile: error: nothing fits in 100MB")

@@ -153,6 +153,15 @@ def throughput(est: Estimate, cand: Candidate, ref: tuple[Estimate, Candidate, f
     return ref_ips * cost(ref_est, ref_cand) / cost(est, cand)
 
 
+def training_method(cfg: RunConfig) -> str:
+    """The method whose optimiser step is sized: cfg.method, or, where an increment trains
+    nothing (method "none", the default: statistics only), the base step's cross-entropy
+    training ("finetune" on the base classes), the one training run such a device does."""
+    from fieldlearn.device.methods import METHODS  # noqa: PLC0415
+
+    return cfg.method if METHODS[cfg.method].trains else "finetune"
+
+
 def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_images: int = 1000,
               n_old: int = 50, n_new: int = 10, fixed_input: bool = False, min_freeze: int = 0,
               fixed_arch: bool = False,
@@ -162,7 +171,7 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
     from fieldlearn.tools.profile.measure import measure_in_subprocess  # noqa: PLC0415
 
     measure = measure or measure_in_subprocess
-    method = method or cfg.method
+    method = method or training_method(cfg)
     cuda = cfg.train.device.startswith("cuda")
 
     def spec(c: Candidate) -> StepSpec:
