@@ -100,8 +100,6 @@ def default_row(cfg: RunConfig) -> str:
 
 def row_settings(row: Row) -> dict:
     """The settings a row starts from (before --settings, the command line and --sweep)."""
-    if row.pretrained_only:
-        return dict(CHOSEN.get(row.name, {}))
     return dict(CHOSEN.get(row.name, CHOSEN.get(row.method, {}) if row.kind == "linear" else {}))
 
 
