@@ -164,6 +164,35 @@ def test_plan_for_a_small_budget_stays_under_it_when_run():
     assert json.dumps(result.to_dict())          # the report is plain JSON
 
 
+@pytest.mark.parametrize("method, sized", [("none", "finetune"), ("lwm", "lwm"), ("lwf_mc", "lwf_mc")])
+def test_the_plan_sizes_the_training_the_configured_method_does(method, sized, monkeypatch):
+    """The default method trains nothing after the base step, so the step to size is the base
+    step's cross-entropy ("finetune"); a method that trains is sized as itself (its teacher and
+    loss terms cost memory). A fake meter and estimator record which step each was asked for."""
+    from fieldlearn.tools.profile import planner
+    from fieldlearn.tools.profile.analytic import Estimate
+    from fieldlearn.tools.profile.budget import Budget
+    from fieldlearn.tools.profile.planner import make_plan
+
+    cfg = tiny_config(batch_size=16)
+    cfg.method = method
+    asked = []
+
+    def estimate(spec, n_images):
+        asked.append(spec.method)
+        return Estimate(phases={"train step": 1 << 20}, flops={"top": 1})
+
+    monkeypatch.setattr(planner, "estimate", estimate)
+
+    def measure(spec, n_images):
+        asked.append(spec.method)
+        return {"peak_bytes": 1 << 20, "peak_runs": [1 << 20], "images_per_second": 100.0, "meter": "cpu",
+                "phases": {}, "components": {}, "baseline_bytes": 1 << 20, "peak_phase": "train step"}
+
+    make_plan(cfg, Budget(1 << 40, "test"), n_images=32, max_measured=1, measure=measure)
+    assert asked and set(asked) == {sized}
+
+
 def test_nothing_fits_is_one_line_error_naming_the_smallest_config(tmp_path, capsys):
     """A budget below the runtime itself: exit 2 and one line that names the smallest
     configuration and its peak, not a traceback; the JSON and chart are still written."""
