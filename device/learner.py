@@ -366,12 +366,15 @@ def evaluate(student: Student, data: ImageSet, groups: list[list[int]], cfg: Run
 
     data.labels are global indices < student.num_classes; groups[g] lists the classes of step g.
     """
-    logits = predict_logits(student, data.images, cfg, z)
-    pred = logits.argmax(1).cpu()
-    correct = pred == data.labels
+    return score(predict_logits(student, data.images, cfg, z).argmax(1).cpu(), data.labels, groups)
+
+
+def score(pred: torch.Tensor, labels: torch.Tensor, groups: list[list[int]]) -> tuple[float, list[float]]:
+    """pred, labels [N] class indices -> (accuracy, accuracy per class group)."""
+    correct = pred == labels
     acc = float(correct.float().mean()) if len(correct) else float("nan")
     per = []
     for g in groups:
-        mask = torch.isin(data.labels, torch.tensor(g))
+        mask = torch.isin(labels, torch.tensor(g))
         per.append(float(correct[mask].float().mean()) if mask.any() else float("nan"))
     return acc, per

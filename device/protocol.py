@@ -38,7 +38,7 @@ import torch
 
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet
-from fieldlearn.device.learner import encode, evaluate, fit_classifier, learn_increment, train_step
+from fieldlearn.device.learner import chunk_size, encode, evaluate, fit_classifier, learn_increment, score, train_step
 from fieldlearn.device.methods import METHODS, make_method
 from fieldlearn.device.metrics import AccuracyMatrix
 from fieldlearn.device.model import Student, build_student
@@ -108,6 +108,12 @@ BASE_KEYS = ("base_lr", "base_epochs", "dropout")
 TRAIN_KEYS = ("lr", "epochs", "freeze_bn_in_increments", "increment_blocks", "new_head_init", "max_grad_norm")
 LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta"), "lwm": ("lc_span", "ld", "beta", "gamma"),
              "lc_lad": ("lc_span", "gamma"), "none": (), "joint": ()}
+
+
+def fixed_features(row: Row) -> bool:
+    """True when nothing the row does after step 0 changes its classifier's input features
+    (only the head solved from statistics changes)."""
+    return row.kind == "stats" and (row.pretrained_only or not METHODS[row.method].trains)
 
 
 def row_uses(row: Row) -> set[str]:
@@ -221,6 +227,7 @@ class Order:
         self.test = _encode_split(encoder, test, cfg, "test")
         self.encode_seconds = time.perf_counter() - t0
         self.bases: dict[str, tuple[dict, float]] = {}   # base key -> (base weights, seconds)
+        self.cache_features = True        # False: run the student on every evaluation (tests compare)
 
     def base(self, cfg: RunConfig) -> dict:
         """The trained base network's weights for cfg's base settings (trained on first use)."""
@@ -249,11 +256,27 @@ class Order:
         fit_classifier(st, data, list(range(len(self.groups[0]))), cfg, z)
         return st.eval()
 
-    def _eval(self, st: Student, split: Split | None, t: int, cfg: RunConfig) -> tuple[float, list[float]]:
+    def _eval(self, st: Student, split: Split | None, t: int, cfg: RunConfig,
+              phis: dict[str, torch.Tensor] | None = None) -> tuple[float, list[float]]:
+        """Accuracy on the classes of steps 0..t. phis: where the row's features never change
+        after step 0, the split's classifier inputs, computed once and reused at every step
+        (only the solved head changes); None: the student runs on the split every step."""
         if split is None:                     # no validation split (fieldlearn demo)
             return float("nan"), [float("nan")] * (t + 1)
-        data, z = split.take([c for g in self.groups[: t + 1] for c in g])
-        return evaluate(st, data, self.groups[: t + 1], cfg, z)
+        classes = [c for g in self.groups[: t + 1] for c in g]
+        if phis is None or split.z is None:
+            data, z = split.take(classes)
+            return evaluate(st, data, self.groups[: t + 1], cfg, z)
+        key = "test" if split is self.test else "val"
+        if key not in phis:
+            st.eval()
+            with torch.no_grad():
+                step = chunk_size(cfg)
+                phis[key] = torch.cat([st.features(split.z[i: i + step]) for i in range(0, len(split.z), step)])
+        idx = torch.isin(split.data.labels, torch.tensor(classes)).nonzero().flatten()
+        with torch.no_grad():
+            logits = st.classifier(phis[key][idx].to(st.classifier.weight.dtype))       # [n, K]
+        return score(logits.argmax(1).cpu(), split.data.labels[idx], self.groups[: t + 1])
 
     def run(self, row: Row, settings: dict, tag: str = "") -> MethodResult:
         cfg = row_config(self.cfg, row, settings)
@@ -261,8 +284,10 @@ class Order:
         res = MethodResult(row.name, dict(settings), AccuracyMatrix(sizes), AccuracyMatrix(sizes), config=cfg.to_dict())
         t0 = time.perf_counter()
         st = self.student_for(row, cfg)
-        res.test.add(*self._eval(st, self.test, 0, cfg))
-        res.val.add(*self._eval(st, self.val, 0, cfg))
+        # features fixed after step 0 (pretrained rows, method none): evaluate from cached phi
+        phis = {} if fixed_features(row) and self.cache_features else None
+        res.test.add(*self._eval(st, self.test, 0, cfg, phis))
+        res.val.add(*self._eval(st, self.val, 0, cfg, phis))
         for t in range(1, len(self.groups)):
             ts = time.perf_counter()
             try:
@@ -280,9 +305,9 @@ class Order:
                 break
             res.loss_terms.append(rep.loss_terms)
             res.classifier.append(rep.classifier)
-            acc, per = self._eval(st, self.test, t, cfg)
+            acc, per = self._eval(st, self.test, t, cfg, phis)
             res.test.add(acc, per)
-            res.val.add(*self._eval(st, self.val, t, cfg))
+            res.val.add(*self._eval(st, self.val, t, cfg, phis))
             old = per[:-1]
             self.log(f"step {t}/{len(self.groups) - 1}: {row.name + tag:<16} {sum(sizes[: t + 1]):>3} classes: "
                      f"test {100 * acc:5.1f}% (old {100 * sum(old) / len(old):5.1f}%, new {100 * per[-1]:5.1f}%), "
