@@ -102,12 +102,16 @@ class FsEvents:
         self._saved.append((owner, name, orig))
         setattr(owner, name, wrapper)
 
-    def install(self) -> "FsEvents":
+    def install(self, tensors: bool = True) -> "FsEvents":
+        """tensors=False: no hook on safetensors' save_file, so that a command which writes no
+        weights (prune, rollback) runs without importing torch."""
         for name in ("open", "rename", "replace", "unlink", "mkdir", "rmdir"):
             self._wrap(os, name)
         self._wrap(os, "fsync", path_arg=False)
         self._wrap(builtins, "open")
         self._wrap(io, "open")
+        if not tensors:
+            return self
         import safetensors.torch as st  # noqa: PLC0415
 
         orig_save = st.save_file
