@@ -140,7 +140,7 @@ def child_main() -> None:
     """Entry of the killed child: `python -c '...child_main()' STATE KILL_AT TEAR -- fieldlearn args`."""
     state, kill_at, tear = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     argv = sys.argv[sys.argv.index("--") + 1:]
-    hooks = FsEvents(Path(state), kill_at, tear).install()
+    hooks = FsEvents(Path(state), kill_at, tear).install(tensors=argv[0] in ("init", "learn", "export", "watch"))
     if os.environ.get("FL_CRASH_TRACE"):   # kill_at 0: write what the events were, for reports
         import atexit  # noqa: PLC0415
 

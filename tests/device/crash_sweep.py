@@ -301,6 +301,28 @@ class Sweep:
                 f"{len(self.order)} fsync-order problems, re-runs {self.reruns}")
 
 
+def add_versions(state: Path) -> Path:
+    """Versions 0002 and 0003 on top of an init state, written by save_version from the loaded
+    current one as an increment writes them, without an export: 0003 is current and not
+    exported, so that export has something to add, rollback somewhere to go and prune
+    --keep 1 two versions to remove."""
+    from fieldlearn.device.state import load_state, save_version  # noqa: PLC0415
+
+    st = load_state(state)
+    for step in (1, 2):
+        save_version(state, st.student, st.classes, st.config, step, st.history)
+    return state
+
+
+def argv_of(command: str, state: Path, new_folder: Path | None = None) -> list[str]:
+    """The swept command line (LEARN_ARGS: the crash harness's tiny increment, with its export)."""
+    from tests.device.crash_harness import LEARN_ARGS  # noqa: PLC0415
+
+    head = {"learn": ["learn", str(new_folder), *LEARN_ARGS], "export": ["export", "--no-engine"],
+            "prune": ["prune", "--keep", "1"], "rollback": ["rollback"]}[command]
+    return [*head, "--state", str(state)]
+
+
 def run_child(state: Path, out: Path, argv: list[str], env: dict[str, str]) -> dict:
     out.mkdir(parents=True)
     r = subprocess.run([sys.executable, "-c", CHILD, str(state), str(out), "--", *argv], cwd=ROOT, env=env,
@@ -356,14 +378,15 @@ def outcome_of(command: str, after: dict, old: dict, new: dict) -> str | None:
         return "old"
     if after == new:
         return "new"
-    if command == "prune":   # versions removed so far are wholly gone; the others whole
-        gone = {k.split("/")[1] for k in set(old) - set(new) if k.count("/") == 1}
-        kept = {k: v for k, v in old.items() if not (k.count("/") >= 1 and k.split("/")[1] in gone)}
-        if all(after.get(k) == v for k, v in kept.items()) and set(after) <= set(old) and \
-                all(after[k] == old[k] for k in after) and \
-                all(any(k == f"versions/{g}" or k.startswith(f"versions/{g}/") for k in after) ==
-                    (f"versions/{g}" in after) for g in gone) and \
-                all({k for k in old if k.startswith(f"versions/{g}/")} <= set(after) for g in gone if f"versions/{g}" in after):
+    if command == "prune":   # some of the versions it removes gone, each whole; all else as before
+        def version(k: str) -> str | None:
+            parts = k.split("/")
+            return parts[1] if len(parts) >= 2 and parts[0] == "versions" else None
+
+        gone = {version(k) for k in set(old) - set(new)} - {None}
+        if set(after) <= set(old) and all(after[k] == old[k] for k in after) \
+                and all(k in after for k in old if version(k) not in gone) \
+                and all(len({k in after for k in old if version(k) == g}) == 1 for g in gone):
             return "between"
     if command == "export":  # a subset of the new files, each whole; model.onnx last
         added = set(after) - set(old)
@@ -400,7 +423,7 @@ def check_copy(command: str, copy: Path, old: dict, new: dict, seen: dict | None
 def order_problems(trace: dict, state: Path) -> list[str]:
     """The fsync order of one uninterrupted run (see the module docstring)."""
     state = os.path.realpath(state)
-    rel = lambda p: os.path.relpath(p, state)   # noqa: E731
+    rel = lambda p: os.path.normpath(os.path.join("STATE", os.path.relpath(p, state)))   # noqa: E731
     ops = [(e["n"], e["op"]) for e in trace["events"] if "op" in e]
     fsyncs = [(n, op[1], op[2]) for n, op in ops if op[0] == "fsync"]
     moves = [(n, op) for n, op in ops if op[0] in ("rename", "replace")]
@@ -418,8 +441,7 @@ def order_problems(trace: dict, state: Path) -> list[str]:
         for name, ino in moved:
             since = max([w["n"] for w in trace["writes"] if w["ino"] == ino and w["n"] < n], default=0)
             if not any(since < j < n and i == ino for j, _, i in fsyncs):
-                out.append(f"{what}: {'the moved ' + ('directory' if name == '.' else 'file')} "
-                           f"{rel(os.path.join(src, name)) if name != '.' else rel(src)} not fsynced before it"
+                out.append(f"{what}: {rel(os.path.join(src, name))} (moved) not fsynced before it"
                            + (" (since it was written)" if since else ""))
     return out
 
@@ -465,3 +487,55 @@ def sweep(command: str, state: Path, argv: list[str], work: Path, env: dict[str,
                 continue              # old: the very tree the uninterrupted run started from; learned: nothing to redo
             res.reruns[outcome] = main([str(copy) if a == str(run_state) else a for a in argv])
     return res
+
+
+def real_kills(command: str, state: Path, argv: list[str], work: Path, env: dict[str, str], events: int,
+               log=print) -> Sweep:
+    """The cross-check of the copies: for K = 1..events, a fresh child on a fresh copy of `state`
+    SIGKILLs itself at event K (crash_harness.FsEvents), and the disk it leaves gets the same
+    checks. A learn's new version differs from the sweep's in its timings, so a learn that
+    published is checked by crash_harness.check_state instead (current is a complete version
+    with the run's classes and step, every earlier version byte for byte) and by the next start
+    leaving nothing behind."""
+    import signal  # noqa: PLC0415
+
+    from tests.device.crash_harness import CHILD as KILLED_CHILD  # noqa: PLC0415
+    from tests.device.crash_harness import Before, check_state, leftovers  # noqa: PLC0415
+
+    res = Sweep(command, events=events)
+    old = tree(state)
+    before = Before.of(state)
+    run_state = work / "run" / "state"
+    shutil.copytree(state, run_state, symlinks=True)
+    mapped = [str(run_state) if a == str(state) else a for a in argv]
+    subprocess.run([sys.executable, "-c", KILLED_CHILD, str(run_state), "0", "0", "--", *mapped], cwd=ROOT, env=env,
+                   capture_output=True, timeout=600, check=True)
+    new = tree(run_state)
+    new_classes = list(load_meta_classes(run_state))[len(before.classes):] if command == "learn" else []
+    seen: dict = {}
+    for k in range(1, events + 1):
+        copy = work / f"{k:03d}" / "state"
+        shutil.copytree(state, copy, symlinks=True)
+        mapped = [str(copy) if a == str(state) else a for a in argv]
+        r = subprocess.run([sys.executable, "-c", KILLED_CHILD, str(copy), str(k), "0", "--", *mapped], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+        if r.returncode != -signal.SIGKILL:
+            res.problems.append(f"real kill at event {k}: the child exited {r.returncode}, not killed: {r.stderr[-300:]}")
+        outcome, problems = check_copy(command, copy, old, new, seen)
+        if outcome is None and command == "learn":
+            corrupt, lost, cur = check_state(copy, before, new_classes)
+            if cur == "new" and not corrupt and not lost and not leftovers(copy):
+                outcome, problems = "new", [p for p in problems if not p.startswith("after the next start")]
+        res.copies += 1
+        res.outcomes[outcome or "neither"] = res.outcomes.get(outcome or "neither", 0) + 1
+        res.problems += [f"real kill at event {k}: {p}" for p in problems]
+        log(f"  {command} real kill at event {k}/{events}: {outcome or 'neither'}" + (f"; PROBLEMS {problems}" if problems else ""))
+        shutil.rmtree(work / f"{k:03d}", ignore_errors=True)
+    return res
+
+
+def load_meta_classes(state: Path) -> list[str]:
+    from fieldlearn.device.store import read_meta  # noqa: PLC0415
+    from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
+
+    return read_meta(current_version_dir(state))["classes"]
