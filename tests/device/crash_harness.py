@@ -37,6 +37,8 @@ import io
 import json
 import os
 import random
+import shutil  # noqa: F401 - before the hooks: shutil picks its rmtree at import (os.open in
+#                 os.supports_dir_fd), and a hooked os.open would give the child another rmtree
 import signal
 import subprocess
 import sys
