@@ -37,6 +37,8 @@ import io
 import json
 import os
 import random
+import shutil  # noqa: F401 - before the hooks: shutil picks its rmtree at import (os.open in
+#                 os.supports_dir_fd), and a hooked os.open would give the child another rmtree
 import signal
 import subprocess
 import sys
@@ -102,12 +104,16 @@ class FsEvents:
         self._saved.append((owner, name, orig))
         setattr(owner, name, wrapper)
 
-    def install(self) -> "FsEvents":
+    def install(self, tensors: bool = True) -> "FsEvents":
+        """tensors=False: no hook on safetensors' save_file, so that a command which writes no
+        weights (prune, rollback) runs without importing torch."""
         for name in ("open", "rename", "replace", "unlink", "mkdir", "rmdir"):
             self._wrap(os, name)
         self._wrap(os, "fsync", path_arg=False)
         self._wrap(builtins, "open")
         self._wrap(io, "open")
+        if not tensors:
+            return self
         import safetensors.torch as st  # noqa: PLC0415
 
         orig_save = st.save_file
@@ -136,7 +142,7 @@ def child_main() -> None:
     """Entry of the killed child: `python -c '...child_main()' STATE KILL_AT TEAR -- fieldlearn args`."""
     state, kill_at, tear = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
     argv = sys.argv[sys.argv.index("--") + 1:]
-    hooks = FsEvents(Path(state), kill_at, tear).install()
+    hooks = FsEvents(Path(state), kill_at, tear).install(tensors=argv[0] in ("init", "learn", "export", "watch"))
     if os.environ.get("FL_CRASH_TRACE"):   # kill_at 0: write what the events were, for reports
         import atexit  # noqa: PLC0415
 
