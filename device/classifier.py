@@ -62,6 +62,22 @@ def augment(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(len(x), 1)], dim=1)
 
 
+def shared_dims(xa: torch.Tensor) -> torch.Tensor:
+    """xa [N, D+1] the phi_aug of one batch of images folded in -> [D+1] bool: the
+    dimensions that at least MIN_IMAGES images share, by effective count
+    n_eff = (sum_n |x_nd|)^2 / sum_n x_nd^2 >= MIN_IMAGES (no single image carries more than
+    1/sqrt(MIN_IMAGES) of the dimension's weight).
+
+    Why: row d of the Gram matrix is sum_n x_nd phi_aug_n. A dimension that one image alone
+    fires (sparse ReLU features do this) makes that row one image's feature, scaled: a
+    per-image vector in model.safetensors. Such dimensions are left out of this batch's
+    statistics (as zeros), so every Gram row is an aggregate like the class sums.
+    """
+    a = xa.abs()
+    s1, s2 = a.sum(0), a.square().sum(0)                                      # [D+1]
+    return s1.square() >= MIN_IMAGES * s2.clamp_min(torch.finfo(s2.dtype).tiny)
+
+
 class ClassStats(nn.Module):
     """Per-class sums and the Gram matrix of phi_aug, as buffers (saved with the weights)."""
 
@@ -69,6 +85,7 @@ class ClassStats(nn.Module):
         super().__init__()
         self.register_buffer("gram", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
         self.register_buffer("sums", torch.zeros(num_classes, dim + 1, dtype=torch.float64))
+        self.masked_dims = 0           # dimensions the last add left out (shared_dims); not saved
 
     @property
     def dim(self) -> int:
@@ -85,6 +102,9 @@ class ClassStats(nn.Module):
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.sums.shape[0]:
             raise ValueError(f"labels outside 0..{self.sums.shape[0] - 1}")
         xa = augment(x)                                                       # [N, D+1]
+        keep = shared_dims(xa)                                                # [D+1]
+        self.masked_dims = int((~keep[:-1]).sum())
+        xa = xa * keep
         with torch.no_grad():
             self.sums.index_add_(0, labels, xa)                                # [K, D+1]
             self.gram += xa.T @ xa                                             # [D+1, D+1]

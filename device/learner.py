@@ -297,6 +297,8 @@ def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor
                             step=0, lr=cfg.train.base_lr, z=z)
     t0 = time.perf_counter()
     report.classifier["ridge"] = fit_classifier(student, data, list(range(student.num_classes)), cfg, z)
+    if student.stats is not None:
+        report.classifier["masked_dims"] = student.stats.masked_dims
     report.seconds["classifier"] = time.perf_counter() - t0
     return report
 
@@ -342,6 +344,8 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
         carry_statistics(student, before, classifier_features(student, data, cfg, z, own_top_only=True),
                          cfg.train.drift_shrink)
     report.classifier["ridge"] = fit_classifier(student, data, list(range(n_old, n_old + n_new)), cfg, z)
+    if student.stats is not None:
+        report.classifier["masked_dims"] = student.stats.masked_dims
     report.seconds["classifier"] = time.perf_counter() - t0
     return report
 

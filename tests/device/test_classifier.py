@@ -8,22 +8,26 @@ from fieldlearn.device.classifier import (MIN_IMAGES, RIDGE_GRID, ClassStats, To
                                           fit_drift, phi, solve_head)
 
 
-def _data(n_per=(7, 9, 6, 8), dim=5, seed=0):
+def _data(n_per=(7, 9, 6, 8), dim=5, seed=0, shift=0.0):
+    """shift: added to every feature; a large one makes every dimension shared by all the
+    images of a step (no dimension left out by shared_dims), so exact identities hold."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.cat([torch.full((n,), c) for c, n in enumerate(n_per)])
     centres = torch.randn(len(n_per), dim, generator=g, dtype=torch.float64) * 2
-    x = centres[labels] + torch.randn(len(labels), dim, generator=g, dtype=torch.float64)
+    x = centres[labels] + torch.randn(len(labels), dim, generator=g, dtype=torch.float64) + shift
     return x, labels
 
 
-def _stats(x, labels, steps):
-    """Statistics built step by step: steps = [[classes of step 0], [classes of step 1], ...]."""
+def _stats(x, labels, steps, masked: int | None = None):
+    """Statistics built step by step: steps = [[classes of step 0], [classes of step 1], ...];
+    masked: how many dimensions each step must leave out (None: not checked)."""
     s = ClassStats(x.shape[1], len(steps[0]))
     for t, classes in enumerate(steps):
         if t:
             s.widen(len(classes))
         m = torch.isin(labels, torch.tensor(classes))
         s.add(x[m], labels[m])
+        assert masked is None or s.masked_dims == masked
         s.check(classes)
     return s
 
@@ -31,8 +35,8 @@ def _stats(x, labels, steps):
 def test_ridge_head_equals_the_joint_data_solution():
     """If this fails, the head solved from statistics is not the ridge regression on all the
     images seen (the whole point of keeping statistics instead of data)."""
-    x, labels = _data()
-    s = _stats(x, labels, [[0, 1], [2], [3]])
+    x, labels = _data(shift=10.0)
+    s = _stats(x, labels, [[0, 1], [2], [3]], masked=0)
     lam_rel = 0.3
     xa = augment(x)                                                      # [N, D+1]
     y = F.one_hot(labels, 4).double()
@@ -48,9 +52,9 @@ def test_ridge_head_equals_the_joint_data_solution():
 
 
 def test_statistics_do_not_depend_on_how_classes_were_grouped_into_steps():
-    x, labels = _data()
-    a = _stats(x, labels, [[0, 1, 2, 3]])
-    b = _stats(x, labels, [[0], [1], [2, 3]])
+    x, labels = _data(shift=10.0)
+    a = _stats(x, labels, [[0, 1, 2, 3]], masked=0)
+    b = _stats(x, labels, [[0], [1], [2, 3]], masked=0)
     assert torch.allclose(a.gram, b.gram) and torch.allclose(a.sums, b.sums)
     assert a.counts.tolist() == [7, 9, 6, 8]
 
