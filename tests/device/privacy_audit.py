@@ -358,31 +358,37 @@ def feature_patterns(student, images, cfg, label: str) -> list[Pattern]:
 # ---------------------------------------------------------------------------- search
 
 def _exact(blob: bytes, needles: list[bytes]) -> list[tuple[int, int]]:
-    """(needle index, offset) of every needle found in blob, at any offset. Keys are each
-    needle's first 8 bytes, looked up at all 8 alignments of the blob read as uint64."""
+    """(needle index, offset) of every needle found in blob, at any offset. Each needle's key
+    (8 of its bytes) is looked up at all 8 alignments of the blob read as uint64."""
     if not needles or len(blob) < 8:
         return []
-    keys = np.frombuffer(b"".join(n[:8] for n in needles), dtype="<u8")
+    # each needle's key: its 8-byte window with the most distinct bytes (a key of zeros would
+    # stop at every zero run of a weights file)
+    key_at = [max(sorted({0, 8, len(n) // 2 - 4, len(n) - 8}), key=lambda o, n=n: len(set(n[o:o + 8])))
+              for n in needles]
+    keys = np.frombuffer(b"".join(n[o:o + 8] for n, o in zip(needles, key_at)), dtype="<u8")
     order = np.argsort(keys, kind="stable")
     sk = keys[order]
-    table = np.zeros(1 << 22, dtype=bool)
-    table[sk & ((1 << 22) - 1)] = True
+    mask = (1 << 20) - 1
+    table = np.zeros(1 << 20, dtype=bool)                     # a first, cheap filter on 20 bits of the key (1 MB: stays in cache)
+    table[sk & mask] = True
     found = []
     for a in range(8):
         m = (len(blob) - a) // 8
         if m <= 0:
             continue
         arr = np.frombuffer(blob, dtype="<u8", count=m, offset=a)
-        cand = np.flatnonzero(table[arr & ((1 << 22) - 1)])
+        cand = np.flatnonzero(table[arr & mask])
         if not len(cand):
             continue
         vals = arr[cand]
         lo = np.searchsorted(sk, vals, "left")
         hi = np.searchsorted(sk, vals, "right")
-        for c, l, h in zip(cand.tolist(), lo.tolist(), hi.tolist()):
-            off = a + 8 * c
+        keep = hi > lo                                         # the whole key matches
+        for c, l, h in zip(cand[keep].tolist(), lo[keep].tolist(), hi[keep].tolist()):
             for j in order[l:h].tolist():
-                if blob.startswith(needles[j], off):
+                off = a + 8 * c - key_at[j]
+                if off >= 0 and blob.startswith(needles[j], off):
                     found.append((j, off))
     return found
 
