@@ -26,12 +26,15 @@ from tests.device.privacy_audit import (captured, feature_patterns, on_disk, pix
                                         scan)
 
 
-def _patterns(state, images):
+def _versions(state):
+    return {vd.name: load_version(vd) for vd in sorted((state / "versions").iterdir())}
+
+
+def _patterns(state, images, versions=None):
     """Every pattern of `images`: pixels, and pooled features under each saved version."""
     pats = pixel_patterns(images, load_state(state).config)
-    for vd in sorted((state / "versions").iterdir()):
-        v = load_version(vd)
-        pats += feature_patterns(v.student, images, v.config, vd.name)
+    for name, v in (versions or _versions(state)).items():
+        pats += feature_patterns(v.student, images, v.config, name)
     return pats
 
 
@@ -69,7 +72,8 @@ def test_no_training_pixels_or_features_are_ever_written(tmp_path, gen_test):
                      "onnxruntime.db"}, names
 
     imgs = torch.cat([load_image_folder(base, 32).images, load_image_folder(new, 32).images])
-    pats = _patterns(state, imgs)
+    versions = _versions(state)
+    pats = _patterns(state, imgs, versions)
     assert {p.name.split(" 000")[0] for p in pats} >= {"uint8 CHW row", "uint8 HWC row", "float32 input row",
                                                        "float16 input row", "pooled feature trained top",
                                                        "pooled feature frozen top"}
@@ -79,8 +83,8 @@ def test_no_training_pixels_or_features_are_ever_written(tmp_path, gen_test):
     # The class statistics are model state only as aggregates: no stored vector may be one
     # training image's classifier feature (or a multiple of it), to float tolerance.
     leaks = []
-    for vd in sorted((state / "versions").iterdir()):
-        v = load_version(vd)
+    for name, v in versions.items():
+        vd = state / "versions" / name
         phis = _image_features(v, imgs)
         assert phis.shape == (len(imgs), v.student.stats.dim)
         stored = load_file(str(vd / "model.safetensors"))
