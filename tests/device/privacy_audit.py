@@ -186,7 +186,8 @@ class Plants:
         def save_file(tensors, filename, *a, **k):
             student = sys._getframe(1).f_locals["student"]   # save_version's student
             cfg = sys._getframe(1).f_locals["config"]
-            self.plant(student, cfg, tensors)
+            if self.images is not None:                        # (an init has no learn folder)
+                self.plant(student, cfg, tensors)
             return real_save(tensors, filename, *a, **k)
 
         inc.load_image_folder, state.save_file = load_image_folder, save_file
