@@ -1,4 +1,11 @@
-"""Shared fixtures: small real data and tiny configs so the suite stays fast on 2 cores."""
+"""Shared fixtures: small generated and real data, tiny configs, so the suite stays fast on 2 cores.
+
+`gen_train` / `gen_test` (tests/synthetic.py) are generated on the spot: every test whose
+promise does not depend on accuracy on real photographs uses them, so it runs on any clone.
+`cifar_train`, `cifar_test` and `fashion` are real data and skip where it is absent; with
+FIELDLEARN_TEST_NO_SHARED_DATA=1 they always skip (as on a clone without ../shared/data),
+which shows which tests still need the shared folder.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 CIFAR_DIR = SHARED_DATA / "cifar-100-binary"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+if os.environ.get("FIELDLEARN_TEST_NO_SHARED_DATA") == "1":
+    CIFAR_DIR = FASHION_DIR = Path("/nonexistent/fieldlearn-test-no-shared-data")
 
 # pytest-xdist (the README's `-n 2`): each worker is one process on one core, so torch gets
 # one thread there, and its own cache folder.
@@ -35,6 +44,22 @@ def tiny_config(**train):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def gen_train():
+    """Generated data (tests/synthetic.py): 100 classes of 100 images, 32 x 32; always present."""
+    from tests.synthetic import make_image_set
+
+    return make_image_set(seed=0)
+
+
+@pytest.fixture(scope="session")
+def gen_test():
+    """Other images of gen_train's classes."""
+    from tests.synthetic import make_image_set
+
+    return make_image_set(seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +92,7 @@ def fashion():
 
 
 def write_image_folder(root: Path, data, classes: list[int], per_class: int, fmt: str = "png") -> Path:
-    """Write real images of `classes` from an ImageSet as ROOT/<name>/<i>.<fmt>."""
+    """Write the first `per_class` images of `classes` from an ImageSet as ROOT/<name>/<i>.<fmt>."""
     import numpy as np
     from PIL import Image
 

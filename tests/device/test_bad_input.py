@@ -79,18 +79,18 @@ def refused(rc: int, err: str, *names) -> str:
     return lines[0]
 
 
-def good_folder(root: Path, cifar_test, name: str, n: int = MIN_IMAGES, cls: int = 20) -> Path:
-    """ROOT/<name>/ with n real CIFAR-100 images of class `cls`."""
-    tmp = write_image_folder(root / ".src", cifar_test, [cls], n)
-    src = tmp / cifar_test.class_names[cls]
+def good_folder(root: Path, gen_test, name: str, n: int = MIN_IMAGES, cls: int = 20) -> Path:
+    """ROOT/<name>/ with n generated images (tests/synthetic.py) of class `cls`."""
+    tmp = write_image_folder(root / ".src", gen_test, [cls], n)
+    src = tmp / gen_test.class_names[cls]
     dest = root / name
     shutil.move(str(src), str(dest))
     shutil.rmtree(tmp)
     return dest
 
 
-def encoded(cifar_test, fmt: str, mode: str = "RGB", i: int = 0, **kw) -> bytes:
-    im = Image.fromarray(cifar_test.images[i].permute(1, 2, 0).numpy())
+def encoded(gen_test, fmt: str, mode: str = "RGB", i: int = 0, **kw) -> bytes:
+    im = Image.fromarray(gen_test.images[i].permute(1, 2, 0).numpy())
     if mode == "I;16":
         im = Image.fromarray((np.asarray(im.convert("L"), np.uint16) * 257).astype("<u2"))   # mode I;16
     elif mode != "RGB":
@@ -111,8 +111,8 @@ def bomb_png() -> bytes:
             + png_chunk(b"IEND", b""))
 
 
-def corrupt_png(cifar_test) -> bytes:
-    data = bytearray(encoded(cifar_test, "PNG"))
+def corrupt_png(gen_test) -> bytes:
+    data = bytearray(encoded(gen_test, "PNG"))
     i = data.index(b"IDAT") + 20
     data[i:i + 16] = bytes(16)                       # damages the compressed stream (and its CRC)
     return bytes(data)
@@ -130,12 +130,12 @@ BAD_IMAGES = {
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_IMAGES))
-def test_unreadable_image_among_good_ones_is_skipped_with_a_warning(state, tmp_path, cifar_test, capsys, recwarn, bad):
+def test_unreadable_image_among_good_ones_is_skipped_with_a_warning(state, tmp_path, gen_test, capsys, recwarn, bad):
     """If this fails, one bad file from a camera either stops the whole increment or is
     silently fed to training. Decision: skip it, say so in the one summary line naming it,
     learn the rest."""
-    folder = good_folder(tmp_path / "new", cifar_test, "tulip")
-    (folder / bad).write_bytes(BAD_IMAGES[bad](cifar_test))
+    folder = good_folder(tmp_path / "new", gen_test, "tulip")
+    (folder / bad).write_bytes(BAD_IMAGES[bad](gen_test))
     before = {p: p.read_bytes() for p in (state / "versions" / "0001").iterdir()}
     rc, out, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     assert rc == 0, err
@@ -147,10 +147,10 @@ def test_unreadable_image_among_good_ones_is_skipped_with_a_warning(state, tmp_p
     assert before == {p: p.read_bytes() for p in (state / "versions" / "0001").iterdir()}
 
 
-def test_skipped_files_are_one_stderr_line(state, tmp_path, cifar_test):
+def test_skipped_files_are_one_stderr_line(state, tmp_path, gen_test):
     """If this fails, the CLI prints Python's two-line warning (with a source line) for a skip,
     or one line per skipped file instead of one summary with counts by reason."""
-    folder = good_folder(tmp_path / "new", cifar_test, "tulip")
+    folder = good_folder(tmp_path / "new", gen_test, "tulip")
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("no image")
     (folder / ".DS_Store").write_bytes(b"\0")
@@ -166,13 +166,13 @@ def test_skipped_files_are_one_stderr_line(state, tmp_path, cifar_test):
 
 @pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("I;16", "PNG"),
                                       ("1", "PNG"), ("CMYK", "JPEG")])
-def test_odd_image_modes_are_converted_and_learned(state, tmp_path, cifar_test, capsys, recwarn, mode, fmt):
+def test_odd_image_modes_are_converted_and_learned(state, tmp_path, gen_test, capsys, recwarn, mode, fmt):
     """If this fails, grayscale, alpha, palette, 16-bit, bilevel or CMYK files (what cameras
     and editors write) are rejected instead of converted to RGB."""
     folder = tmp_path / "new" / "tulip"
     folder.mkdir(parents=True)
     for i in range(MIN_IMAGES):
-        (folder / f"{i}.{fmt.lower()}").write_bytes(encoded(cifar_test, fmt, mode, i=i))
+        (folder / f"{i}.{fmt.lower()}").write_bytes(encoded(gen_test, fmt, mode, i=i))
     with Image.open(folder / "0.png" if fmt == "PNG" else folder / "0.jpeg") as im:
         assert im.mode == mode
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
@@ -194,10 +194,10 @@ def test_a_class_folder_of_only_unreadable_files_is_refused(state, tmp_path, cap
     assert tree_hash(state) == before
 
 
-def test_an_empty_class_folder_is_refused(state, tmp_path, cifar_test, capsys):
+def test_an_empty_class_folder_is_refused(state, tmp_path, gen_test, capsys):
     """If this fails, an empty folder silently drops a class the user meant to add.
     Decision: refuse the increment and name the folder (adding it later is one more step)."""
-    good_folder(tmp_path / "new", cifar_test, "tulip")
+    good_folder(tmp_path / "new", gen_test, "tulip")
     (tmp_path / "new" / "rose").mkdir()
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
@@ -205,9 +205,9 @@ def test_an_empty_class_folder_is_refused(state, tmp_path, cifar_test, capsys):
     assert tree_hash(state) == before
 
 
-def test_a_class_the_model_knows_is_refused(state, tmp_path, cifar_test, capsys):
+def test_a_class_the_model_knows_is_refused(state, tmp_path, gen_test, capsys):
     """If this fails, 'apple' gets a second output and the two fight over every apple."""
-    good_folder(tmp_path / "new", cifar_test, "apple")
+    good_folder(tmp_path / "new", gen_test, "apple")
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, tmp_path / "new" / "apple", "already known")
@@ -225,54 +225,54 @@ BAD_NAMES = {
 
 
 @pytest.mark.parametrize("why", sorted(BAD_NAMES))
-def test_bad_class_folder_names_are_refused(state, tmp_path, cifar_test, capsys, why):
+def test_bad_class_folder_names_are_refused(state, tmp_path, gen_test, capsys, why):
     """If this fails, a class name that cannot be printed on one line, written to labels.txt
     or shown honestly (a bidi override hides its real text) gets into the model."""
     name = BAD_NAMES[why]
-    good_folder(tmp_path / "new", cifar_test, name)
+    good_folder(tmp_path / "new", gen_test, name)
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, tmp_path / "new", repr(name))
     assert tree_hash(state) == before
 
 
-def test_odd_but_valid_unicode_class_names_are_learned_intact(state, tmp_path, cifar_test, capsys):
+def test_odd_but_valid_unicode_class_names_are_learned_intact(state, tmp_path, gen_test, capsys):
     """If this fails, accented, CJK or emoji class names are rejected or mangled on the way
     through meta.json."""
     names = ["café", "猫", "🐱 cat", "tulip-red_2"]
     for i, n in enumerate(names):
-        good_folder(tmp_path / "new", cifar_test, n, cls=30 + i)
+        good_folder(tmp_path / "new", gen_test, n, cls=30 + i)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     assert rc == 0, err
     assert load_state(state).classes == KNOWN + sorted(names)
 
 
-def test_one_name_in_two_unicode_spellings_is_refused(state, tmp_path, cifar_test, capsys):
+def test_one_name_in_two_unicode_spellings_is_refused(state, tmp_path, gen_test, capsys):
     """If this fails, 'café' (NFC) and 'café' (NFD) become two classes that print the same."""
-    good_folder(tmp_path / "new", cifar_test, "caf\u00e9")
-    good_folder(tmp_path / "new", cifar_test, "cafe\u0301", cls=21)
+    good_folder(tmp_path / "new", gen_test, "caf\u00e9")
+    good_folder(tmp_path / "new", gen_test, "cafe\u0301", cls=21)
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, "appears twice")
     assert tree_hash(state) == before
 
 
-def test_the_smallest_increment_is_learned(state, tmp_path, cifar_test, capsys):
+def test_the_smallest_increment_is_learned(state, tmp_path, gen_test, capsys):
     """If this fails, the smallest allowed increment (MIN_IMAGES photos per class) crashes the
     held-out split or training. Decision: accepted; nothing is held out of such a class."""
-    good_folder(tmp_path / "new", cifar_test, "tulip", n=MIN_IMAGES)
-    good_folder(tmp_path / "new", cifar_test, "rose", n=MIN_IMAGES, cls=21)
+    good_folder(tmp_path / "new", gen_test, "tulip", n=MIN_IMAGES)
+    good_folder(tmp_path / "new", gen_test, "rose", n=MIN_IMAGES, cls=21)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     assert rc == 0, err
     assert load_state(state).classes == KNOWN + ["rose", "tulip"]
 
 
 @pytest.mark.parametrize("n", [1, MIN_IMAGES - 1])
-def test_a_class_with_too_few_images_is_refused(state, tmp_path, cifar_test, capsys, n):
+def test_a_class_with_too_few_images_is_refused(state, tmp_path, gen_test, capsys, n):
     """If this fails, a class is learned from 1-4 photos (its statistics and its held-out
     accuracy mean nothing). Decision: refuse the increment, naming the folder and the minimum."""
-    good_folder(tmp_path / "new", cifar_test, "tulip", n=n)
-    good_folder(tmp_path / "new", cifar_test, "rose", cls=21)
+    good_folder(tmp_path / "new", gen_test, "tulip", n=n)
+    good_folder(tmp_path / "new", gen_test, "rose", cls=21)
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, tmp_path / "new" / "tulip", f"at least {MIN_IMAGES}")
@@ -281,12 +281,12 @@ def test_a_class_with_too_few_images_is_refused(state, tmp_path, cifar_test, cap
 
 @pytest.mark.parametrize("per_class,fraction,held",
                          [(5, 0.1, 0), (5, 0.0, 0), (9, 0.1, 1), (5, 0.5, 0), (14, 0.1, 1), (9, 0.5, 4), (8, 0.5, 3)])
-def test_the_held_out_share_follows_val_fraction(state, tmp_path, cifar_test, capsys, per_class, fraction, held):
+def test_the_held_out_share_follows_val_fraction(state, tmp_path, gen_test, capsys, per_class, fraction, held):
     """If this fails, a small class loses a fixed share of its images to the held-out split
     whatever --val-fraction says (issue 14: half of 2 images at 0.1). Decision: the nearest
     whole number of images per class (halves up), never leaving a class fewer than MIN_IMAGES
     to learn from (its statistics need them), and the count is printed."""
-    good_folder(tmp_path / "new", cifar_test, "tulip", n=per_class)
+    good_folder(tmp_path / "new", gen_test, "tulip", n=per_class)
     rc, out, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN, "--val-fraction", fraction)
     assert rc == 0, err
     entry = load_state(state).history[-1]
@@ -295,19 +295,19 @@ def test_the_held_out_share_follows_val_fraction(state, tmp_path, cifar_test, ca
         assert f"held out {held} of {per_class} images" in out, out
 
 
-def test_too_many_images_for_one_increment_are_refused(state, tmp_path, cifar_test, capsys, monkeypatch):
+def test_too_many_images_for_one_increment_are_refused(state, tmp_path, gen_test, capsys, monkeypatch):
     """If this fails, a huge folder is read into memory until the device runs out of it."""
     import fieldlearn.device.data as data
 
     monkeypatch.setattr(data, "MAX_IMAGES", 4)
-    good_folder(tmp_path / "new", cifar_test, "tulip", n=5)
+    good_folder(tmp_path / "new", gen_test, "tulip", n=5)
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, tmp_path / "new", "5 images")
     assert tree_hash(state) == before
 
 
-def test_a_diverging_step_aborts_and_keeps_the_previous_model(state, tmp_path, cifar_test, capsys, monkeypatch):
+def test_a_diverging_step_aborts_and_keeps_the_previous_model(state, tmp_path, gen_test, capsys, monkeypatch):
     """If this fails, a step whose loss turns NaN (an absurd learning rate; here forced at the
     third batch) saves a model of NaNs as the current one."""
     import fieldlearn.device.learner as learner
@@ -326,7 +326,7 @@ def test_a_diverging_step_aborts_and_keeps_the_previous_model(state, tmp_path, c
         return m
 
     monkeypatch.setattr(learner, "make_method", diverging)
-    good_folder(tmp_path / "new", cifar_test, "tulip", n=10)
+    good_folder(tmp_path / "new", gen_test, "tulip", n=10)
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN, "--epochs", "3", "--method", "lwm")
     refused(rc, err, "learning rate", "nothing was saved")
@@ -345,21 +345,21 @@ def edit_meta(state: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("names", [["apple", "../../etc"], ["apple", "a/b"], ["apple", ".."], ["apple", "apple"],
                                    ["apple", 7]])
-def test_class_names_in_meta_json_are_checked(state, tmp_path, cifar_test, capsys, names):
+def test_class_names_in_meta_json_are_checked(state, tmp_path, gen_test, capsys, names):
     """If this fails, a class name from a tampered meta.json ('../../etc', 'a/b') reaches the
     code as if it were safe (labels, folders, printed output)."""
     meta = edit_meta(state, classes=names)
-    good_folder(tmp_path / "new", cifar_test, "tulip")
+    good_folder(tmp_path / "new", gen_test, "tulip")
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, meta)
     assert tree_hash(state) == before
 
 
-def test_a_state_from_a_future_fieldlearn_is_refused(state, tmp_path, cifar_test, capsys):
+def test_a_state_from_a_future_fieldlearn_is_refused(state, tmp_path, gen_test, capsys):
     """If this fails, a newer state is misread (or overwritten) by an older fieldlearn."""
     meta = edit_meta(state, format=99, fieldlearn_version="9.0.0")
-    good_folder(tmp_path / "new", cifar_test, "tulip")
+    good_folder(tmp_path / "new", gen_test, "tulip")
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, meta, "newer fieldlearn", "9.0.0")
@@ -375,13 +375,13 @@ def test_meta_json_that_is_not_json_is_refused(state, capsys):
     assert tree_hash(state) == before
 
 
-def test_a_state_whose_weights_do_not_match_its_architecture_is_refused(state, tmp_path, cifar_test, capsys):
+def test_a_state_whose_weights_do_not_match_its_architecture_is_refused(state, tmp_path, gen_test, capsys):
     """If this fails, weights of one width are loaded into a net of another (a torch
     RuntimeError traceback) instead of one line naming the file."""
     meta = json.loads((state / "versions" / "0001" / "meta.json").read_text())
     meta["config"]["model"]["width"] = 0.5
     edit_meta(state, config=meta["config"])
-    good_folder(tmp_path / "new", cifar_test, "tulip")
+    good_folder(tmp_path / "new", gen_test, "tulip")
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, state / "versions" / "0001" / "model.safetensors", "architecture")
@@ -412,12 +412,12 @@ def test_broken_weights_file_is_refused(state, capsys, damage):
     assert tree_hash(state) == before
 
 
-def test_garbage_onnx_is_refused_by_classify(tmp_path, cifar_test, capsys):
+def test_garbage_onnx_is_refused_by_classify(tmp_path, gen_test, capsys):
     """If this fails, `classify --model` on a file that is not ONNX shows a protobuf traceback."""
     model = tmp_path / "model.onnx"
     model.write_bytes(b"\x08\x07garbage" + bytes(range(256)) * 4)
     img = tmp_path / "x.png"
-    img.write_bytes(encoded(cifar_test, "PNG"))
+    img.write_bytes(encoded(gen_test, "PNG"))
     rc, _, err = run(capsys, "classify", img, "--model", model)
     refused(rc, err, model)
 

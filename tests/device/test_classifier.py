@@ -131,3 +131,20 @@ def test_phi_normalises_each_block():
     assert out.shape == (3, 10)
     assert torch.allclose(out[:, :4].norm(dim=1), torch.ones(3)) and torch.allclose(out[:, 4:].norm(dim=1), torch.ones(3))
     assert torch.equal(phi(None, f1), F.normalize(f1, dim=1))
+
+
+@pytest.mark.xfail(strict=True, reason="known privacy bug (issue 15 audit): a feature dimension active in one image "
+                   "makes a Gram row that is that image's phi_aug")
+def test_no_gram_row_is_one_images_feature():
+    """If this fails, model.safetensors holds one image's classifier feature in disguise: row
+    i of the Gram matrix is sum_n phi_n[i] phi_aug_n, so when dimension i is non-zero for one
+    image only (sparse ReLU features do this), row i / its last entry is that image's phi_aug,
+    exactly, although every class statistic is over >= MIN_IMAGES images."""
+    x, labels = _data(n_per=(6, 6), dim=8, seed=3)
+    x = x.abs()
+    x[:, 2] = 0
+    x[4, 2] = 0.7                     # dimension 2 fires for image 4 only
+    s = _stats(x, labels, [[0, 1]])
+    rows = s.gram / s.gram[:, -1:].clamp_min(1e-300)     # [D+1, D+1], each row scaled to end in 1
+    leaked = [n for n in range(len(x)) if any(torch.allclose(r, augment(x)[n], rtol=1e-9) for r in rows)]
+    assert leaked == [], f"Gram rows equal the features of images {leaked}"

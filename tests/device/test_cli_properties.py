@@ -85,7 +85,7 @@ def assert_clean(rc: int, err: list[str], argv) -> None:
 # ---------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, cifar_test):
+def world(tmp_path_factory, gen_test):
     """A tiny state (exported), a class folder to learn, an ImageFolder dataset, an image."""
     root = tmp_path_factory.mktemp("props")
     cfg = tiny_config()
@@ -95,11 +95,11 @@ def world(tmp_path_factory, cifar_test):
                  [{"step": 0, "method": "base", "new_classes": ["apple", "pear"]}])
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["export", "--state", str(state), "--no-engine"]) == 0
-    new = write_image_folder(root / "new", cifar_test, [20], 6)
-    data = write_image_folder(root / "data", cifar_test, [30, 31], 6)
-    image = next((new / cifar_test.class_names[20]).iterdir())
+    new = write_image_folder(root / "new", gen_test, [20], 6)
+    data = write_image_folder(root / "data", gen_test, [30, 31], 6)
+    image = next((new / gen_test.class_names[20]).iterdir())
     return {"root": root, "state": state, "new": new, "data": data, "image": image,
-            "new_class": cifar_test.class_names[20]}
+            "new_class": gen_test.class_names[20]}
 
 
 def base_argv(command: str, w: dict, work: Path) -> list[str]:
@@ -241,7 +241,7 @@ TARGETS = ["learn image", "classify image", "classify --model", "explain image",
 
 @SETTINGS
 @given(target=st.sampled_from(TARGETS), kind=st.sampled_from(KINDS))
-def test_any_file_kind_anywhere_ends_in_exit_0_or_one_line_exit_2(world, cifar_test, target, kind):
+def test_any_file_kind_anywhere_ends_in_exit_0_or_one_line_exit_2(world, gen_test, target, kind):
     """If this fails, an empty, truncated, FIFO, directory, symlink-loop, wrong-extension or
     huge-header file where an image, model or state file is expected gives a traceback or a
     hang, changes the state on a refusal, or (learn) is left out without a word."""

@@ -35,13 +35,13 @@ def tree_hash(root: Path) -> str:
     return h.hexdigest()
 
 
-def test_sigkill_at_random_points_never_corrupts_or_loses_the_model(tmp_path, cifar_test):
+def test_sigkill_at_random_points_never_corrupts_or_loses_the_model(tmp_path, gen_test):
     """If this fails, a power cut or OOM kill during an increment, an export or the daemon's
     increment can leave the device without a loadable model, a half-written version that later
     runs trip over, a version renamed but never switched to that shows up twice in history
     (killed between rename and switch), or a daemon that loses, duplicates or rejects a class."""
     lines = []
-    t = run(tmp_path, cifar_test, kills=6, seed=1, timed_share=0.2, log=lines.append)
+    t = run(tmp_path, gen_test, kills=6, seed=1, timed_share=0.2, log=lines.append)
     report = summary(t) + "\n" + "\n".join(lines) + "\n" + "\n".join(t.problems)
     assert t.kills >= 6 and t.kinds.get("learn switch") and t.kinds.get("watch switch"), report
     assert (t.corrupt, t.lost, t.leftovers_kept, t.reruns_failed) == (0, 0, 0, 0), report
@@ -61,9 +61,9 @@ def _cli(argv, **kw):
 
 
 @pytest.fixture(scope="module")
-def exportable_state(tmp_path_factory, cifar_test):
-    """A state from `fieldlearn init` on an ImageFolder of CIFAR-100 test images."""
-    h = Harness(tmp_path_factory.mktemp("crash"), cifar_test, log=lambda _: None)
+def exportable_state(tmp_path_factory, gen_test):
+    """A state from `fieldlearn init` on an ImageFolder of generated images (tests/synthetic.py)."""
+    h = Harness(tmp_path_factory.mktemp("crash"), gen_test, log=lambda _: None)
     h.init()
     return h
 
@@ -73,12 +73,12 @@ def _copy(h: Harness, dest: Path) -> Path:
     return dest
 
 
-def test_disk_full_learn_is_one_line_and_keeps_the_current_model(tmp_path, exportable_state, cifar_test):
+def test_disk_full_learn_is_one_line_and_keeps_the_current_model(tmp_path, exportable_state, gen_test):
     """If this fails, a full disk (here: a 200 kB file-size limit on the `fieldlearn learn`
     process, so its 1.7 MB weights cannot be written) crashes with a traceback or damages
     the served model."""
     state = _copy(exportable_state, tmp_path / "state")
-    new = write_image_folder(tmp_path / "new", cifar_test, [50], 6)
+    new = write_image_folder(tmp_path / "new", gen_test, [50], 6)
     before = tree_hash(state)
     r = _cli(["learn", str(new), "--state", str(state), *LEARN_ARGS, "--teacher-backend", "torch"],
              preexec_fn=_fsize_limited(200_000))   # (torch teacher: no teacher ONNX written to TMPDIR first)
@@ -91,7 +91,7 @@ def test_disk_full_learn_is_one_line_and_keeps_the_current_model(tmp_path, expor
 
 
 @pytest.mark.parametrize("command", ["learn", "export"])
-def test_disk_full_on_a_small_tmpfs(tmp_path, exportable_state, cifar_test, capsys, command):
+def test_disk_full_on_a_small_tmpfs(tmp_path, exportable_state, gen_test, capsys, command):
     """If this fails, a really full file system (ENOSPC: a tmpfs with room for the state and
     600 kB more, less than a new version or ONNX) is not a clean one-line error, or the
     served model is damaged. (In this process: the limit is the mount's, not the process's.)"""
@@ -106,7 +106,7 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, exportable_state, cifar_test, caps
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
     try:
         state = _copy(exportable_state, mnt / "state")
-        new = write_image_folder(tmp_path / "new", cifar_test, [51], 6)
+        new = write_image_folder(tmp_path / "new", gen_test, [51], 6)
         before = tree_hash(state)
         argv = (["learn", str(new), "--state", str(state), *LEARN_ARGS] if command == "learn"
                 else ["export", "--state", str(state), "--no-engine"])

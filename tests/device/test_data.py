@@ -21,18 +21,18 @@ def test_cifar_binary_layout_matches_the_documented_statistics(cifar_train):
     torch.testing.assert_close(mean, torch.tensor([0.5071, 0.4865, 0.4409]), atol=0.01, rtol=0)
 
 
-def test_cifar_python_layout_through_the_restricted_unpickler(tmp_path, cifar_test):
+def test_cifar_python_layout_through_the_restricted_unpickler(tmp_path, gen_test):
     d = tmp_path / "cifar-100-python"
     d.mkdir()
     n = 20
-    data = cifar_test.images[:n].reshape(n, -1).numpy()
+    data = gen_test.images[:n].reshape(n, -1).numpy()
     with open(d / "test", "wb") as f:
-        pickle.dump({"data": data, "fine_labels": cifar_test.labels[:n].tolist()}, f)
+        pickle.dump({"data": data, "fine_labels": gen_test.labels[:n].tolist()}, f)
     with open(d / "meta", "wb") as f:
-        pickle.dump({"fine_label_names": cifar_test.class_names}, f)
+        pickle.dump({"fine_label_names": gen_test.class_names}, f)
     got = load_cifar100(tmp_path, "test")
-    assert torch.equal(got.images, cifar_test.images[:n])
-    assert got.class_names == cifar_test.class_names
+    assert torch.equal(got.images, gen_test.images[:n])
+    assert got.class_names == gen_test.class_names
 
 
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
@@ -70,15 +70,15 @@ def test_truncated_idx_is_one_clear_error(tmp_path):
         load_fashion_mnist(tmp_path, "test")
 
 
-def test_image_folder_with_train_and_val_splits(tmp_path, cifar_test):
-    write_image_folder(tmp_path / "train", cifar_test, [3, 7], 4)
-    write_image_folder(tmp_path / "val", cifar_test, [3, 7], 2)
+def test_image_folder_with_train_and_val_splits(tmp_path, gen_test):
+    write_image_folder(tmp_path / "train", gen_test, [3, 7], 4)
+    write_image_folder(tmp_path / "val", gen_test, [3, 7], 2)
     tr = open_dataset(str(tmp_path), "train", image_size=32)
     te = open_dataset(str(tmp_path), "test", image_size=32)
-    assert tr.class_names == sorted([cifar_test.class_names[3], cifar_test.class_names[7]])
+    assert tr.class_names == sorted([gen_test.class_names[3], gen_test.class_names[7]])
     assert len(tr) == 8 and len(te) == 4
-    first = cifar_test.images[(cifar_test.labels == 3).nonzero()[0, 0]]
-    idx = tr.class_names.index(cifar_test.class_names[3])
+    first = gen_test.images[(gen_test.labels == 3).nonzero()[0, 0]]
+    idx = tr.class_names.index(gen_test.class_names[3])
     assert torch.equal(tr.images[tr.labels == idx][0], first), "PNG round trip is lossless at the same size"
 
 
@@ -98,10 +98,10 @@ def test_splitter_and_class_order():
         incremental_split(order[:10], 8, 3)
 
 
-def test_reorder_select_split(cifar_test):
+def test_reorder_select_split(gen_test):
     order = [5, 2, 9]
-    d = cifar_test.reorder(order)
-    assert d.class_names == [cifar_test.class_names[c] for c in order]
+    d = gen_test.reorder(order)
+    assert d.class_names == [gen_test.class_names[c] for c in order]
     assert set(d.labels.tolist()) == {0, 1, 2} and len(d) == 300
     s = d.select([1], per_class=10)
     assert len(s) == 10 and set(s.labels.tolist()) == {1}
@@ -123,7 +123,7 @@ def test_shared_data_location_is_used_by_default():
     assert len(open_dataset(f"cifar100:{CIFAR_DIR}", "test")) == 10000
 
 
-def test_nothing_in_an_image_folder_is_left_out_without_a_word(tmp_path, cifar_test, recwarn):
+def test_nothing_in_an_image_folder_is_left_out_without_a_word(tmp_path, gen_test, recwarn):
     """If this fails, input is dropped silently (issue 14 item 4): a .gif or an extension-less
     JPEG is ignored (8 files train on 1), a hidden class folder, a sub-folder, a FIFO or a
     symlink loop vanishes. Decision: every non-hidden regular file is offered to the decoder;
@@ -134,19 +134,19 @@ def test_nothing_in_an_image_folder_is_left_out_without_a_word(tmp_path, cifar_t
 
     from fieldlearn.device.data import SkippedInput
 
-    root = write_image_folder(tmp_path / "new", cifar_test, [3], 5)
-    folder = root / cifar_test.class_names[3]
-    img = Image.fromarray(cifar_test.images[0].permute(1, 2, 0).numpy())
+    root = write_image_folder(tmp_path / "new", gen_test, [3], 5)
+    folder = root / gen_test.class_names[3]
+    img = Image.fromarray(gen_test.images[0].permute(1, 2, 0).numpy())
     img.save(folder / "anim.gif")
     img.save(folder / "no-extension", "JPEG")
     os.mkfifo(folder / "camera.jpg")
     os.symlink("loop2.jpg", folder / "loop1.jpg")
     os.symlink("loop1.jpg", folder / "loop2.jpg")
     (folder / "sub").mkdir()
-    write_image_folder(root / ".hidden-class", cifar_test, [4], 2)
+    write_image_folder(root / ".hidden-class", gen_test, [4], 2)
     (root / "README.txt").write_text("what these are")
     data = load_image_folder(root, 32)
-    assert data.class_names == [cifar_test.class_names[3]] and len(data) == 5 + 2   # the .gif and the JPEG too
+    assert data.class_names == [gen_test.class_names[3]] and len(data) == 5 + 2   # the .gif and the JPEG too
     lines = [str(w.message) for w in recwarn if issubclass(w.category, SkippedInput)]
     assert len(lines) == 1, lines
     line = lines[0]

@@ -24,12 +24,12 @@ def test_hold_out_never_leaves_a_class_fewer_than_min_images_to_learn_from():
     assert hold_out(data, 0.0, seed=0) == (data, None)
 
 
-def test_learn_reports_new_class_accuracy_and_folds_held_out_images_in(state, tmp_path, cifar_test, capsys):
+def test_learn_reports_new_class_accuracy_and_folds_held_out_images_in(state, tmp_path, gen_test, capsys):
     """If this fails, the user is not told how often the new classes are recognised (or taken
     for old ones), or the held-out images are left out of the published model."""
     inbox = tmp_path / "new"
-    good_folder(inbox, cifar_test, "cherry", n=12, cls=20)
-    good_folder(inbox, cifar_test, "grape", n=12, cls=30)
+    good_folder(inbox, gen_test, "cherry", n=12, cls=20)
+    good_folder(inbox, gen_test, "grape", n=12, cls=30)
     rc, out, err = run(capsys, "learn", inbox, "--state", state, "--val-fraction", "0.25", *LEARN)
     assert rc == 0, err
     assert "held-out accuracy on the new classes (among all 4)" in out and "taken for a class known before" in out
@@ -40,10 +40,10 @@ def test_learn_reports_new_class_accuracy_and_folds_held_out_images_in(state, tm
     assert st.student.stats.counts[2:].tolist() == [12, 12], "held-out images join their class statistics"
 
 
-def test_min_new_accuracy_refuses_a_step_that_did_not_take(state, tmp_path, cifar_test, capsys):
+def test_min_new_accuracy_refuses_a_step_that_did_not_take(state, tmp_path, gen_test, capsys):
     inbox = tmp_path / "new"
-    good_folder(inbox, cifar_test, "cherry", n=12, cls=20)
-    good_folder(inbox, cifar_test, "grape", n=12, cls=30)
+    good_folder(inbox, gen_test, "cherry", n=12, cls=20)
+    good_folder(inbox, gen_test, "grape", n=12, cls=30)
     before = tree_hash(state)
     rc, out, err = run(capsys, "learn", inbox, "--state", state, "--val-fraction", "0.25",
                        "--min-new-accuracy", "100.1", *LEARN)
@@ -56,21 +56,21 @@ def test_min_new_accuracy_refuses_a_step_that_did_not_take(state, tmp_path, cifa
         assert tree_hash(state) == before, "a refused step changes nothing"
 
 
-def test_min_new_accuracy_without_held_out_images_is_refused(state, tmp_path, cifar_test, capsys):
+def test_min_new_accuracy_without_held_out_images_is_refused(state, tmp_path, gen_test, capsys):
     inbox = tmp_path / "new"
-    good_folder(inbox, cifar_test, "cherry", n=MIN_IMAGES, cls=20)
+    good_folder(inbox, gen_test, "cherry", n=MIN_IMAGES, cls=20)
     before = tree_hash(state)
     rc, out, err = run(capsys, "learn", inbox, "--state", state, "--min-new-accuracy", "10", *LEARN)
     refused(rc, err, "--min-new-accuracy", "held-out")
     assert tree_hash(state) == before
 
 
-def test_a_class_with_fewer_than_min_images_is_refused(state, tmp_path, cifar_test, capsys):
+def test_a_class_with_fewer_than_min_images_is_refused(state, tmp_path, gen_test, capsys):
     """If this fails, a class statistic could be formed from one or two images (a per-image
     feature in all but name)."""
     inbox = tmp_path / "new"
-    good_folder(inbox, cifar_test, "cherry", n=MIN_IMAGES - 1, cls=20)
-    good_folder(inbox, cifar_test, "grape", n=MIN_IMAGES, cls=30)
+    good_folder(inbox, gen_test, "cherry", n=MIN_IMAGES - 1, cls=20)
+    good_folder(inbox, gen_test, "grape", n=MIN_IMAGES, cls=30)
     before = tree_hash(state)
     rc, out, err = run(capsys, "learn", inbox, "--state", state, *LEARN)
     refused(rc, err, inbox / "cherry", f"at least {MIN_IMAGES}")

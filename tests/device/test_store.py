@@ -186,10 +186,10 @@ def test_a_lock_from_another_host_is_respected(state, capsys):
     assert rc == 2 and "other-jetson" in err and f"delete {state / 'lock'}" in err and current(state) == "0003"
 
 
-def test_concurrent_cli_runs_are_refused_and_a_killed_owner_is_recovered(state, tmp_path, cifar_test, capsys):
+def test_concurrent_cli_runs_are_refused_and_a_killed_owner_is_recovered(state, tmp_path, gen_test, capsys):
     """If this fails, `fieldlearn rollback` (or prune, export) runs while `fieldlearn learn`
     is writing the same state, or a SIGKILLed learn blocks the state for good."""
-    new = write_image_folder(tmp_path / "new", cifar_test, [40], 40)
+    new = write_image_folder(tmp_path / "new", gen_test, [40], 40)
     child = subprocess.Popen([sys.executable, "-m", "fieldlearn.cli", "learn", str(new), "--state", str(state),
                               "--no-progress", "--epochs", "400", "--no-export", "--teacher-backend", "torch"],
                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},

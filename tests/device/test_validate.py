@@ -123,8 +123,8 @@ def state(tmp_path):
 
 
 @pytest.fixture
-def new_folder(tmp_path, cifar_test):
-    return write_image_folder(tmp_path / "new", cifar_test, [20], 6)
+def new_folder(tmp_path, gen_test):
+    return write_image_folder(tmp_path / "new", gen_test, [20], 6)
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--epochs", "-3"], ["--batch-size", "0"], ["--batch-size", "-8"],

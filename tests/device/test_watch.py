@@ -1,7 +1,7 @@
 """`fieldlearn watch`: class folders arrive in an inbox, get learned, and leave no trace of
 their images in the state; a daemon killed mid-increment loses nothing when restarted.
 
-Real CIFAR-100 images written as PNG and JPEG folders; a tiny net (tests/conftest.py) whose
+Generated images (tests/synthetic.py) written as PNG and JPEG folders; a tiny net (tests/conftest.py) whose
 base model has BatchNorm statistics of its base images, so the export's parity check
 compares real outputs.
 """
@@ -31,14 +31,14 @@ from fieldlearn.runtime.layout import current_version_dir, current_version_name
 from fieldlearn.runtime.metadata import read_labels, read_metadata
 from tests.conftest import ROOT, tiny_config, write_image_folder
 
-BASE = [0, 1, 2]        # CIFAR-100 classes of the base model
+BASE = [0, 1, 2]        # classes of the base model (generated data)
 NEW = [3, 4]            # the classes that arrive in the inbox (one PNG folder, one JPEG folder)
 PER_CLASS = 24
 FAST = ["--epochs", "1", "--num-threads", "1", "--settle-seconds", "0"]
 
 
 @pytest.fixture(scope="module")
-def base_state(tmp_path_factory, cifar_train):
+def base_state(tmp_path_factory, gen_train):
     """A state dir with version 0001: the tiny net trained on 3 classes."""
     from fieldlearn.device.learner import train_base
     from fieldlearn.device.model import build_student
@@ -46,7 +46,7 @@ def base_state(tmp_path_factory, cifar_train):
 
     torch.set_num_threads(1)
     cfg = tiny_config()
-    base = cifar_train.reorder(BASE).select([0, 1, 2], 40, seed=0)
+    base = gen_train.reorder(BASE).select([0, 1, 2], 40, seed=0)
     torch.manual_seed(0)
     student = build_student(cfg.model, len(BASE))
     train_base(student, base, cfg)
@@ -82,7 +82,7 @@ def fill_inbox(inbox: Path, data, done: bool = True) -> list[str]:
 
 def needles(inbox: Path, data) -> list[bytes]:
     """What would betray a stored image: each file's bytes, its decoded pixels (HWC and CHW
-    uint8), the CIFAR source pixels, and the normalised float32 input rows."""
+    uint8), the source pixels, and the normalised float32 input rows."""
     cfg = tiny_config()
     out = []
     for p in sorted(inbox.rglob("*")):
@@ -115,25 +115,25 @@ def snapshot(inbox: Path) -> dict[str, bytes]:
     return {str(p.relative_to(inbox)): p.read_bytes() for p in sorted(inbox.rglob("*")) if p.is_file()}
 
 
-def test_watch_learns_arriving_classes_serves_them_and_keeps_no_image(base_state, tmp_path, cifar_train, capsys):
+def test_watch_learns_arriving_classes_serves_them_and_keeps_no_image(base_state, tmp_path, gen_train, capsys):
     """If this fails, the field loop does not do its one job: folders that arrive become
     classes of the served model, their images leave the inbox and never reach the state."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
-    found = needles(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
+    found = needles(inbox, gen_train)
     keep_one = tmp_path / "probe.png"                     # a new-class image, for classify afterwards
     shutil.copy(sorted((inbox / new[0]).glob("*.png"))[0], keep_one)
-    write_image_folder(inbox, cifar_train, [5], 3)        # still being copied: no .done, must stay
-    waiting = cifar_train.class_names[5]
-    clash = cifar_train.class_names[BASE[0]]              # a class the model knows: rejected, kept
-    write_image_folder(inbox, cifar_train, [BASE[0]], W.MIN_IMAGES)
+    write_image_folder(inbox, gen_train, [5], 3)        # still being copied: no .done, must stay
+    waiting = gen_train.class_names[5]
+    clash = gen_train.class_names[BASE[0]]              # a class the model knows: rejected, kept
+    write_image_folder(inbox, gen_train, [BASE[0]], W.MIN_IMAGES)
     (inbox / clash / W.DONE).touch()
 
     assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
     out = capsys.readouterr().out
 
-    base_classes = [cifar_train.class_names[c] for c in BASE]
+    base_classes = [gen_train.class_names[c] for c in BASE]
     vdir = current_version_dir(state)
     assert vdir.name == "0002"
     assert read_labels(vdir / "labels.txt") == base_classes + new
@@ -165,11 +165,11 @@ def test_watch_learns_arriving_classes_serves_them_and_keeps_no_image(base_state
     assert_no_image_bytes(state, found)
 
 
-def test_keep_images_moves_them_out_and_must_be_outside_the_state(base_state, tmp_path, cifar_train):
+def test_keep_images_moves_them_out_and_must_be_outside_the_state(base_state, tmp_path, gen_train):
     """If this fails, --keep-images loses images or lets them into the state dir."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
     before = snapshot(inbox)
     assert main(["watch", str(inbox), "--state", str(state), "--keep-images", str(state / "kept"), "--once"]) == 2
     assert snapshot(inbox) == before and current_version_name(state) == "0001"
@@ -182,12 +182,12 @@ def test_keep_images_moves_them_out_and_must_be_outside_the_state(base_state, tm
     assert list(inbox.iterdir()) == []
 
 
-def test_killed_mid_increment_then_restarted_loses_nothing(base_state, tmp_path, cifar_train):
+def test_killed_mid_increment_then_restarted_loses_nothing(base_state, tmp_path, gen_train):
     """If this fails, a power cut or SIGKILL during learning loses the arrived images, serves
     a half-written model, or learns the classes twice."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
     before = snapshot(inbox)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "daemon.log", "w")
@@ -234,12 +234,12 @@ def test_killed_mid_increment_then_restarted_loses_nothing(base_state, tmp_path,
     assert list(inbox.iterdir()) == [] and not (state / W.JOURNAL).exists()
 
 
-def test_stopped_after_publishing_only_finishes_the_cleanup(base_state, tmp_path, cifar_train, monkeypatch):
+def test_stopped_after_publishing_only_finishes_the_cleanup(base_state, tmp_path, gen_train, monkeypatch):
     """If this fails, a stop between switching `current` and deleting the images makes the
     next start learn the same classes again (a second version) or leave them in the inbox."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
     real = W.Watcher._dispose
     calls = []
 
@@ -260,7 +260,7 @@ def test_stopped_after_publishing_only_finishes_the_cleanup(base_state, tmp_path
     assert list(inbox.iterdir()) == [] and not (state / W.JOURNAL).exists()
 
 
-def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_state, tmp_path, cifar_train,
+def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_state, tmp_path, gen_train,
                                                                            monkeypatch):
     """If this fails, one bad folder crash-loops the daemon, gets deleted, or takes a good
     class claimed in the same increment down with it. A failing increment of two classes is
@@ -268,7 +268,7 @@ def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_s
     MAX_ATTEMPTS tries, and the good one is learned."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    bad, good = fill_inbox(inbox, cifar_train)
+    bad, good = fill_inbox(inbox, gen_train)
     import fieldlearn.device.increment as learn_mod
 
     real = learn_mod.learn_new_classes
@@ -291,7 +291,7 @@ def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_s
 
 
 @pytest.mark.parametrize("interruption", ["stop", "disk full", "state locked", "state unreadable"])
-def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, cifar_train, monkeypatch, interruption):
+def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, gen_train, monkeypatch, interruption):
     """If this fails, three power cuts, SIGTERMs or full disks during learning reject good
     data (docs/FIELD.md: stopping is safe at any moment and the next start redoes the
     increment). The journal's count of failed tries must stay 0, however many times."""
@@ -299,7 +299,7 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
 
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
     import fieldlearn.device.increment as learn_mod
 
     real = learn_mod.learn_new_classes
@@ -335,13 +335,13 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, c
     assert list(inbox.iterdir()) == []
 
 
-def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_path, cifar_train, capsys):
+def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_path, gen_train, capsys):
     """If this fails, one broken file (sorting first, so the export check used to pick it)
     fails the increment, and after the retries rejects the good classes with it. It must be
     learned around, reported in one line, and set aside (not deleted) with a reason."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
     (inbox / new[0] / "0000-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (inbox / new[1] / "notes.txt").write_text("camera 3, afternoon")
     assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
@@ -357,15 +357,15 @@ def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_pat
     assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
 
 
-def test_a_folder_that_breaks_the_class_name_rule_is_set_aside_before_learning(base_state, tmp_path, cifar_train):
+def test_a_folder_that_breaks_the_class_name_rule_is_set_aside_before_learning(base_state, tmp_path, gen_train):
     """If this fails, the daemon learns a class whose name the state's own meta.json check then
     refuses (a bidi override hides the real text), and the state no longer loads. learn and
     watch apply the one class-name rule (fieldlearn.device.store.check_new_class_names)."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    write_image_folder(inbox, cifar_train, [NEW[0]], W.MIN_IMAGES)
+    write_image_folder(inbox, gen_train, [NEW[0]], W.MIN_IMAGES)
     bad = "tulip\u202egnp.exe"
-    (inbox / cifar_train.class_names[NEW[0]]).rename(inbox / bad)
+    (inbox / gen_train.class_names[NEW[0]]).rename(inbox / bad)
     (inbox / bad / W.DONE).touch()
     assert main(["watch", str(inbox), "--state", str(state), "--once", *FAST]) == 0
     assert current_version_name(state) == "0001", "nothing is learned from it"
@@ -374,14 +374,14 @@ def test_a_folder_that_breaks_the_class_name_rule_is_set_aside_before_learning(b
     assert sorted(p.name for p in inbox.iterdir()) == [W.REJECTED]
 
 
-def test_a_class_with_too_few_readable_images_is_set_aside_alone(base_state, tmp_path, cifar_train):
+def test_a_class_with_too_few_readable_images_is_set_aside_alone(base_state, tmp_path, gen_train):
     """If this fails, a class of 3 good images and 3 junk files is learned from 3 images, or
     rejects the other class of the increment with it."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
-    small = cifar_train.class_names[6]
-    write_image_folder(inbox, cifar_train, [6], 3)
+    new = fill_inbox(inbox, gen_train)
+    small = gen_train.class_names[6]
+    write_image_folder(inbox, gen_train, [6], 3)
     for i in range(3):
         (inbox / small / f"junk{i}.jpg").write_bytes(b"")
     (inbox / small / W.DONE).touch()
@@ -392,12 +392,12 @@ def test_a_class_with_too_few_readable_images_is_set_aside_alone(base_state, tmp
     assert len(list((inbox / W.REJECTED / small).iterdir())) == 6 + 2      # nothing deleted (+ .done, .reason)
 
 
-def test_folders_are_taken_only_when_settled_and_big_enough(base_state, tmp_path, cifar_train, capsys):
+def test_folders_are_taken_only_when_settled_and_big_enough(base_state, tmp_path, gen_train, capsys):
     """If this fails, a folder whose `.done` was touched while the copy was still running is
     learned from its first image (and deleted under the copier), or a 2-image class is learned."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    new = fill_inbox(inbox, cifar_train)
+    new = fill_inbox(inbox, gen_train)
     shutil.rmtree(inbox / new[1])
     for p in sorted((inbox / new[0]).glob("*.png"))[2:]:
         p.unlink()                                              # 2 images and .done
@@ -406,7 +406,7 @@ def test_folders_are_taken_only_when_settled_and_big_enough(base_state, tmp_path
     out = capsys.readouterr().out
     assert f"watch waiting: {inbox / new[0]}: 2 image files; a class needs at least {W.MIN_IMAGES}" in out, out
     assert current_version_name(state) == "0001" and not (inbox / W.REJECTED).exists()
-    write_image_folder(inbox, cifar_train, [NEW[0]], PER_CLASS)  # the copy goes on
+    write_image_folder(inbox, gen_train, [NEW[0]], PER_CLASS)  # the copy goes on
     assert main([*argv, "--settle-seconds", "60"]) == 0       # just changed: not taken yet
     assert current_version_name(state) == "0001" and len(W.image_files(inbox / new[0])) == PER_CLASS
     status = json.loads((state / W.STATUS).read_text())
@@ -418,7 +418,7 @@ def test_folders_are_taken_only_when_settled_and_big_enough(base_state, tmp_path
     assert read_labels(current_version_dir(state) / "labels.txt")[-1] == new[0]
 
 
-def test_a_version_published_but_not_switched_to_is_not_a_second_history_entry(base_state, tmp_path, cifar_train,
+def test_a_version_published_but_not_switched_to_is_not_a_second_history_entry(base_state, tmp_path, gen_train,
                                                                                 capsys):
     """If this fails, a daemon killed between the version's rename and the `current` switch
     redoes the increment and `history` shows the same classes twice (the orphan and the redo)."""
@@ -426,7 +426,7 @@ def test_a_version_published_but_not_switched_to_is_not_a_second_history_entry(b
 
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    fill_inbox(inbox, cifar_train)
+    fill_inbox(inbox, gen_train)
     orphan = state / "versions" / "0002"                        # what the kill leaves: renamed, marked, not current
     shutil.copytree(state / "versions" / "0001", orphan)
     (orphan / PENDING).touch()
@@ -450,12 +450,12 @@ def _ro_bind(path: Path):
         pytest.skip(f"cannot remount read-only here ({r.stderr.strip() or r.returncode})")
 
 
-def test_a_read_only_inbox_is_one_line_at_start(base_state, tmp_path, cifar_train, capsys):
+def test_a_read_only_inbox_is_one_line_at_start(base_state, tmp_path, gen_train, capsys):
     """If this fails, a daemon on a read-only inbox publishes a version, then fails to remove
     the images, counts a failed try and crash-loops with a traceback at every restart."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    fill_inbox(inbox, cifar_train)
+    fill_inbox(inbox, gen_train)
     _ro_bind(inbox)
     try:
         rc = main(["watch", str(inbox), "--state", str(state), "--once", *FAST])
@@ -466,7 +466,7 @@ def test_a_read_only_inbox_is_one_line_at_start(base_state, tmp_path, cifar_trai
     assert current_version_name(state) == "0001" and not (state / W.JOURNAL).exists()
 
 
-def test_a_deleted_inbox_is_an_error_event_and_the_daemon_carries_on(base_state, tmp_path, cifar_train):
+def test_a_deleted_inbox_is_an_error_event_and_the_daemon_carries_on(base_state, tmp_path, gen_train):
     """If this fails, deleting the inbox under a running daemon kills it with a traceback while
     its status file still says `idle`; it must log an `error` event, say `error` in the status
     file, stay up, and learn again once the inbox is back."""
@@ -496,7 +496,7 @@ def test_a_deleted_inbox_is_an_error_event_and_the_daemon_carries_on(base_state,
         shutil.rmtree(inbox)
         status = wait_for(lambda s: s.get("state") == "error", "reported the error")
         assert "gone" in status["error"] and status["pid"] == daemon.pid
-        fill_inbox(inbox, cifar_train)
+        fill_inbox(inbox, gen_train)
         wait_for(lambda s: s.get("current_version") == "0002" and s.get("state") == "idle", "learned again")
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0
@@ -565,14 +565,14 @@ def test_print_unit_restarts_on_failure(base_state, tmp_path, capsys):
     assert not (state / W.STATUS).exists()      # printing a unit starts nothing
 
 
-def test_unusable_options_fail_at_start_not_per_increment(base_state, tmp_path, cifar_train, capsys):
+def test_unusable_options_fail_at_start_not_per_increment(base_state, tmp_path, gen_train, capsys):
     """If this fails, a daemon started with --device cuda on a GPU-less box would fail every
     increment and end by setting the user's folders aside."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: --device cuda is usable here")
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
-    fill_inbox(inbox, cifar_train)
+    fill_inbox(inbox, gen_train)
     before = snapshot(inbox)
     assert main(["watch", str(inbox), "--state", str(state), "--once", "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err

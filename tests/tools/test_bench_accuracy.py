@@ -15,11 +15,11 @@ ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwm+ncm", "finetune
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, cifar_train, cifar_test):
-    """A 7-class ImageFolder with train/ and test/ (real CIFAR-100 images)."""
+def folder(tmp_path_factory, gen_train, gen_test):
+    """A 7-class ImageFolder with train/ and test/ (generated images: no accuracy is asserted)."""
     root = tmp_path_factory.mktemp("imagefolder")
-    write_image_folder(root / "train", cifar_train, list(range(7)), per_class=14)
-    write_image_folder(root / "test", cifar_test, list(range(7)), per_class=4)
+    write_image_folder(root / "train", gen_train, list(range(7)), per_class=14)
+    write_image_folder(root / "test", gen_test, list(range(7)), per_class=4)
     return root
 
 
