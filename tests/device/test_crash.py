@@ -137,7 +137,7 @@ PUBLISHES = {"learn": "replace .current", "export": "replace model.onnx", "prune
 
 
 @pytest.mark.parametrize("command", SWEPT)
-def test_a_kill_at_every_file_system_event_leaves_the_old_or_the_new_state(tmp_path, three_versions, cifar_test,
+def test_a_kill_at_every_file_system_event_leaves_the_old_or_the_new_state(tmp_path, three_versions, gen_test,
                                                                            exportable_state, command):
     """If this fails, there is a point in `fieldlearn learn`, `export`, `prune` or `rollback`
     where a kill (or a write cut half-way) leaves a state that does not load, a `current` on an
@@ -147,7 +147,7 @@ def test_a_kill_at_every_file_system_event_leaves_the_old_or_the_new_state(tmp_p
     rename, or `current`'s replace, is not preceded by an fsync of what it moves and followed
     by one of its directory (a power cut could publish what never reached the disk; no kill
     can show it). Every event is checked, not a sample (tests/device/crash_sweep.py)."""
-    folder = write_image_folder(tmp_path / "new", cifar_test, [60], 10) if command == "learn" else None
+    folder = write_image_folder(tmp_path / "new", gen_test, [60], 10) if command == "learn" else None
     res = sweep(command, three_versions, argv_of(command, three_versions, folder), tmp_path / "sweep",
                 exportable_state.env)
     report = res.line() + "\n" + "\n".join(res.problems[:20] + res.order)

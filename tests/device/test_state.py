@@ -90,20 +90,7 @@ def test_no_training_pixels_or_features_are_ever_written(tmp_path, gen_test):
         stored = load_file(str(vd / "model.safetensors"))
         assert "stats.sums" in stored and "stats.gram" in stored, "the statistics are saved with the weights"
         leaks += [f"{vd.name}/{name}: {n} row(s)" for name, t in stored.items() if (n := _rows_matching(t, phis))]
-    assert not [x for x in leaks if "stats.gram" not in x], leaks
-    if KNOWN_GRAM_LEAK:
-        assert leaks, "no Gram row is one image's feature any more: set KNOWN_GRAM_LEAK = False"
-        pytest.xfail(f"known: rows of the Gram matrix are single images' features ({leaks}); "
-                     "see test_classifier.py::test_no_gram_row_is_one_images_feature")
     assert leaks == [], f"stored statistics hold a single image's feature: {leaks}"
-
-
-# A known privacy bug, found by the audit above on generated data (sparse features): the
-# Gram matrix's row i is sum_n phi_n[i] * phi_aug_n, so a feature dimension that fires for
-# one image only (or is dominated by one) stores that image's whole phi_aug, exactly: row i
-# divided by its last entry. Everything else the audit checks passes; this part is expected
-# to fail until the statistics are fixed, and then this flag must go.
-KNOWN_GRAM_LEAK = True
 
 
 def _warmed_student(cfg, images):
