@@ -103,3 +103,19 @@ def write_image_folder(root: Path, data, classes: list[int], per_class: int, fmt
         for i, idx in enumerate(np.flatnonzero(labels == c)[:per_class]):
             Image.fromarray(data.images[idx].permute(1, 2, 0).numpy()).save(d / f"{i:04d}.{fmt}")
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a `slow` test run first, in their own order: pytest-xdist hands tests
+    out in collection order, and a long test left to the end runs alone on one core while
+    the other idles (CI's wall time). Whole modules move, so module fixtures are built once."""
+    slow = {it.module for it in items if it.get_closest_marker("slow")}
+    items.sort(key=lambda it: it.module not in slow)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, hand tests out one or two at a time (not xdist's first chunks of a
+    quarter of the suite each, which would put every slow module, sorted first, on one
+    worker): the slow ones spread over both workers and the short ones fill in around them."""
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1

@@ -35,6 +35,7 @@ def tree_hash(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_corrupts_or_loses_the_model(tmp_path, gen_test):
     """If this fails, a power cut or OOM kill during an increment, an export or the daemon's
     increment can leave the device without a loadable model, a half-written version that later
@@ -136,6 +137,7 @@ PUBLISHES = {"learn": "replace .current", "export": "replace model.onnx", "prune
              "rollback": "replace .current"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", SWEPT)
 def test_a_kill_at_every_file_system_event_leaves_the_old_or_the_new_state(tmp_path, three_versions, gen_test,
                                                                            exportable_state, command):

@@ -38,6 +38,7 @@ def _patterns(state, images, versions=None):
     return pats
 
 
+@pytest.mark.slow
 def test_no_training_pixels_or_features_are_ever_written(tmp_path, gen_test):
     """If this fails, fieldlearn init / learn / export keeps a training image (its pixels,
     its model input or one of its pooled features) somewhere it writes: the state, a cache
@@ -123,6 +124,7 @@ PLANTED = [
 ]
 
 
+@pytest.mark.slow
 def test_the_privacy_audit_finds_each_kind_of_leak_where_it_was_planted(tmp_path, gen_test):
     """If this fails, the audit above proves nothing for some encoding or place: a planted
     HWC copy in HOME, a CHW copy renamed then deleted in TMPDIR, a float32 input overwritten
