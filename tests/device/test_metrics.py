@@ -64,3 +64,21 @@ def test_a_step_needs_one_accuracy_per_group_seen():
     m = _matrix([0.9], [[0.9]])
     with pytest.raises(ValueError):
         m.add(0.5, [0.5])
+
+
+def test_forgetting_after_one_increment_is_the_base_groups_drop():
+    """If this fails, a run with a base step and one increment (the README demo's shortest
+    form) reports no forgetting however much the base classes lost."""
+    assert _matrix([0.9, 0.5], [[0.9], [0.3, 0.7]]).forgetting == pytest.approx(0.6)
+
+
+def test_the_plot_draws_each_methods_accuracy(tmp_path):
+    """If this fails, `bench accuracy`'s PNG is not written, or does not show the curves (two
+    methods with different accuracies give the same picture)."""
+    from fieldlearn.device.metrics import plot_accuracy
+
+    a, b = _matrix([0.9, 0.5], [[0.9], [0.3, 0.7]]), _matrix([0.9, 0.8], [[0.9], [0.8, 0.8]])
+    plot_accuracy({"x": a}, tmp_path / "a.png")
+    plot_accuracy({"x": b}, tmp_path / "b.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "a.png").read_bytes() != (tmp_path / "b.png").read_bytes()
