@@ -326,3 +326,84 @@ def test_class_order_survives_save_export_and_load(tmp_path, one_thread):
     assert read_labels(vd / "labels.txt") == ZOO
     assert read_metadata(vd / "model.onnx")["classes"] == ZOO
     assert model_info(vd / "model.onnx").classes == ZOO
+
+
+def test_a_loaded_state_carries_its_step_history_and_architecture(tmp_path):
+    """If this fails, `learn` resumes from a version that forgot the steps before it (the next
+    version's history, and the README's tables built from it, lose the base step), or a
+    linear-head version claims features it does not use."""
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    hist = [{"step": 0, "method": "base", "new_classes": ["a", "b"]}]
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, hist)
+    st = load_state(tmp_path)
+    assert st.history == hist and st.step == 0
+    assert st.meta["architecture"]["features"] == ("student" if cfg.model.classifier == "linear"
+                                                   else cfg.model.features)
+
+
+def test_class_names_must_match_the_head_when_saving(tmp_path):
+    """If this fails, a version whose class list is shorter than its head is published, and
+    `classify` names some outputs with the wrong class (or none)."""
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="class names"):
+        save_version(tmp_path, build_student(cfg.model, 3), ["a", "b"], cfg, 0, [])
+    assert not (tmp_path / "current").exists()
+
+
+def test_a_version_with_a_broken_config_is_refused_in_one_line(tmp_path):
+    """If this fails, a meta.json whose config no longer validates loads anyway (or ends in a
+    traceback) instead of a UserError naming the file."""
+    import json
+
+    from fieldlearn.runtime.errors import UserError
+
+    cfg = tiny_config()
+    vd = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
+    meta = json.loads((vd / "meta.json").read_text())
+    meta["config"]["train"]["epochs"] = "many"
+    os.chmod(vd / "meta.json", 0o600)
+    (vd / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json"):
+        load_state(tmp_path)
+
+
+@pytest.mark.parametrize("damage, says", [("missing", "missing"), ("directory", "unreadable"),
+                                          ("garbage", "not a readable safetensors")])
+def test_a_damaged_weights_file_is_refused_in_one_line(tmp_path, damage, says):
+    """If this fails, a version whose weights are gone, unreadable or not safetensors ends in a
+    traceback (or loads a net with random weights) instead of a UserError naming the file."""
+    from fieldlearn.runtime.errors import UserError
+
+    cfg = tiny_config()
+    w = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, []) / "model.safetensors"
+    os.chmod(w, 0o600)
+    w.unlink()
+    if damage == "directory":
+        w.mkdir()
+    elif damage == "garbage":
+        w.write_bytes(b"not a model")
+    with pytest.raises(UserError, match=says):
+        load_state(tmp_path)
+
+
+@pytest.mark.parametrize("change", ["missing", "dtype"])
+def test_weights_that_do_not_fit_the_architecture_are_refused_in_one_line(tmp_path, change):
+    """If this fails, a weights file that lacks a tensor of the architecture (left at its random
+    initial value) or holds one in another dtype (silently cast) loads instead of being refused."""
+    from safetensors.torch import save_file
+
+    from fieldlearn.runtime.errors import UserError
+
+    cfg = tiny_config()
+    w = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, []) / "model.safetensors"
+    tensors = load_file(w)
+    k = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    if change == "missing":
+        del tensors[k]
+    else:
+        tensors[k] = tensors[k].double()
+    os.chmod(w, 0o600)
+    save_file(tensors, str(w))
+    with pytest.raises(UserError, match="do not match the architecture"):
+        load_state(tmp_path)
