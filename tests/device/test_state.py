@@ -407,3 +407,59 @@ def test_weights_that_do_not_fit_the_architecture_are_refused_in_one_line(tmp_pa
     save_file(tensors, str(w))
     with pytest.raises(UserError, match="do not match the architecture"):
         load_state(tmp_path)
+
+
+def test_a_state_dir_whose_parents_do_not_exist_yet_is_created(tmp_path):
+    """If this fails, `fieldlearn init --state ~/models/new/state` fails on a fresh device
+    because the folders above the state dir are not there yet."""
+    cfg = tiny_config()
+    save_version(tmp_path / "models" / "new" / "state", build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
+    assert load_state(tmp_path / "models" / "new" / "state").classes == ["a", "b"]
+
+
+def test_a_state_dir_made_by_hand_is_made_owner_only(tmp_path):
+    """If this fails, a state folder the user created beforehand (mkdir: 0755) keeps letting
+    other users read the model and its class names."""
+    import stat
+
+    (tmp_path / "state" / "versions").mkdir(parents=True, mode=0o755)
+    for d in (tmp_path / "state", tmp_path / "state" / "versions"):
+        os.chmod(d, 0o755)
+    cfg = tiny_config()
+    save_version(tmp_path / "state", build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
+    for d in (tmp_path / "state", tmp_path / "state" / "versions"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_saving_a_version_clears_what_an_interrupted_save_left(tmp_path):
+    """If this fails, every killed `learn` leaves a half-written version behind for good
+    (versions/.tmp-*), filling the device's disk."""
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+    (tmp_path / "versions" / ".tmp-killed").mkdir()
+    save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
+    assert not (tmp_path / "versions" / ".tmp-killed").exists()
+
+
+def test_disk_full_while_writing_a_version_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """If this fails, a full disk while the weights are written ends in an OSError traceback
+    (not the DiskFull message that says the current version is unchanged), or leaves the
+    half-written version behind."""
+    import errno
+
+    from fieldlearn.device import state as state_mod
+    from fieldlearn.device.store import DiskFull
+
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(state_mod, "save_file", full)
+    with pytest.raises(DiskFull, match="unchanged"):
+        save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
+    assert load_state(tmp_path).step == 0
