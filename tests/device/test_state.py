@@ -463,3 +463,24 @@ def test_disk_full_while_writing_a_version_is_a_one_line_error_and_leaves_nothin
         save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
     assert load_state(tmp_path).step == 0
+
+
+def test_a_failed_switch_of_current_is_reported_and_publishes_nothing(tmp_path, monkeypatch):
+    """If this fails, an I/O error while `current` is replaced is swallowed: `learn` reports a
+    new version that is not current (or half there), and the user believes it was saved."""
+    import errno
+
+    from fieldlearn.device import state as state_mod
+
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+
+    def broken(*a, **k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(state_mod, "switch_current", broken)
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
+    assert load_state(tmp_path).step == 0
