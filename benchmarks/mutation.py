@@ -303,7 +303,7 @@ def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path) -> d
               "score": round(100 * killed / len(mutants), 1) if mutants else None,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "OMP_NUM_THREADS=1 python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
-              "partial": only is not None, "list": mutants}
+              "rerun_of": sorted(only) if only else None, "list": mutants}
     return result
 
 
@@ -350,7 +350,7 @@ def main(argv=None) -> int:
         rows = []
         for n in names:
             r = run_module(n, copy, only, out_dir)
-            suffix = "-partial" if only else ""
+            suffix = "-rerun" if only else ""   # --only: a rerun of some mutants (the survivors)
             (out_dir / f"{n}{suffix}.json").write_text(json.dumps(r, indent=1) + "\n")
             rows.append(r)
     finally:
