@@ -5,7 +5,8 @@
     python benchmarks/mutation.py losses --list                       # the mutants, not run
     python benchmarks/mutation.py losses --only 12,30                 # rerun some mutants
 
-Not part of CI (too slow). A small AST runner rather than mutmut 3 or cosmic-ray: mutmut 3
+Not part of CI (too slow). A small AST runner rather than mutmut 3 or cosmic-ray (judged from
+how they work; not tried): mutmut 3
 names a mutant by the module path of its file (device/losses.py -> device.losses), while the
 code is imported as fieldlearn.device.losses through setuptools' package-dir mapping, so its
 trampolines are never reached; cosmic-ray needs a session database and a subprocess per
