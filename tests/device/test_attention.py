@@ -48,3 +48,21 @@ def test_gradcam_is_nonnegative_and_zero_rows_stay_zero():
     m = gradcam(feats, w, torch.tensor([0, 2]))
     assert (m >= 0).all()
     assert torch.equal(l2_normalize(m), torch.zeros(2, 9))
+
+
+def test_teacher_maps_are_float32_whatever_the_teacher_gives():
+    """If this fails, the teacher's map keeps the teacher's dtype (float16 from an engine,
+    float64 here) instead of the float32 that LAD's op and its kernel are written for."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 4, 3, 3, generator=g, dtype=torch.float64)
+    q = gradcam_normalized(feats, torch.randn(3, 4, generator=g, dtype=torch.float64), torch.tensor([0, 2]))
+    assert q.dtype == torch.float32
+
+
+def test_the_autograd_oracle_leaves_the_callers_features_alone():
+    """If this fails, the oracle turns on requires_grad on the caller's own tensor, so a later
+    comparison against it runs with a graph the product's path never has."""
+    feats = torch.rand(2, 4, 3, 3)
+    head = torch.nn.Linear(4, 3)
+    gradcam_autograd(feats, lambda a: head(a.mean((2, 3))), torch.tensor([0, 1]))
+    assert not feats.requires_grad

@@ -1,5 +1,6 @@
 """LC / LD / LAD: the gradients that make LwM LwM."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -128,3 +129,66 @@ def test_lad_gradient_is_bit_identical_run_to_run_on_several_threads():
     finally:
         torch.set_num_threads(n)
     assert all(torch.equal(grads[0], gw) for gw in grads[1:])
+
+
+def test_ld_forms_equal_their_formulas_written_out():
+    """If this fails, LD is not the loss the README names: the BCE form lost its mean over the
+    batch, or KD its T^2 factor, its temperature, or the direction of its KL (KL(teacher ||
+    student), as in Hinton et al. and LwF). The formulas are written here in plain torch."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    y = torch.sigmoid(t)
+    bce = -(y * torch.log(torch.sigmoid(s)) + (1 - y) * torch.log(1 - torch.sigmoid(s))).sum() / 5
+    torch.testing.assert_close(losses.ld(s, t, "bce", 2.0), bce)
+    T = 3.0
+    p_t, p_s = torch.softmax(t / T, 1), torch.softmax(s / T, 1)
+    kd = T * T * (p_t * (p_t.log() - p_s.log())).sum() / 5
+    torch.testing.assert_close(losses.ld(s, t, "kd", T), kd)
+
+
+def test_lc_span_new_leaves_the_old_logits_alone_with_one_old_class():
+    """If this fails, span "new" falls back to the cross-entropy over every class for some
+    number of old classes other than 0 (here 1)."""
+    logits = torch.randn(3, 3, requires_grad=True)
+    losses.lc(logits, torch.tensor([1, 2, 1]), n_old=1, span="new").backward()
+    assert logits.grad[:, 0].abs().sum() == 0
+
+
+def test_unknown_spans_and_forms_are_refused():
+    """If this fails, a typo in a loss setting trains with no LC or LD term at all (None)."""
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="span"):
+        losses.lc(x, torch.tensor([1, 2]), n_old=1, span="old")
+    with pytest.raises(ValueError, match="form"):
+        losses.ld(x, x, "mse", 2.0)
+
+
+def test_each_method_declares_what_it_uses_and_whether_it_trains():
+    """If this fails, the learner runs (or skips) the teacher for the wrong methods: fine-tuning
+    paying for a teacher pass, LwF-MC or LwM without the teacher's logits or maps; or a
+    training method is taken for `none` and trains nothing, or a method claims to store data."""
+    cfg = LossConfig()
+    flags = {n: (m.uses_teacher_logits, m.uses_teacher_maps, m.trains, m.stores_data)
+             for n, m in ((n, make_method(n, cfg)) for n in ("finetune", "lwf_mc", "lwm", "lc_lad", "none"))}
+    assert flags == {"finetune": (False, False, True, False), "lwf_mc": (True, False, True, False),
+                     "lwm": (True, True, True, False), "lc_lad": (False, True, True, False),
+                     "none": (False, False, False, False)}
+
+
+def test_an_unknown_method_is_a_user_error_naming_the_choices():
+    """If this fails, `--method lmw` ends in a KeyError traceback instead of the list of methods."""
+    from fieldlearn.runtime.errors import UserError
+
+    with pytest.raises(UserError, match="lwm"):
+        make_method("lmw", LossConfig())
+
+
+def test_a_method_without_terms_refuses_to_train():
+    """If this fails, a method with no loss terms (`none`, or one that forgot to define them)
+    hands the learner None instead of stopping it."""
+    from fieldlearn.device.methods import Method
+
+    with pytest.raises(NotImplementedError):
+        Method(LossConfig()).terms(None)
+    with pytest.raises(RuntimeError, match="none"):
+        make_method("none", LossConfig()).terms(None)

@@ -64,3 +64,33 @@ def test_a_step_needs_one_accuracy_per_group_seen():
     m = _matrix([0.9], [[0.9]])
     with pytest.raises(ValueError):
         m.add(0.5, [0.5])
+
+
+def test_forgetting_after_one_increment_is_the_base_groups_drop():
+    """If this fails, a run with a base step and one increment (the README demo's shortest
+    form) reports no forgetting however much the base classes lost."""
+    assert _matrix([0.9, 0.5], [[0.9], [0.3, 0.7]]).forgetting == pytest.approx(0.6)
+
+
+def test_the_plot_draws_each_methods_accuracy(tmp_path, monkeypatch):
+    """If this fails, `bench accuracy`'s PNG is not written, or its curves are not the
+    accuracies in % against the number of classes seen, on a 0-100 axis, named by method and
+    average incremental accuracy, or each figure stays open (memory grows over a sweep)."""
+    import matplotlib.pyplot as plt
+
+    from fieldlearn.device.metrics import plot_accuracy
+
+    closed = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: closed.append(fig))
+    plot_accuracy({"lwm": _matrix([0.9, 0.5], [[0.9], [0.3, 0.7]])}, tmp_path / "a.png", title="demo")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(closed) == 1
+    ax = closed[0].axes[0]
+    real_close(closed[0])
+    (line,) = ax.lines
+    assert line.get_xdata().tolist() == [2, 4] and line.get_ydata().tolist() == pytest.approx([90, 50])
+    assert ax.get_ylim() == (0, 100) and line.get_label() == "lwm (70.0)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lwm (70.0)"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == (
+        "number of classes", "accuracy on all seen classes (%)", "demo")

@@ -409,3 +409,161 @@ def test_class_order_survives_save_export_and_load(tmp_path, one_thread):
     assert read_labels(vd / "labels.txt") == ZOO
     assert read_metadata(vd / "model.onnx")["classes"] == ZOO
     assert model_info(vd / "model.onnx").classes == ZOO
+
+
+def test_a_loaded_state_carries_its_step_history_and_architecture(tmp_path):
+    """If this fails, `learn` resumes from a version that forgot the steps before it (the next
+    version's history, and the README's tables built from it, lose the base step), or a
+    linear-head version claims features it does not use."""
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    hist = [{"step": 0, "method": "base", "new_classes": ["a", "b"]}]
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, hist)
+    st = load_state(tmp_path)
+    assert st.history == hist and st.step == 0
+    assert st.meta["architecture"]["features"] == ("student" if cfg.model.classifier == "linear"
+                                                   else cfg.model.features)
+
+
+def test_class_names_must_match_the_head_when_saving(tmp_path):
+    """If this fails, a version whose class list is shorter than its head is published, and
+    `classify` names some outputs with the wrong class (or none)."""
+    cfg = tiny_config()
+    with pytest.raises(ValueError, match="class names"):
+        save_version(tmp_path, build_student(cfg.model, 3), ["a", "b"], cfg, 0, [])
+    assert not (tmp_path / "current").exists()
+
+
+def test_a_version_with_a_broken_config_is_refused_in_one_line(tmp_path):
+    """If this fails, a meta.json whose config no longer validates loads anyway (or ends in a
+    traceback) instead of a UserError naming the file."""
+    import json
+
+    from fieldlearn.runtime.errors import UserError
+
+    cfg = tiny_config()
+    vd = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
+    meta = json.loads((vd / "meta.json").read_text())
+    meta["config"]["train"]["epochs"] = "many"
+    os.chmod(vd / "meta.json", 0o600)
+    (vd / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="meta.json"):
+        load_state(tmp_path)
+
+
+@pytest.mark.parametrize("damage, says", [("missing", "missing"), ("directory", "unreadable"),
+                                          ("garbage", "not a readable safetensors")])
+def test_a_damaged_weights_file_is_refused_in_one_line(tmp_path, damage, says):
+    """If this fails, a version whose weights are gone, unreadable or not safetensors ends in a
+    traceback (or loads a net with random weights) instead of a UserError naming the file."""
+    from fieldlearn.runtime.errors import UserError
+
+    cfg = tiny_config()
+    w = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, []) / "model.safetensors"
+    os.chmod(w, 0o600)
+    w.unlink()
+    if damage == "directory":
+        w.mkdir()
+    elif damage == "garbage":
+        w.write_bytes(b"not a model")
+    with pytest.raises(UserError, match=says):
+        load_state(tmp_path)
+
+
+@pytest.mark.parametrize("change", ["missing", "dtype"])
+def test_weights_that_do_not_fit_the_architecture_are_refused_in_one_line(tmp_path, change):
+    """If this fails, a weights file that lacks a tensor of the architecture (left at its random
+    initial value) or holds one in another dtype (silently cast) loads instead of being refused."""
+    from safetensors.torch import save_file
+
+    from fieldlearn.runtime.errors import UserError
+
+    cfg = tiny_config()
+    w = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, []) / "model.safetensors"
+    tensors = load_file(w)
+    k = sorted(k for k in tensors if tensors[k].is_floating_point())[0]
+    if change == "missing":
+        del tensors[k]
+    else:
+        tensors[k] = tensors[k].double()
+    os.chmod(w, 0o600)
+    save_file(tensors, str(w))
+    with pytest.raises(UserError, match="do not match the architecture"):
+        load_state(tmp_path)
+
+
+def test_a_state_dir_whose_parents_do_not_exist_yet_is_created(tmp_path):
+    """If this fails, `fieldlearn init --state ~/models/new/state` fails on a fresh device
+    because the folders above the state dir are not there yet."""
+    cfg = tiny_config()
+    save_version(tmp_path / "models" / "new" / "state", build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
+    assert load_state(tmp_path / "models" / "new" / "state").classes == ["a", "b"]
+
+
+def test_a_state_dir_made_by_hand_is_made_owner_only(tmp_path):
+    """If this fails, a state folder the user created beforehand (mkdir: 0755) keeps letting
+    other users read the model and its class names."""
+    import stat
+
+    (tmp_path / "state" / "versions").mkdir(parents=True, mode=0o755)
+    for d in (tmp_path / "state", tmp_path / "state" / "versions"):
+        os.chmod(d, 0o755)
+    cfg = tiny_config()
+    save_version(tmp_path / "state", build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
+    for d in (tmp_path / "state", tmp_path / "state" / "versions"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700
+
+
+def test_saving_a_version_clears_what_an_interrupted_save_left(tmp_path):
+    """If this fails, every killed `learn` leaves a half-written version behind for good
+    (versions/.tmp-*), filling the device's disk."""
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+    (tmp_path / "versions" / ".tmp-killed").mkdir()
+    save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
+    assert not (tmp_path / "versions" / ".tmp-killed").exists()
+
+
+def test_disk_full_while_writing_a_version_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """If this fails, a full disk while the weights are written ends in an OSError traceback
+    (not the DiskFull message that says the current version is unchanged), or leaves the
+    half-written version behind."""
+    import errno
+
+    from fieldlearn.device import state as state_mod
+    from fieldlearn.device.store import DiskFull
+
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(state_mod, "save_file", full)
+    with pytest.raises(DiskFull, match="unchanged"):
+        save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
+    assert load_state(tmp_path).step == 0
+
+
+def test_a_failed_switch_of_current_is_reported_and_publishes_nothing(tmp_path, monkeypatch):
+    """If this fails, an I/O error while `current` is replaced is swallowed: `learn` reports a
+    new version that is not current (or half there), and the user believes it was saved."""
+    import errno
+
+    from fieldlearn.device import state as state_mod
+
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2)
+    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+
+    def broken(*a, **k):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(state_mod, "switch_current", broken)
+    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+        save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
+    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
+    assert load_state(tmp_path).step == 0
