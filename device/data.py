@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fieldlearn.device.store import check_class_names
-from fieldlearn.device.classifier import MIN_IMAGES  # a class is learned from at least this many images
+from fieldlearn.device.classifier import MIN_IMAGES  # noqa: F401  (re-exported: a class is learned from at least this many images)
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import why_not_regular
 from fieldlearn.runtime.images import UnreadableImage, decode_rgb

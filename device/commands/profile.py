@@ -45,7 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fieldlearn.tools.profile.chart import plot_plan  # noqa: PLC0415
     from fieldlearn.tools.profile.planner import NothingFits, make_plan, training_method  # noqa: PLC0415
-    from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
 
     budget = parse_budget(args.budget)
     n_old, fixed_arch = args.old_classes, args.state is not None
