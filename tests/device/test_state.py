@@ -525,10 +525,13 @@ def test_saving_a_version_clears_what_an_interrupted_save_left(tmp_path):
     assert not (tmp_path / "versions" / ".tmp-killed").exists()
 
 
-def test_disk_full_while_writing_a_version_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("target, code", [("save_file", "ENOSPC"), ("switch_current", "EIO")])
+def test_a_failed_write_or_switch_is_reported_and_publishes_nothing(tmp_path, monkeypatch, target, code):
     """If this fails, a full disk while the weights are written ends in an OSError traceback
-    (not the DiskFull message that says the current version is unchanged), or leaves the
-    half-written version behind."""
+    (not the DiskFull message that says the current version is unchanged) or leaves the
+    half-written version behind; or an I/O error while `current` is replaced is swallowed:
+    `learn` reports a new version that is not current (or half there), and the user believes
+    it was saved."""
     import errno
 
     from fieldlearn.device import state as state_mod
@@ -537,33 +540,14 @@ def test_disk_full_while_writing_a_version_is_a_one_line_error_and_leaves_nothin
     cfg = tiny_config()
     s = build_student(cfg.model, 2)
     save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
+    err = getattr(errno, code)
 
-    def full(*a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def fail(*a, **k):
+        raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(state_mod, "save_file", full)
-    with pytest.raises(DiskFull, match="unchanged"):
-        save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
-    assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
-    assert load_state(tmp_path).step == 0
-
-
-def test_a_failed_switch_of_current_is_reported_and_publishes_nothing(tmp_path, monkeypatch):
-    """If this fails, an I/O error while `current` is replaced is swallowed: `learn` reports a
-    new version that is not current (or half there), and the user believes it was saved."""
-    import errno
-
-    from fieldlearn.device import state as state_mod
-
-    cfg = tiny_config()
-    s = build_student(cfg.model, 2)
-    save_version(tmp_path, s, ["a", "b"], cfg, 0, [])
-
-    def broken(*a, **k):
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    monkeypatch.setattr(state_mod, "switch_current", broken)
-    with pytest.raises(OSError, match=os.strerror(errno.EIO)):
+    monkeypatch.setattr(state_mod, target, fail)
+    raised, match = (DiskFull, "unchanged") if code == "ENOSPC" else (OSError, os.strerror(err))
+    with pytest.raises(raised, match=match):
         save_version(tmp_path, s, ["a", "b"], cfg, 1, [])
     assert sorted(p.name for p in (tmp_path / "versions").iterdir()) == ["0001"]
     assert load_state(tmp_path).step == 0
