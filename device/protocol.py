@@ -38,7 +38,8 @@ import torch
 
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet
-from fieldlearn.device.learner import chunk_size, encode, evaluate, fit_classifier, learn_increment, score, train_step
+from fieldlearn.device.learner import (classifier_features, encode, evaluate, fit_classifier, learn_increment, score,
+                                      train_step)
 from fieldlearn.device.methods import METHODS, make_method
 from fieldlearn.device.metrics import AccuracyMatrix
 from fieldlearn.device.model import Student, build_student
@@ -272,10 +273,7 @@ class Order:
             return evaluate(st, data, self.groups[: t + 1], cfg, z)
         key = "test" if split is self.test else "val"
         if key not in phis:
-            st.eval()
-            with torch.no_grad():
-                step = chunk_size(cfg)
-                phis[key] = torch.cat([st.features(split.z[i: i + step]) for i in range(0, len(split.z), step)])
+            phis[key] = classifier_features(st, split.data, cfg, split.z)                 # [N, D]
         idx = torch.isin(split.data.labels, torch.tensor(classes)).nonzero().flatten()
         with torch.no_grad():
             logits = st.classifier(phis[key][idx].to(st.classifier.weight.dtype))       # [n, K]
