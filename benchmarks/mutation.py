@@ -4,6 +4,7 @@
     python benchmarks/mutation.py                                     # every module (hours on 2 cores)
     python benchmarks/mutation.py losses --list                       # the mutants, not run
     python benchmarks/mutation.py losses --only 12,30                 # rerun some mutants
+    python benchmarks/mutation.py store --sample 90                   # 90 of them, seeded draw (an estimate)
 
 Not part of CI (too slow). A small AST runner rather than mutmut 3 or cosmic-ray (judged from
 how they work; not tried): mutmut 3
@@ -37,6 +38,7 @@ import ast
 import datetime
 import json
 import os
+import random
 import shutil
 import signal
 import sys
@@ -265,7 +267,7 @@ def run_tests(tests: list[str], timeout: float, log: Path) -> tuple[str, float]:
             pass
 
 
-def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path) -> dict:
+def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path, sample: int = 0) -> dict:
     files, tests = MODULES[name]
     tests = list(tests)   # relative to ROOT, the runner's working directory: --deselect matches node ids
     for t in DESELECT.get(name, []):
@@ -280,6 +282,9 @@ def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path) -> d
         raise SystemExit(f"{name}: the unmutated tests do not pass (see {log})")
     timeout = 3 * base_s + 30
     print(f"{name}: baseline {base_s:.1f} s, timeout {timeout:.0f} s", flush=True)
+    total = sum(len(list_mutants(src, SKIP.get(f, frozenset()))) for f, src in originals.items())
+    if sample and only is None and sample < total:   # a seeded random subset: an estimate of the score
+        only = set(random.Random(0).sample(range(total), sample))
     mutants, n = [], 0
     for f, src in originals.items():
         lines = src.splitlines()
@@ -304,7 +309,8 @@ def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path) -> d
               "score": round(100 * killed / len(mutants), 1) if mutants else None,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "OMP_NUM_THREADS=1 python benchmarks/mutation.py " + " ".join(sys.argv[1:]),
-              "rerun_of": sorted(only) if only else None, "list": mutants}
+              "rerun_of": sorted(only) if only and not sample else None,
+              "sample_of": total if sample and sample < total else None, "list": mutants}
     return result
 
 
@@ -313,6 +319,8 @@ def main(argv=None) -> int:
     p.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     p.add_argument("--list", action="store_true", help="print the mutants, run nothing")
     p.add_argument("--only", default="", help="comma-separated mutant ids to run (one module)")
+    p.add_argument("--sample", type=int, default=0,
+                   help="run N of each module's mutants, drawn at random with a fixed seed (an estimate)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation"))
     a = p.parse_args(argv)
     names = a.modules or list(MODULES)
@@ -350,7 +358,7 @@ def main(argv=None) -> int:
     try:
         rows = []
         for n in names:
-            r = run_module(n, copy, only, out_dir)
+            r = run_module(n, copy, only, out_dir, a.sample)
             suffix = "-rerun" if only else ""   # --only: a rerun of some mutants (the survivors)
             (out_dir / f"{n}{suffix}.json").write_text(json.dumps(r, indent=1) + "\n")
             rows.append(r)
