@@ -434,9 +434,11 @@ def test_class_names_must_match_the_head_when_saving(tmp_path):
     assert not (tmp_path / "current").exists()
 
 
-def test_a_version_with_a_broken_config_is_refused_in_one_line(tmp_path):
-    """If this fails, a meta.json whose config no longer validates loads anyway (or ends in a
-    traceback) instead of a UserError naming the file."""
+@pytest.mark.parametrize("damage", ["bad value", "no config"])
+def test_a_version_with_a_broken_config_is_refused_in_one_line(tmp_path, damage):
+    """If this fails, a meta.json whose config no longer validates, or that has none (read_meta
+    accepts that; building the net cannot), loads anyway or ends in a traceback instead of a
+    UserError naming the file."""
     import json
 
     from fieldlearn.runtime.errors import UserError
@@ -444,7 +446,10 @@ def test_a_version_with_a_broken_config_is_refused_in_one_line(tmp_path):
     cfg = tiny_config()
     vd = save_version(tmp_path, build_student(cfg.model, 2), ["a", "b"], cfg, 0, [])
     meta = json.loads((vd / "meta.json").read_text())
-    meta["config"]["train"]["epochs"] = "many"
+    if damage == "bad value":
+        meta["config"]["train"]["epochs"] = "many"
+    else:
+        del meta["config"]
     os.chmod(vd / "meta.json", 0o600)
     (vd / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="meta.json"):
