@@ -284,7 +284,9 @@ def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path, samp
     print(f"{name}: baseline {base_s:.1f} s, timeout {timeout:.0f} s", flush=True)
     total = sum(len(list_mutants(src, SKIP.get(f, frozenset()))) for f, src in originals.items())
     if sample and only is None and sample < total:   # a seeded random subset: an estimate of the score
-        only = set(random.Random(0).sample(range(total), sample))
+        draw = list(range(total))
+        random.Random(0).shuffle(draw)               # any prefix of the draw is a random sample too
+        only = set(draw[:sample])
     mutants, n = [], 0
     for f, src in originals.items():
         lines = src.splitlines()
@@ -301,7 +303,9 @@ def run_module(name: str, copy: Path, only: set[int] | None, out_dir: Path, samp
                             "status": status, "seconds": round(secs, 1)})
             mark = "SURVIVED" if status == "survived" else status
             print(f"  #{idx:3d} {f}:{line} {desc}: {mark} ({secs:.1f} s)", flush=True)
+            (out_dir / f"{name}.partial.json").write_text(json.dumps(mutants, indent=1) + "\n")   # stopped early: kept
         (copy / "fieldlearn" / f).write_text(mutant_source(src, None))
+    (out_dir / f"{name}.partial.json").unlink(missing_ok=True)
     killed = sum(m["status"] != "survived" for m in mutants)
     result = {"module": name, "files": files, "tests": MODULES[name][1],
               "deselected": DESELECT.get(name, []), "mutants": len(mutants),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -297,3 +298,50 @@ def test_a_read_only_state_dir_is_one_line(state, capsys, monkeypatch):
     monkeypatch.undo()
     assert rc == 2 and f"{state / 'lock'}: cannot create the state lock (Read-only file system)" in err
     assert current(state) == "0003"
+
+
+# ------------------------------------------------------------------ class names and meta.json, unit level
+
+@pytest.mark.parametrize("name, why", [
+    ("", "blank"), ("   ", "blank"), (" cat", "leading or trailing"), ("cat ", "leading or trailing"),
+    (".", "relative path"), ("..", "relative path"), ("a/b", "separator"), ("a\\b", "separator"),
+    ("x" * (store.MAX_CLASS_NAME + 1), "longer than"), ("bell\x07", "U+0007"), ("rtl\u202eexe", "U+202E"),
+    ("line\u2028sep", "U+2028"), ("bad\udcffbyte", "U+DCFF"), ("priv\ue000", "U+E000"), (3, "not text")])
+def test_each_kind_of_bad_class_name_is_named(name, why):
+    """If this fails, a class name that could act as a path, hide text (bidi controls, line
+    separators), stand for undecodable bytes or carry edge spaces gets into labels.txt."""
+    assert why in store.class_name_problem(name)
+    with pytest.raises(UserError, match=f"^here: class name .*{re.escape(why)}"):
+        store.check_class_names(["ok", name], "here")
+
+
+@pytest.mark.parametrize("name", ["café", "猫", "🐱 cat", "tulip-red_2", "x" * store.MAX_CLASS_NAME, "a.b"])
+def test_ordinary_unicode_class_names_pass(name):
+    """If this fails, names a user can type are refused."""
+    assert store.class_name_problem(name) is None
+    store.check_class_names([name, "other"], "here")
+
+
+@pytest.mark.parametrize("names, says", [(["a", "b", "a"], "'a' appears twice$"),
+                                          (["caf\u00e9", "cafe\u0301"], "appears twice \\(as 'café'\\)")])
+def test_a_class_name_given_twice_is_refused(names, says):
+    """If this fails, one class becomes two head rows that print the same."""
+    with pytest.raises(UserError, match=says):
+        store.check_class_names(names, "here")
+
+
+@pytest.mark.parametrize("damage, says", [
+    ({"format": "2"}, "is not a fieldlearn state format"), ({"format": True}, "is not a fieldlearn state format"),
+    ({"format": 0}, "is not a fieldlearn state format"), ({"format": store.FORMAT + 1}, "upgrade fieldlearn"),
+    ({"step": -1}, "'step' is not"), ({"step": "1"}, "'step' is not"), ({"step": False}, "'step' is not"),
+    ({"classes": "ab"}, "'classes' is not a list"), ({"num_classes": 3}, "num_classes 3 but 2 class names"),
+    ({"classes": ["a", "a"], "num_classes": 2}, "appears twice")])
+def test_read_meta_refuses_each_inconsistency_naming_the_file(tmp_path, damage, says):
+    """If this fails, a hand-edited or foreign meta.json is read as a state (and fails later
+    in a traceback, or loads the wrong classes) instead of a one-line error naming it."""
+    good = {"format": store.FORMAT, "classes": ["a", "b"], "num_classes": 2, "step": 0}
+    (tmp_path / "meta.json").write_text(json.dumps(good))
+    assert store.read_meta(tmp_path)["classes"] == ["a", "b"]
+    (tmp_path / "meta.json").write_text(json.dumps({**good, **damage}))
+    with pytest.raises(UserError, match=f"meta.json: .*{says}"):
+        store.read_meta(tmp_path)
