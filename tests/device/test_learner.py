@@ -170,3 +170,50 @@ def test_logged_loss_terms_equal_the_papers_formula(increment, ld):
     for k, v in want.items():
         assert v.item() > 1e-3, f"{k} is ~0 at this point: the comparison would say nothing"
         assert report.loss_terms[k] == pytest.approx(v.item(), rel=2e-5), k
+
+
+def test_a_training_step_reports_what_it_trained(increment):
+    """If this fails, the step's report miscounts its classes or claims to have learned by
+    statistics alone, and `check_trained` (which publishes only a step that made optimiser
+    steps in every epoch) would let an idle training step through."""
+    _, report = _step(increment, "lwm")
+    assert not report.statistics_only
+    assert (report.n_old, report.n_new, report.n_images) == (N_OLD, N_NEW, N_NEW * PER_CLASS)
+
+
+def test_a_method_that_distils_refuses_to_train_without_a_teacher(increment):
+    """If this fails, LwM or LwF-MC asked to train with no teacher would run as something
+    else (or fail deep inside the loss) instead of saying what is missing."""
+    student, _, data = increment
+    cfg = _cfg()
+    for method in ("lwm", "lwf_mc"):
+        with pytest.raises(ValueError, match=f"{method} needs a teacher"):
+            train_step(copy.deepcopy(student), make_method(method, cfg.loss), data, n_old=N_OLD, epochs=1,
+                       cfg=cfg, teacher=None, step=1)
+
+
+def test_without_a_frozen_trunk_the_teacher_runs_every_batch():
+    """If this fails, a student with nothing frozen (freeze_blocks 0: no trunk output to
+    cache, so the teacher's targets are computed batch by batch from the augmented images)
+    trains LwM without its teacher's terms, or not at all."""
+    cfg = _cfg()
+    cfg.model = dataclasses.replace(cfg.model, freeze_blocks=0)
+    cfg.train = dataclasses.replace(cfg.train, augment=True)
+    torch.manual_seed(0)
+    student = build_student(cfg.model, N_OLD)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (N_NEW * PER_CLASS, 3, 32, 32), generator=g, dtype=torch.uint8)
+    _warm_batchnorm(student, to_input(images, 32, cfg.model.mean, cfg.model.std))
+    old = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in [*old.top.parameters(), *old.head.parameters()]:
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    student.widen(N_NEW)
+    labels = torch.arange(N_OLD, N_OLD + N_NEW).repeat_interleave(PER_CLASS)
+    data = ImageSet(images, labels, [f"c{i}" for i in range(N_OLD + N_NEW)])
+    before = _blocks(student).clone()
+    report = train_step(student, make_method("lwm", cfg.loss), data, n_old=N_OLD, epochs=1, cfg=cfg,
+                        teacher=make_teacher(old, "torch"), step=1)
+    assert report.optimizer_steps == [1]
+    assert report.loss_terms["ld"] > 0 and report.loss_terms["lad"] > 0
+    assert not torch.equal(_blocks(student), before)
