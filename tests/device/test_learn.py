@@ -33,6 +33,7 @@ def test_learn_reports_new_class_accuracy_and_folds_held_out_images_in(state, tm
     rc, out, err = run(capsys, "learn", inbox, "--state", state, "--val-fraction", "0.25", *LEARN)
     assert rc == 0, err
     assert "held-out accuracy on the new classes (among all 4)" in out and "taken for a class known before" in out
+    assert "the 6 held-out images were then added to their classes' statistics" in out
     entry = json.loads((state / "versions" / "0002" / "meta.json").read_text())["history"][-1]
     assert entry["n_val_images"] == 6 and 0 <= entry["new_class_val_accuracy"] <= 1
     assert 0 <= entry["new_class_taken_for_old"] <= 1

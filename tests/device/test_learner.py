@@ -5,13 +5,14 @@ formula written out here in plain torch (not taken from the method objects)."""
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import pytest
 import torch
 
 from fieldlearn.device.data import ImageSet, to_input
-from fieldlearn.device.learner import train_step
+from fieldlearn.device.learner import predict_logits, train_step
 from fieldlearn.device.methods import make_method
 from fieldlearn.device.model import build_student
 from fieldlearn.device.engine_teacher import make_teacher
@@ -217,3 +218,34 @@ def test_without_a_frozen_trunk_the_teacher_runs_every_batch():
     assert report.optimizer_steps == [1]
     assert report.loss_terms["ld"] > 0 and report.loss_terms["lad"] > 0
     assert not torch.equal(_blocks(student), before)
+
+
+def test_the_learning_rate_follows_one_cosine_over_the_whole_step(increment, monkeypatch):
+    """If this fails, the step's learning rate does not decay (scheduler not stepped) or its
+    cosine spans another number of optimiser steps than the step makes (epochs x batches),
+    so the last updates are taken at the wrong rate."""
+    lrs = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    student, _, data = increment
+    cfg = _cfg()
+    cfg.train = dataclasses.replace(cfg.train, batch_size=4)          # 8 images: 2 batches an epoch
+    train_step(copy.deepcopy(student), make_method("finetune", cfg.loss), data, n_old=N_OLD, epochs=2, cfg=cfg,
+               teacher=None, step=1)
+    total = 2 * 2
+    assert lrs == pytest.approx([cfg.train.lr * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)])
+
+
+def test_predictions_are_eval_mode_whatever_mode_the_student_was_left_in(increment):
+    """If this fails, predicting right after a training step (student in train mode) uses
+    the batch's BatchNorm statistics: a prediction would depend on the other images."""
+    student, _, data = increment
+    student = copy.deepcopy(student)
+    cfg = _cfg()
+    expected = predict_logits(student.eval(), data.images, cfg)
+    assert torch.equal(predict_logits(student.train(), data.images, cfg), expected)
