@@ -249,3 +249,24 @@ def test_predictions_are_eval_mode_whatever_mode_the_student_was_left_in(increme
     cfg = _cfg()
     expected = predict_logits(student.eval(), data.images, cfg)
     assert torch.equal(predict_logits(student.train(), data.images, cfg), expected)
+
+
+def test_each_optimiser_step_uses_only_its_own_batchs_gradient(increment, monkeypatch):
+    """If this fails, gradients accumulate across batches (not zeroed between steps): each
+    update also carries every earlier batch's gradient. At lr 0 the weights stay put, so one
+    batch seen twice (two epochs of one batch) must give the same gradient twice."""
+    grads = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
+                                    if p.grad is not None]).clone())
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    student, _, data = increment
+    cfg = _cfg()
+    train_step(copy.deepcopy(student), make_method("finetune", cfg.loss), data, n_old=N_OLD, epochs=2, cfg=cfg,
+               teacher=None, step=1, lr=0.0)
+    assert len(grads) == 2 and grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
