@@ -180,6 +180,36 @@ def test_a_stale_lock_is_recovered(state, capsys, why):
     assert "removed the stale lock" in err and not (state / "lock").exists()
 
 
+def test_checking_a_live_owner_leaves_it_running(state, capsys):
+    """If this fails, asking whether the lock's owner is alive signals it (os.kill with a
+    real signal instead of 0): a second command would hang up or kill the running learn."""
+    holder = subprocess.Popen(["sleep", "60"], preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    try:
+        lock_file(state, pid=holder.pid, proc_start=store._proc_stat(holder.pid)[1])
+        rc, _, err = run(capsys, "rollback", "--state", state)
+        assert rc == 2 and f"pid {holder.pid}" in err and current(state) == "0003"
+        time.sleep(0.2)
+        assert holder.poll() is None, "the lock's owner was signalled"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_of_a_killed_but_unreaped_owner_is_stale(state, capsys):
+    """If this fails, a learn that was killed while its parent (a shell, a supervisor) has
+    not yet reaped it keeps the state locked: a zombie still answers os.kill(pid, 0)."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.time() + 30
+        while (store._proc_stat(zombie.pid) or ("?",))[0] != "Z" and time.time() < deadline:
+            time.sleep(0.05)                       # exited, and not reaped: no poll() or wait() here
+        lock_file(state, pid=zombie.pid, proc_start=store._proc_stat(zombie.pid)[1])
+        rc, _, err = run(capsys, "rollback", "--state", state)
+        assert rc == 0 and "removed the stale lock" in err and current(state) == "0002", err
+    finally:
+        zombie.wait()
+
+
 def test_a_lock_from_another_host_is_respected(state, capsys):
     """If this fails, a state on shared storage can be written from two machines at once."""
     lock_file(state, hostname="other-jetson", pid=1)
@@ -224,6 +254,18 @@ def test_leftovers_of_an_interrupted_run_are_removed_on_the_next_start(state, ca
     assert rc == 0 and "removed 5 leftover(s)" in err
     assert not any(p.exists() for p in junk + files)
     assert version_names(state) == ["0001", "0002", "0003"]
+
+
+def test_an_unfinished_publish_is_discarded_unless_it_became_current(state, capsys):
+    """If this fails, a version whose publish was cut short (its .pending marker still there)
+    survives as a valid version after a crash, or the current version, switched to just
+    before the crash, is thrown away."""
+    (state / "versions" / "0002" / ".pending").write_bytes(b"")   # cut short before the switch
+    (state / "versions" / "0003" / ".pending").write_bytes(b"")   # cut short after it: current
+    rc, _, err = run(capsys, "prune", "--state", state, "--keep", "10")
+    assert rc == 0, err
+    assert version_names(state) == ["0001", "0003"] and current(state) == "0003"
+    assert not (state / "versions" / "0003" / ".pending").exists()
 
 
 def test_history_takes_no_lock_and_removes_nothing(state, capsys):
