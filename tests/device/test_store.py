@@ -296,6 +296,20 @@ def test_init_refused_leaves_no_state_dir_behind(tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "state").exists()
 
 
+def test_only_init_creates_a_state_dir_and_an_unused_one_goes_again(tmp_path):
+    """If this fails, `init` cannot start in a new folder, a mistyped --state of any other
+    command creates a folder instead of saying there is none, or an init that saved nothing
+    leaves an empty state dir behind."""
+    new = tmp_path / "a" / "state"
+    with store.state_lock(new, "fieldlearn init", create=True):
+        assert new.is_dir() and stat.S_IMODE(new.stat().st_mode) == 0o700
+    assert not new.exists()
+    with pytest.raises(UserError, match="no such state directory"):
+        with store.state_lock(tmp_path / "typo", "fieldlearn rollback"):
+            pass
+    assert not (tmp_path / "typo").exists()
+
+
 def test_disk_full_while_switching_current_unpublishes_the_version(state, monkeypatch):
     """If this fails, a version that never became current stays behind looking like one that did."""
     import fieldlearn.device.state as st_mod
