@@ -244,18 +244,20 @@ def carry_statistics(student: Student, before: torch.Tensor, after: torch.Tensor
 
 
 def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: RunConfig,
-                   z: torch.Tensor | None = None) -> float:
+                   z: torch.Tensor | None = None) -> dict[str, float]:
     """Fold `classes` (their images: data) into the class statistics and solve the head.
-    Returns the relative ridge used (0 for ncm). The images leave no trace but the sums."""
+    Returns the step report's classifier entry: the relative ridge used (0 for ncm or a
+    trained head) and, with statistics, the feature dimensions the fold left out
+    (classifier.shared_dims). The images leave no trace but the sums."""
     if student.stats is None:
-        return 0.0
+        return {"ridge": 0.0}
     try:
         check_counts(torch.bincount(data.labels.cpu(), minlength=student.num_classes)[classes], classes)
     except TooFewImages as e:
         raise UserError(str(e)) from None
     dev = student.stats.gram.device
     student.stats.add(classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev))   # [N, D]
-    return solve_classifier(student, cfg)
+    return {"ridge": solve_classifier(student, cfg), "masked_dims": student.stats.masked_dims}
 
 
 def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> bool:
@@ -296,9 +298,7 @@ def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor
         report = train_step(student, method, data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg, teacher=None,
                             step=0, lr=cfg.train.base_lr, z=z)
     t0 = time.perf_counter()
-    report.classifier["ridge"] = fit_classifier(student, data, list(range(student.num_classes)), cfg, z)
-    if student.stats is not None:
-        report.classifier["masked_dims"] = student.stats.masked_dims
+    report.classifier.update(fit_classifier(student, data, list(range(student.num_classes)), cfg, z))
     report.seconds["classifier"] = time.perf_counter() - t0
     return report
 
@@ -343,9 +343,7 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     if follow:
         carry_statistics(student, before, classifier_features(student, data, cfg, z, own_top_only=True),
                          cfg.train.drift_shrink)
-    report.classifier["ridge"] = fit_classifier(student, data, list(range(n_old, n_old + n_new)), cfg, z)
-    if student.stats is not None:
-        report.classifier["masked_dims"] = student.stats.masked_dims
+    report.classifier.update(fit_classifier(student, data, list(range(n_old, n_old + n_new)), cfg, z))
     report.seconds["classifier"] = time.perf_counter() - t0
     return report
 
