@@ -31,12 +31,13 @@ def _cfg(**loss):
     return cfg
 
 
-def _increment(seed: int = 0):
-    """(student widened to N_OLD + N_NEW, teacher, new-class data). The teacher is a
+def _increment(seed: int = 0, cfg=None):
+    """(student widened to N_OLD + N_NEW, teacher, new-class data), the nets built from
+    cfg.model (default: _cfg()). The teacher is a
     perturbed copy of the student: at the first batch of a real increment the student IS
     its teacher and LAD (an L1 at zero) has no gradient yet, so the difference between
     the two would only show from the second batch on."""
-    cfg = _cfg()
+    cfg = cfg or _cfg()
     torch.manual_seed(seed)
     student = build_student(cfg.model, N_OLD)
     g = torch.Generator().manual_seed(seed + 1)
@@ -200,45 +201,42 @@ def test_without_a_frozen_trunk_the_teacher_runs_every_batch():
     cfg = _cfg()
     cfg.model = dataclasses.replace(cfg.model, freeze_blocks=0)
     cfg.train = dataclasses.replace(cfg.train, augment=True)
-    torch.manual_seed(0)
-    student = build_student(cfg.model, N_OLD)
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (N_NEW * PER_CLASS, 3, 32, 32), generator=g, dtype=torch.uint8)
-    _warm_batchnorm(student, to_input(images, 32, cfg.model.mean, cfg.model.std))
-    old = copy.deepcopy(student)
-    with torch.no_grad():
-        for p in [*old.top.parameters(), *old.head.parameters()]:
-            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    student.widen(N_NEW)
-    labels = torch.arange(N_OLD, N_OLD + N_NEW).repeat_interleave(PER_CLASS)
-    data = ImageSet(images, labels, [f"c{i}" for i in range(N_OLD + N_NEW)])
+    student, teacher, data = _increment(cfg=cfg)
     before = _blocks(student).clone()
     report = train_step(student, make_method("lwm", cfg.loss), data, n_old=N_OLD, epochs=1, cfg=cfg,
-                        teacher=make_teacher(old, "torch"), step=1)
+                        teacher=teacher, step=1)
     assert report.optimizer_steps == [1]
     assert report.loss_terms["ld"] > 0 and report.loss_terms["lad"] > 0
     assert not torch.equal(_blocks(student), before)
+
+
+def _recording_sgd(monkeypatch) -> list[tuple[float, torch.Tensor]]:
+    """Make the learner's SGD record, at each optimiser step, (its lr, the gradient it is
+    about to apply, flattened over every parameter that has one)."""
+    steps = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            grad = torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None])
+            steps.append((self.param_groups[0]["lr"], grad.clone()))
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    return steps
 
 
 def test_the_learning_rate_follows_one_cosine_over_the_whole_step(increment, monkeypatch):
     """If this fails, the step's learning rate does not decay (scheduler not stepped) or its
     cosine spans another number of optimiser steps than the step makes (epochs x batches),
     so the last updates are taken at the wrong rate."""
-    lrs = []
-
-    class Recording(torch.optim.SGD):
-        def step(self, closure=None):
-            lrs.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    steps = _recording_sgd(monkeypatch)
     student, _, data = increment
     cfg = _cfg()
     cfg.train = dataclasses.replace(cfg.train, batch_size=4)          # 8 images: 2 batches an epoch
     train_step(copy.deepcopy(student), make_method("finetune", cfg.loss), data, n_old=N_OLD, epochs=2, cfg=cfg,
                teacher=None, step=1)
     total = 2 * 2
-    assert lrs == pytest.approx([cfg.train.lr * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)])
+    assert [lr for lr, _ in steps] == pytest.approx([cfg.train.lr * (1 + math.cos(math.pi * k / total)) / 2 for k in range(total)])
 
 
 def test_predictions_are_eval_mode_whatever_mode_the_student_was_left_in(increment):
@@ -255,18 +253,11 @@ def test_each_optimiser_step_uses_only_its_own_batchs_gradient(increment, monkey
     """If this fails, gradients accumulate across batches (not zeroed between steps): each
     update also carries every earlier batch's gradient. At lr 0 the weights stay put, so one
     batch seen twice (two epochs of one batch) must give the same gradient twice."""
-    grads = []
-
-    class Recording(torch.optim.SGD):
-        def step(self, closure=None):
-            grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
-                                    if p.grad is not None]).clone())
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "SGD", Recording)
+    steps = _recording_sgd(monkeypatch)
     student, _, data = increment
     cfg = _cfg()
     train_step(copy.deepcopy(student), make_method("finetune", cfg.loss), data, n_old=N_OLD, epochs=2, cfg=cfg,
                teacher=None, step=1, lr=0.0)
+    grads = [g for _, g in steps]
     assert len(grads) == 2 and grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
