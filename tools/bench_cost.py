@@ -206,12 +206,15 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
         inc = learn_cmd.learn_new_classes(state_dir, state, new, cfg, val_fraction=0.1, export=True)
     total = time.perf_counter() - t_all
     phases = inc.entry["phases"]
+    # "setup": inside learn_increment but in no phase of its report (the teacher made from the
+    # student, the copy widened); "classifier": the head solved from class statistics.
     p = {"read": read_s, "encode": phases.get("encode", 0.0),
-         "teacher setup": spent["increment"] - sum(phases.values()),
-         "teacher": phases.get("teacher", 0.0), "train": phases.get("train", 0.0), "eval": spent.get("eval", 0.0),
+         "setup": spent["increment"] - sum(phases.values()),
+         "teacher": phases.get("teacher", 0.0), "train": phases.get("train", 0.0),
+         "classifier": phases.get("classifier", 0.0), "eval": spent.get("eval", 0.0),
          "export": spent.get("export", 0.0), "save": spent.get("save", 0.0) - spent.get("export", 0.0)}
     p["other"] = total - sum(p.values())
-    return {"phases_s": p, "total_s": total, "n_train": inc.entry["n_images"], "n_val": inc.entry.get("n_val_images", 0),
+    return {"method": cfg.method, "phases_s": p, "total_s": total, "n_train": inc.entry["n_images"], "n_val": inc.entry.get("n_val_images", 0),
             "new_classes": len(new.class_names), "teacher_backend": inc.entry.get("teacher_backend", ""),
             "version": str(inc.version_dir.name)}
 
@@ -327,8 +330,8 @@ def format_markdown(report: dict) -> str:
     if inc:
         p = inc["phases_s"]
         lines += ["", f"Time to learn: {inc['new_classes']} new classes, {inc['n_train']} training + {inc['n_val']} held-out "
-                  f"images read from an ImageFolder of PNGs, through `fieldlearn learn` (export on), teacher "
-                  f"{inc['teacher_backend']}: **{inc['total_s']:.1f} s**", "",
+                  f"images read from an ImageFolder of PNGs, through `fieldlearn learn` (export on), method "
+                  f"{inc.get('method', '?')}, teacher {inc['teacher_backend'] or 'none'}: **{inc['total_s']:.1f} s**", "",
                   "| " + " | ".join(p) + " | total |", "|" + "---:|" * (len(p) + 1),
                   "| " + " | ".join(f"{v:.1f}" for v in p.values()) + f" | {inc['total_s']:.1f} |"]
     return "\n".join(lines) + "\n"
@@ -362,7 +365,8 @@ def add_arguments(p) -> None:
                    help="time one whole increment from an ImageFolder of CIFAR-100 PNGs (default on)")
     p.add_argument("--data", default="cifar100",
                    help="where the increment's images come from: cifar100[:PATH] (default ../shared/data)")
-    add_config_arguments(p, sections=("model", "loss", "train"), run_fields=("teacher_backend",))
+    # --method: what the timed increment trains (--methods: whose optimiser step is timed)
+    add_config_arguments(p, sections=("model", "loss", "train"), run_fields=("method", "teacher_backend"))
 
 
 def run(args) -> int:

@@ -46,7 +46,7 @@ def test_bench_cost_end_to_end_writes_the_promised_report(tmp_path, gen_train, c
     data = write_image_folder(tmp_path / "data" / "train", gen_train, [0, 1], 6).parent
     out = tmp_path / "cost"
     rc = main(["bench", "cost", "--out", str(out), "--repeats", "2", "--warmup", "1", "--old-classes", "4",
-               "--new-classes", "2", "--per-class", "6", "--methods", "finetune,lwm,naive_lwm", "--data", str(data),
+               "--new-classes", "2", "--per-class", "6", "--methods", "finetune,lwm,naive_lwm", "--method", "lwm", "--data", str(data),
                *TINY])
     assert rc == 0
     report = json.loads((out / "cost.json").read_text())
@@ -62,8 +62,10 @@ def test_bench_cost_end_to_end_writes_the_promised_report(tmp_path, gen_train, c
     assert report["precompute"]["encode"]["onnxruntime"]["s_per_image"] > 0
     assert "available" in teachers["tensorrt"]
     inc = report["time_to_learn"]
-    assert set(inc["phases_s"]) == {"read", "encode", "teacher setup", "teacher", "train", "eval", "export", "save",
-                                    "other"}
+    assert set(inc["phases_s"]) == {"read", "encode", "setup", "teacher", "train", "classifier", "eval", "export",
+                                    "save", "other"}
+    # --method lwm: the timed increment trains, with a teacher (the default, none, does neither)
+    assert inc["method"] == "lwm" and inc["phases_s"]["train"] > 0 and inc["teacher_backend"]
     assert inc["n_train"] + inc["n_val"] == 2 * 6 and inc["total_s"] > 0
     assert {t["target"].split(" ")[0] for t in report["targets"]} == {"LwM"}
     md = (out / "cost.md").read_text()
