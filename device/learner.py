@@ -315,7 +315,9 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     bad = data.labels[(data.labels < n_old) | (data.labels >= n_old + n_new)]
     if bad.numel():
         raise UserError(f"increment data has label {int(bad[0])} outside the new classes {n_old}..{n_old + n_new - 1}")
+    t_encode = time.perf_counter()
     z = _encoded(student, data, cfg, z)
+    encode_s = time.perf_counter() - t_encode
     # The old classes' statistics follow the trained top when it moves (it does not when the
     # classifier reads only the frozen ImageNet top, or nothing trains).
     if not m.trains and student.stats is None:
@@ -339,6 +341,7 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     else:
         report = StepReport(step=step, method=m.name, n_old=n_old, n_new=n_new, n_images=len(data),
                             statistics_only=True)
+    report.seconds["encode"] = encode_s + report.seconds.get("encode", 0.0)   # the trunk ran here, once
     t0 = time.perf_counter()
     if follow:
         carry_statistics(student, before, classifier_features(student, data, cfg, z, own_top_only=True),

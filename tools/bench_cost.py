@@ -195,7 +195,8 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
     new = load_image_folder(image_dir, cfg.model.input_size)
     read_s = time.perf_counter() - t0
     patches = {"learn_increment": timed("increment", learn_cmd.learn_increment),
-               "evaluate": timed("eval", learn_cmd.evaluate),
+               "check_new_classes": timed("eval", learn_cmd.check_new_classes),   # the held-out check
+               "fold_in": timed("fold in", learn_cmd.fold_in),                   # held-out images into the statistics
                "publish": timed("save", learn_cmd.publish),
                "export_writer": timed_writer(learn_cmd.export_writer)}
     with contextlib.ExitStack() as stack:
@@ -212,6 +213,7 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
          "setup": spent["increment"] - sum(phases.values()),
          "teacher": phases.get("teacher", 0.0), "train": phases.get("train", 0.0),
          "classifier": phases.get("classifier", 0.0), "eval": spent.get("eval", 0.0),
+         "fold in": spent.get("fold in", 0.0),
          "export": spent.get("export", 0.0), "save": spent.get("save", 0.0) - spent.get("export", 0.0)}
     p["other"] = total - sum(p.values())
     return {"method": cfg.method, "phases_s": p, "total_s": total, "n_train": inc.entry["n_images"], "n_val": inc.entry.get("n_val_images", 0),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fieldlearn.device.data import ImageSet, to_input
-from fieldlearn.device.learner import predict_logits, train_step
+from fieldlearn.device.learner import learn_increment, predict_logits, train_base, train_step
 from fieldlearn.device.methods import make_method
 from fieldlearn.device.model import build_student
 from fieldlearn.device.engine_teacher import make_teacher
@@ -181,6 +181,23 @@ def test_a_training_step_reports_what_it_trained(increment):
     _, report = _step(increment, "lwm")
     assert not report.statistics_only
     assert (report.n_old, report.n_new, report.n_images) == (N_OLD, N_NEW, N_NEW * PER_CLASS)
+
+
+def test_a_statistics_only_increment_reports_its_encode_pass():
+    """If this fails, the frozen trunk's pass over an increment's images (the default method
+    trains nothing, so it is most of the step's work) is in no phase of the step's report:
+    `learn` logs no encode time and `bench cost` counts it as setup."""
+    cfg = tiny_config(trunk_backend="torch")
+    cfg.model = dataclasses.replace(cfg.model, classifier="analytic")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(2).repeat_interleave(8)
+    names = [f"c{i}" for i in range(4)]
+    torch.manual_seed(0)
+    student = build_student(cfg.model, 2)
+    train_base(student, ImageSet(images, labels, names), cfg)
+    report = learn_increment(student, ImageSet(images, labels + 2, names), 2, cfg, step=1, method="none")
+    assert report.statistics_only and report.seconds["encode"] > 0
 
 
 def test_a_method_that_distils_refuses_to_train_without_a_teacher(increment):

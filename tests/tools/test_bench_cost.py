@@ -62,10 +62,11 @@ def test_bench_cost_end_to_end_writes_the_promised_report(tmp_path, gen_train, c
     assert report["precompute"]["encode"]["onnxruntime"]["s_per_image"] > 0
     assert "available" in teachers["tensorrt"]
     inc = report["time_to_learn"]
-    assert set(inc["phases_s"]) == {"read", "encode", "setup", "teacher", "train", "classifier", "eval", "export",
-                                    "save", "other"}
+    assert set(inc["phases_s"]) == {"read", "encode", "setup", "teacher", "train", "classifier", "eval", "fold in",
+                                    "export", "save", "other"}
     # --method lwm: the timed increment trains, with a teacher (the default, none, does neither)
     assert inc["method"] == "lwm" and inc["phases_s"]["train"] > 0 and inc["teacher_backend"]
+    assert inc["phases_s"]["encode"] > 0 and inc["phases_s"]["eval"] > 0     # the trunk ran; the held-out check ran
     assert inc["n_train"] + inc["n_val"] == 2 * 6 and inc["total_s"] > 0
     assert {t["target"].split(" ")[0] for t in report["targets"]} == {"LwM"}
     md = (out / "cost.md").read_text()
