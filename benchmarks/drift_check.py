@@ -3,7 +3,8 @@ step, is it the features or the old classes' statistics?
 
 The demo's protocol (Fashion-MNIST, 4 base + 3 steps of 2, 160 train / 40 validation / 200
 test images per class, `--preset fmnist-demo`), through the product's own code: the same base
-network, then one LwM increment per step at the shipped settings (lwm+analytic). After each
+network, then one LwM increment per step with the statistics head at TrainConfig's defaults
+(every block of the top training; not CHOSEN["lwm+analytic"], which trains one). After each
 step the one trained student is scored with its head solved from
 
 - carried: the old classes' statistics as the product keeps them (formed when the class was
@@ -25,10 +26,12 @@ import sys
 
 from fieldlearn.device.classifier import ClassStats
 from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig
-from fieldlearn.device.data import class_order, incremental_split, open_dataset
+from fieldlearn.device.data import incremental_split, open_dataset
 from fieldlearn.device.learner import fit_classifier, learn_increment, setup_torch
 from fieldlearn.device.protocol import Order, parse_row, row_config
+from fieldlearn.tools.bench_accuracy import PRESETS, order_splits
 
+PRESET = PRESETS["fmnist-demo"]
 
 def refreshed(st, order: Order, t: int, cfg: RunConfig):
     """A copy of st whose statistics are rebuilt from every seen class's training images."""
@@ -41,46 +44,39 @@ def refreshed(st, order: Order, t: int, cfg: RunConfig):
 
 
 def run(seed: int) -> dict[str, list[tuple[float, float]]]:
-    cfg0 = RunConfig(model=ModelConfig(variant="cifar", input_size=32, pretrained=True, freeze_blocks=14),
-                     train=TrainConfig(progress=False, batch_size=64, num_threads=1))
+    cfg0 = RunConfig(model=ModelConfig(**PRESET["model"]),
+                     train=TrainConfig(progress=False, num_threads=1, **PRESET["train"]))
     setup_torch(cfg0)
-    tr_all = open_dataset("fashion-mnist", "train", 32)
-    te_all = open_dataset("fashion-mnist", "test", 32)
+    tr_all = open_dataset(PRESET["data"], "train", cfg0.model.input_size)
+    te_all = open_dataset(PRESET["data"], "test", cfg0.model.input_size)
     te_all = te_all.relabel(tr_all.class_names) if te_all.class_names != tr_all.class_names else te_all
-    groups = incremental_split(list(range(10)), 4, 3)
-    perm = class_order(10, seed)
-    train, val = tr_all.reorder(perm).select(list(range(10)), 200, seed=0).split(0.2, seed=0)
-    test = te_all.reorder(perm).select(list(range(10)), 200, seed=0)
-    order = Order(cfg0, train, val, test, groups, log=print)
-    rows = {}
-    for name in ("none+analytic", "lwm+analytic"):
-        row = parse_row(name)
-        rows[name] = (row, row_config(cfg0, row, {}))
-    out: dict[str, list[tuple[float, float]]] = {k: [] for k in ("none+analytic", "carried", "not carried",
-                                                                 "refreshed")}
-    students = {k: order.student_for(*rows["none+analytic" if k == "none+analytic" else "lwm+analytic"])
-                for k in out if k != "refreshed"}
-    for k, st in students.items():
-        cfg = rows["none+analytic" if k == "none+analytic" else "lwm+analytic"][1]
-        out[k].append((order._eval(st, order.val, 0, cfg)[0], order._eval(st, order.test, 0, cfg)[0]))
-    out["refreshed"].append(out["carried"][0])
-    cfg_lwm = rows["lwm+analytic"][1]
+    groups = incremental_split(list(range(len(tr_all.class_names))), PRESET["base"], PRESET["steps"])
+    used = sum(len(g) for g in groups)
+    order = Order(cfg0, *order_splits(tr_all, te_all, seed, used, PRESET, cfg0.train.seed), groups, log=print)
+    none_row, lwm_row = parse_row("none+analytic"), parse_row("lwm+analytic")
+    cfg_lwm = row_config(cfg0, lwm_row, {})
     cfg_nodrift = copy.deepcopy(cfg_lwm)
     cfg_nodrift.train.drift = "none"
+    # each trained student: its row and config
+    setups = {"none+analytic": (none_row, row_config(cfg0, none_row, {})), "carried": (lwm_row, cfg_lwm),
+              "not carried": (lwm_row, cfg_nodrift)}
+    students = {k: order.student_for(row, cfg) for k, (row, cfg) in setups.items()}
+
+    def scores(st, t: int, cfg: RunConfig) -> tuple[float, float]:
+        return order._eval(st, order.val, t, cfg)[0], order._eval(st, order.test, t, cfg)[0]
+
+    out: dict[str, list[tuple[float, float]]] = {k: [scores(st, 0, setups[k][1])] for k, st in students.items()}
+    out["refreshed"] = [out["carried"][0]]
     for t in range(1, len(groups)):
         data, z = order.train.take(groups[t])
         for k, st in students.items():
-            cfg = {"none+analytic": rows["none+analytic"][1], "carried": cfg_lwm, "not carried": cfg_nodrift}[k]
-            learn_increment(st, data, len(groups[t]), cfg, step=t, method=rows["none+analytic" if k == "none+analytic"
-                                                                               else "lwm+analytic"][0].method, z=z)
-            out[k].append((order._eval(st, order.val, t, cfg)[0], order._eval(st, order.test, t, cfg)[0]))
-        fresh = refreshed(students["carried"], order, t, cfg_lwm)
-        out["refreshed"].append((order._eval(fresh, order.val, t, cfg_lwm)[0],
-                                 order._eval(fresh, order.test, t, cfg_lwm)[0]))
+            row, cfg = setups[k]
+            learn_increment(st, data, len(groups[t]), cfg, step=t, method=row.method, z=z)
+            out[k].append(scores(st, t, cfg))
+        out["refreshed"].append(scores(refreshed(students["carried"], order, t, cfg_lwm), t, cfg_lwm))
         print(f"order {seed} step {t}: " + ", ".join(f"{k} test {100 * v[-1][1]:.1f}" for k, v in out.items()),
               flush=True)
     return out
-
 
 def main(seeds: list[int]) -> None:
     runs = [run(s) for s in seeds]

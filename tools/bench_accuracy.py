@@ -335,6 +335,18 @@ def _order_seeds(values: list[str] | None) -> list[int]:
 SETTING_KEYS = {k for stage in SWEEP_STAGES for k in stage}
 
 
+def order_splits(train_all: ImageSet, test_all: ImageSet, order_seed: int, used: int, proto: dict,
+                 seed: int) -> tuple[ImageSet, ImageSet, ImageSet]:
+    """One class order's (train, validation, test): classes renumbered in the order's sequence,
+    the first `used` kept, proto's per_class / test_per_class images each, val_fraction of the
+    training images held out. `seed` picks the images."""
+    order = class_order(len(train_all.class_names), order_seed)
+    train = train_all.reorder(order).select(list(range(used)), proto["per_class"], seed=seed)
+    train, val = train.split(proto["val_fraction"], seed=seed)
+    test = test_all.reorder(order).select(list(range(used)), proto["test_per_class"], seed=seed)
+    return train, val, test
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, proto = _resolve(args)
     setup_torch(cfg)
@@ -382,10 +394,7 @@ def run(args: argparse.Namespace) -> int:
               "config": cfg.to_dict(), "machine_start": _machine(), "orders": [], "chosen": {}}
     orders = []
     for seed in seeds:
-        order = class_order(len(train_all.class_names), seed)
-        train = train_all.reorder(order).select(list(range(used)), proto["per_class"], seed=cfg.train.seed)
-        train, val = train.split(proto["val_fraction"], seed=cfg.train.seed)
-        test = test_all.reorder(order).select(list(range(used)), proto["test_per_class"], seed=cfg.train.seed)
+        train, val, test = order_splits(train_all, test_all, seed, used, proto, cfg.train.seed)
         log(f"order {seed}: {len(train)} train, {len(val)} validation, {len(test)} test images")
         o = Order(cfg, train, val, test, groups, log=log, joint_step=joint_step)
         orders.append(o)

@@ -85,7 +85,7 @@ def test_sweep_chooses_on_validation(folder, tmp_path):
     assert len(trials) >= 6, "the grid covers base epochs, lr, LC span and the ridge"
     assert {k for t in trials for k in t["settings"]} >= {"lr", "lc_span", "ridge", "base_epochs"}
     start = trials[0]["settings"]         # the row's CHOSEN settings (γ among them for lwm+analytic)
-    varied = {k for t in trials for k, v in t["settings"].items() if start.get(k, None) != v}
+    varied = {k for t in trials for k, v in t["settings"].items() if start.get(k) != v}
     assert varied <= {"lr", "lc_span", "ridge", "base_epochs"}, "--sweep-keys narrows the search"
     best = max(trials, key=lambda t: t["val_average_incremental"])
     assert r["chosen"]["lwm+analytic"] == best["settings"], "the chosen setting must be the best on validation, not test"
