@@ -11,13 +11,28 @@ model of that step (at least MIN_IMAGES of them), then the images go:
     gram [D + 1, D + 1]  the sum of phi_aug phi_aug^T over every image learned so far
 
 They are aggregates, never a per-image vector, and they are the model's state like a head
-row (docs/GUARANTEES.md). Two heads are solved from them, both a plain linear layer on phi:
+row (docs/GUARANTEES.md). Three heads are solved from them, each a plain linear layer on phi:
 
     ncm       W[c] = mean of class c / |mean|, b = 0        cosine nearest-class-mean
     analytic  ridge regression onto one-hot targets with an unshrunk bias: exactly the
               joint-data ridge solution, with no image kept. lam is ModelConfig.ridge x the
               mean diagonal of the Gram matrix, or, with ridge 0, chosen among RIDGE_GRID by
               generalised cross-validation, which needs only the statistics (RidgePath).
+              It weighs every image equally: classes with thousands of images pull the
+              solution, so a class learned from a few dozen is rarely predicted.
+    lda       linear discriminant analysis, equal priors: class means and the pooled
+              within-class covariance (shrunk towards a scaled identity by ModelConfig.shrink),
+              W[c] = P mu_c, b[c] = -mu_c^T P mu_c / 2 + tr(P S) / (2 n_c) with P the inverse
+              of the shrunk covariance S_a and S the unshrunk one. The last term removes the
+              bias of the estimated mean's norm (E|mu^_c|^2_P = |mu_c|^2_P + tr(P S) / n_c),
+              which would otherwise penalise a class the fewer images it has. Each class
+              counts once, however many images it had: balanced by construction.
+
+Calibration: every head's logits are divided by a temperature T, part of the model (a plain
+linear layer still). Each step fits T^ on its own images by cross-fitting (the head solved
+without one fold of the step's images scores that fold; `crossfit_temperature`), while they
+are in memory; T is the geometric mean of the steps' T^ weighted by the classes each step
+added (`calib` holds sum k_s log T^_s and sum k_s: two numbers, no image).
 
 When an increment trains the top, the old classes' statistics no longer describe the
 student's features. `fit_drift` estimates an affine map T from the features of the new
@@ -27,12 +42,15 @@ images before (teacher) and after (student) the step, shrunk towards the identit
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 MIN_IMAGES = 5                              # fewest images a class statistic is formed from
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)    # relative ridge values GCV chooses among
+CALIB_FOLDS = 5                             # folds of a step's images that fit its temperature
 
 
 class TooFewImages(ValueError):
@@ -85,7 +103,10 @@ class ClassStats(nn.Module):
         super().__init__()
         self.register_buffer("gram", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
         self.register_buffer("sums", torch.zeros(num_classes, dim + 1, dtype=torch.float64))
+        # (sum over steps of k_s log T^_s, sum of k_s): the calibration temperature's evidence
+        self.register_buffer("calib", torch.zeros(2, dtype=torch.float64))
         self.masked_dims = 0           # dimensions the last add left out (shared_dims); not saved
+        self._keep: torch.Tensor | None = None   # the last add's kept dimensions [D+1] (in memory)
 
     @property
     def dim(self) -> int:
@@ -104,6 +125,7 @@ class ClassStats(nn.Module):
         xa = augment(x)                                                       # [N, D+1]
         keep = shared_dims(xa)                                                # [D+1]
         self.masked_dims = int((~keep[:-1]).sum())
+        self._keep = keep
         xa = xa * keep
         with torch.no_grad():
             self.sums.index_add_(0, labels, xa)                                # [K, D+1]
@@ -122,6 +144,28 @@ class ClassStats(nn.Module):
         with torch.no_grad():
             self.gram.copy_(t @ self.gram @ t.T)
             self.sums.copy_(self.sums @ t.T)
+
+    def without(self, x: torch.Tensor, labels: torch.Tensor) -> "ClassStats":
+        """A copy that lacks images the last `add` folded in (x [n, D] their phi, labels [n]),
+        folded out as they were folded in (the same kept dimensions): cross-fitting."""
+        xa = augment(x) * (self._keep if self._keep is not None else 1.0)     # [n, D+1]
+        out = ClassStats(self.dim, self.sums.shape[0]).to(self.gram.device)
+        with torch.no_grad():
+            out.sums.copy_(self.sums.index_add(0, labels, xa, alpha=-1))
+            out.gram.copy_(self.gram - xa.T @ xa)
+        return out
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature the head's logits are divided by (1 before any fit)."""
+        lt, k = self.calib.tolist()
+        return math.exp(lt / k) if k > 0 else 1.0
+
+    def calibrate(self, t_hat: float, weight: float) -> None:
+        """Add one step's fitted temperature, weighted by the classes it added."""
+        with torch.no_grad():
+            self.calib += torch.tensor([weight * math.log(t_hat), weight], dtype=torch.float64,
+                                       device=self.calib.device)
 
     def means(self) -> torch.Tensor:
         """[K, D] class means of phi."""
@@ -187,6 +231,22 @@ class RidgePath:
         return float(rss / n / (1 - tr_h / n).clamp_min(1e-12) ** 2)
 
 
+def solve_lda(stats: ClassStats, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (W [K, D], b [K]) of the shrunk LDA head with equal priors (module docstring)."""
+    n = stats.counts.clamp_min(1)                                            # [K]
+    mu = stats.means()                                                       # [K, D]
+    dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)       # N - K
+    sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ mu) / dof            # [D, D] pooled within-class
+    scale = torch.diagonal(sw).mean().clamp_min(1e-12)
+    sa = (1 - shrink) * sw
+    sa.diagonal().add_(shrink * scale + 1e-9 * scale)
+    chol = torch.linalg.cholesky(sa)
+    w = torch.cholesky_solve(mu.T, chol).T                                   # [K, D] = mu P
+    tr = torch.trace(torch.cholesky_solve(sw, chol))                         # tr(P S)
+    b = -0.5 * (w * mu).sum(1) + 0.5 * tr / n
+    return w, b
+
+
 def choose_ridge(path: RidgePath, ridge: float) -> float:
     """ridge > 0: that value; 0: the RIDGE_GRID value with the lowest GCV."""
     if ridge > 0:
@@ -194,8 +254,10 @@ def choose_ridge(path: RidgePath, ridge: float) -> float:
     return min(RIDGE_GRID, key=path.gcv)
 
 
-def solve_head(stats: ClassStats, kind: str, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """-> (W [K, D], b [K], the relative ridge used (0 for ncm)) of the `kind` head."""
+def solve_head(stats: ClassStats, kind: str, ridge: float = 0.0,
+               shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """-> (W [K, D], b [K], the relative ridge used (0 for ncm and lda)) of the `kind` head,
+    uncalibrated (T = 1)."""
     if kind == "ncm":
         return F.normalize(stats.means(), dim=1), stats.sums.new_zeros(stats.sums.shape[0]), 0.0
     if kind == "analytic":
@@ -204,7 +266,57 @@ def solve_head(stats: ClassStats, kind: str, ridge: float = 0.0) -> tuple[torch.
         path = stats.ridge_path()                 # GCV: one eigendecomposition (seconds at D = 2560)
         lam = choose_ridge(path, ridge)
         return (*path.solve(lam), lam)
-    raise ValueError(f"classifier must be 'ncm' or 'analytic', got {kind!r}")
+    if kind == "lda":
+        return (*solve_lda(stats, shrink), 0.0)
+    raise ValueError(f"classifier must be 'ncm', 'analytic' or 'lda', got {kind!r}")
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 minimising the cross-entropy of softmax(logits / T): logits [N, K], labels [N].
+    A golden-section search over log T in [1e-3, 1e4] (the loss is unimodal in T)."""
+    logits = logits.double()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), labels))
+
+    lo, hi = math.log(1e-3), math.log(1e4)
+    for _ in range(60):
+        a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+        if nll(a) < nll(b):
+            hi = b
+        else:
+            lo = a
+    return math.exp((lo + hi) / 2)
+
+
+def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor, kind: str, ridge: float,
+                         shrink: float, folds: int = CALIB_FOLDS, seed: int = 0) -> float | None:
+    """The temperature that calibrates the head on images it was not solved from.
+
+    x [N, D] phi, labels [N]: images the last `stats.add` folded in (still in memory), all
+    of them or a subset.
+    Each of `folds` folds is scored by the head solved from the statistics without it (a
+    relative ridge > 0 is kept fixed: GCV per fold would cost an eigendecomposition each).
+    None when a fold would leave one of its classes under 2 images (these statistics are
+    in memory only, so MIN_IMAGES does not bind them).
+    """
+    counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
+    present = counts > 0
+    if not present.any() or bool((stats.counts[present] - (counts[present] + folds - 1) // folds < 2).any()):
+        return None
+    g = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(labels), dtype=torch.long)
+    for c in present.nonzero().flatten().tolist():                           # stratified folds
+        rows = (labels == c).nonzero().flatten()
+        fold[rows[torch.randperm(len(rows), generator=g)]] = torch.arange(len(rows)) % folds
+    logits = torch.empty(len(labels), stats.sums.shape[0], dtype=torch.float64)
+    for k in range(folds):
+        m = fold == k
+        if not m.any():
+            continue
+        w, b, _ = solve_head(stats.without(x[m], labels[m]), kind, ridge, shrink)
+        logits[m] = (x[m].double().to(w.device) @ w.T + b).cpu()
+    return fit_temperature(logits, labels.cpu())
 
 
 def fit_drift(before: torch.Tensor, after: torch.Tensor, shrink: float) -> torch.Tensor:

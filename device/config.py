@@ -25,12 +25,18 @@ class ModelConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     # The classifier that predicts (fieldlearn.device.classifier): "linear" = the trained
     # head (the paper's LwM); "ncm" = cosine nearest-class-mean, "analytic" = ridge head,
-    # both solved from class statistics kept as model state. They read `features`: the
+    # "lda" = linear discriminant analysis with equal priors, all solved from class
+    # statistics kept as model state. lda counts each class once however many images it
+    # had, so a class learned from a few dozen photos next to a base of thousands is still
+    # predicted (the ridge head weighs images, not classes). They read `features`: the
     # pooled last conv map of the frozen ImageNet top ("frozen"), of the trained top
     # ("student"), or both side by side ("concat").
-    classifier: Literal["linear", "ncm", "analytic"] = "analytic"
+    classifier: Literal["linear", "ncm", "analytic", "lda"] = "lda"
     features: Literal["frozen", "student", "concat"] = "concat"
     ridge: float = 0.1                 # analytic head: relative ridge; 0 = chosen by GCV (slower)
+    # lda head: weight of the scaled identity the pooled covariance is shrunk towards; the
+    # covariance of a few hundred images in 2560 dimensions is singular without it.
+    shrink: float = 0.5
 
 
 @dataclass
@@ -154,6 +160,7 @@ VALID: dict[type, dict[str, Valid]] = {
         "mean": Valid(0.0, 1.0),
         "std": Valid(0.0, 1.0, lo_open=True),
         "ridge": Valid(0.0, 1e6),                   # 0: chosen by generalised cross-validation
+        "shrink": Valid(0.0, 1.0, lo_open=True),    # 1: the covariance is a scaled identity
     },
     LossConfig: {
         "beta": Valid(0.0, 100.0),

@@ -100,6 +100,10 @@ class ImageSet:
         index = torch.from_numpy(np.concatenate(keep)) if keep else torch.zeros(0, dtype=torch.long)
         return ImageSet(self.images[index], self.labels[index], self.class_names)
 
+    def subset(self, rows: torch.Tensor) -> "ImageSet":
+        """The images at `rows` (a [N] bool mask or indices), same class list."""
+        return ImageSet(self.images[rows], self.labels[rows], self.class_names)
+
     def split(self, fraction: float, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
         """Stratified split: (1 - fraction, fraction) of each class, rounded per class."""
         g = np.random.default_rng(seed)

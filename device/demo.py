@@ -62,7 +62,7 @@ def run_demo(cfg: RunConfig, data: str | None, out: Path, *, base: int = 4, step
     Writes OUT/results.json, results.md and accuracy.png; returns (the table, seconds)."""
     setup_torch(cfg)
     spec = data or _default_data()
-    names = methods.split(",") if methods else ["ncm", "analytic", default_row(cfg), "lwm", "lwf_mc", "finetune"]
+    names = methods.split(",") if methods else ["ncm", "analytic", "lda", default_row(cfg), "lwm", "lwf_mc", "finetune"]
     rows = [parse_row(n) for n in dict.fromkeys(n.strip() for n in names if n.strip())]
     if not rows:
         raise UserError(f"--methods {methods!r}: no rows given")

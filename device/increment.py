@@ -32,8 +32,8 @@ from fieldlearn.device.cli_config import config_from_args
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import (MIN_IMAGES, ImageSet, class_order, known_classes_of, load_image_folder,
                                     open_dataset)
-from fieldlearn.device.learner import (evaluate, fold_in, learn_increment, predict_logits, setup_torch,
-                                       train_base)
+from fieldlearn.device.learner import (classifier_features, evaluate, fold_in, learn_increment, predict_logits,
+                                       setup_torch, train_base)
 from fieldlearn.device.model import build_student
 from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
@@ -112,6 +112,11 @@ class Increment:
     classes: list[str]
 
 
+# How far under the nearest-class-mean's held-out accuracy a head may fall before the step
+# report warns: the images then say more than the head makes of them.
+BELOW_NCM_MARGIN = 0.10
+
+
 @dataclass
 class NewClassCheck:
     """How the step went on held-out images of the new classes (predicted among all classes)."""
@@ -119,22 +124,47 @@ class NewClassCheck:
     taken_for_old: float       # share predicted as one of the classes known before the step
     n_images: int
     chance: float              # 1 / number of classes
+    # the same images under cosine nearest-class-mean over the same features and statistics
+    # (what the images give with no solved head); None for a trained linear head
+    ncm_accuracy: float | None = None
 
     @property
     def weak(self) -> bool:
         return self.accuracy < 2 * self.chance
+
+    @property
+    def below_ncm(self) -> bool:
+        return self.ncm_accuracy is not None and self.accuracy < self.ncm_accuracy - BELOW_NCM_MARGIN
 
     def line(self) -> str:
         return (f"held-out accuracy on the new classes (among all {round(1 / self.chance)}): "
                 f"{100 * self.accuracy:.1f}% of {self.n_images} images; {100 * self.taken_for_old:.1f}% taken for "
                 f"a class known before")
 
+    def warnings(self) -> list[str]:
+        out = []
+        if self.below_ncm:
+            out.append(f"warning: the nearest class mean gets {100 * self.ncm_accuracy:.1f}% of the same held-out "
+                       f"images: the head makes far less of the new classes than their images give (a ridge head "
+                       f"drowns a few dozen images under a large base; --classifier lda counts each class once), "
+                       f"and --min-new-accuracy refuses such a version")
+        if self.weak:
+            out.append(f"warning: that is under twice chance ({200 * self.chance:.1f}%): the new classes are hardly "
+                       "recognised; more or clearer images help, and --min-new-accuracy refuses such a version")
+        return out
 
+
+@torch.no_grad()
 def check_new_classes(student, val: ImageSet, n_old: int, cfg: RunConfig) -> NewClassCheck:
     pred = predict_logits(student, val.images, cfg).argmax(1).cpu()          # [N]
+    ncm = None
+    if student.stats is not None:
+        means = torch.nn.functional.normalize(student.stats.means(), dim=1)   # [K, D]
+        x = classifier_features(student, val, cfg).to(means.device)           # [N, D], in memory only
+        ncm = float(((x @ means.T).argmax(1).cpu() == val.labels).float().mean())
     return NewClassCheck(accuracy=float((pred == val.labels).float().mean()),
                          taken_for_old=float((pred < n_old).float().mean()), n_images=len(val),
-                         chance=1.0 / student.num_classes)
+                         chance=1.0 / student.num_classes, ncm_accuracy=ncm)
 
 
 def hold_out(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet | None]:
@@ -198,14 +228,14 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     if val is not None:
         check = check_new_classes(student, val, n_old, cfg)
         entry.update(new_class_val_accuracy=check.accuracy, new_class_taken_for_old=check.taken_for_old,
-                     n_val_images=check.n_images)
+                     n_val_images=check.n_images,
+                     **({"new_class_val_ncm_accuracy": check.ncm_accuracy} if check.ncm_accuracy is not None else {}))
         log(check.line())
         if min_new_accuracy is not None and check.accuracy < min_new_accuracy:
             raise UserError(f"--min-new-accuracy {100 * min_new_accuracy:g}: held-out accuracy on the new classes "
                             f"is {100 * check.accuracy:.1f}%; the version was not published (current is unchanged)")
-        if check.weak:
-            log(f"warning: that is under twice chance ({200 * check.chance:.1f}%): the new classes are hardly "
-                "recognised; more or clearer images help, and --min-new-accuracy refuses such a version")
+        for line in check.warnings():
+            log(line)
         if fold_in(student, val, cfg):
             log(f"the {len(val)} held-out images were then added to their classes' statistics")
     elif min_new_accuracy is not None:

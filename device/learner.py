@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fieldlearn.device.classifier import TooFewImages, check_counts, fit_drift, phi, solve_head
+from fieldlearn.device.classifier import TooFewImages, check_counts, crossfit_temperature, fit_drift, phi, solve_head
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.engine_teacher import make_teacher
@@ -243,12 +243,30 @@ def carry_statistics(student: Student, before: torch.Tensor, after: torch.Tensor
     student.stats.transform(t)
 
 
+CALIB_SHARE = 0.1   # of the base images, held out of the base training to calibrate on
+
+
+def calibration_rows(data: ImageSet, seed: int) -> torch.Tensor:
+    """[N] bool: CALIB_SHARE of each class's images (at least one), which the base training
+    does not see, so that the head's temperature is fitted on features that were not
+    trained on them (features of training images are more confident than the field's)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.zeros(len(data), dtype=torch.bool)
+    for c in data.labels.unique().tolist():
+        rows = (data.labels == c).nonzero().flatten()
+        n = max(1, round(CALIB_SHARE * len(rows))) if len(rows) > 1 else 0
+        out[rows[torch.randperm(len(rows), generator=g)[:n]]] = True
+    return out
+
+
 def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: RunConfig,
-                   z: torch.Tensor | None = None) -> dict[str, float]:
+                   z: torch.Tensor | None = None, calib: torch.Tensor | None = None) -> dict[str, float]:
     """Fold `classes` (their images: data) into the class statistics and solve the head.
     Returns the step report's classifier entry: the relative ridge used (0 for ncm or a
     trained head) and, with statistics, the feature dimensions the fold left out
-    (classifier.shared_dims). The images leave no trace but the sums."""
+    (classifier.shared_dims) and the calibration temperature. The images leave no trace
+    but the sums. calib [N] bool: the images whose features did not train on them, which
+    fit this step's temperature (None: all of them; none: the temperature stays)."""
     if student.stats is None:
         return {"ridge": 0.0}
     try:
@@ -256,8 +274,18 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     except TooFewImages as e:
         raise UserError(str(e)) from None
     dev = student.stats.gram.device
-    student.stats.add(classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev))   # [N, D]
-    return {"ridge": solve_classifier(student, cfg), "masked_dims": student.stats.masked_dims}
+    x, y = classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev)   # [N, D], [N]
+    student.stats.add(x, y)
+    m = cfg.model
+    lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink)[2] if m.classifier == "analytic" else m.ridge
+    rows = calib.to(dev) if calib is not None else torch.ones(len(y), dtype=torch.bool, device=dev)
+    t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, m.shrink, seed=cfg.train.seed)
+             if rows.any() else None)
+    if t_hat is not None:          # the step's own images, scored by heads solved without them
+        student.stats.calibrate(t_hat, weight=len(classes))
+    del x
+    return {"ridge": solve_classifier(student, cfg, lam), "masked_dims": student.stats.masked_dims,
+            "temperature": student.stats.temperature, **({"step_temperature": t_hat} if t_hat is not None else {})}
 
 
 def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> bool:
@@ -272,9 +300,13 @@ def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> bool:
     return True
 
 
-def solve_classifier(student: Student, cfg: RunConfig) -> float:
-    w, b, lam = solve_head(student.stats, cfg.model.classifier, cfg.model.ridge)
-    student.set_classifier(w.float(), b.float())
+def solve_classifier(student: Student, cfg: RunConfig, ridge: float | None = None) -> float:
+    """Solve the statistics head (ridge: the analytic head's relative ridge, if already
+    chosen) and load it divided by the calibration temperature. -> the ridge used."""
+    m = cfg.model
+    w, b, lam = solve_head(student.stats, m.classifier, m.ridge if ridge is None else ridge, m.shrink)
+    t = student.stats.temperature
+    student.set_classifier((w / t).float(), (b / t).float())
     return lam
 
 
@@ -294,11 +326,15 @@ def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor
         # that predicts. This is the pretrained network with a head of class statistics.
         report = StepReport(step=0, method="none", n_old=0, n_new=student.num_classes, n_images=len(data),
                             statistics_only=True)
+        calib = None
     else:
-        report = train_step(student, method, data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg, teacher=None,
-                            step=0, lr=cfg.train.base_lr, z=z)
+        calib = calibration_rows(data, cfg.train.seed) if student.stats is not None else None
+        fit = ~calib if calib is not None else torch.ones(len(data), dtype=torch.bool)
+        report = train_step(student, method, data.subset(fit), n_old=0, epochs=cfg.train.base_epochs, cfg=cfg,
+                            teacher=None, step=0, lr=cfg.train.base_lr, z=z[fit] if z is not None else None)
+        report.n_images = len(data)
     t0 = time.perf_counter()
-    report.classifier.update(fit_classifier(student, data, list(range(student.num_classes)), cfg, z))
+    report.classifier.update(fit_classifier(student, data, list(range(student.num_classes)), cfg, z, calib))
     report.seconds["classifier"] = time.perf_counter() - t0
     return report
 
@@ -346,7 +382,9 @@ def learn_increment(student: Student, data: ImageSet, n_new: int, cfg: RunConfig
     if follow:
         carry_statistics(student, before, classifier_features(student, data, cfg, z, own_top_only=True),
                          cfg.train.drift_shrink)
-    report.classifier.update(fit_classifier(student, data, list(range(n_old, n_old + n_new)), cfg, z))
+    # features the step trained on its own images are no ground for a temperature: it stays
+    calib = torch.zeros(len(data), dtype=torch.bool) if m.trains and cfg.model.features != "frozen" else None
+    report.classifier.update(fit_classifier(student, data, list(range(n_old, n_old + n_new)), cfg, z, calib))
     report.seconds["classifier"] = time.perf_counter() - t0
     return report
 

@@ -1,5 +1,6 @@
 """Class-incremental metrics: accuracy on all seen classes per step, the accuracy matrix
-(step x class group), average incremental accuracy, forgetting; JSON and a PNG plot."""
+(step x class group), average incremental accuracy, new- and old-class accuracy,
+forgetting, expected calibration error; JSON and a PNG plot."""
 
 from __future__ import annotations
 
@@ -11,12 +12,34 @@ class AccuracyMatrix:
     group_sizes: list[int] = field(default_factory=list)   # classes per group, in step order
     acc: list[float] = field(default_factory=list)         # [T] accuracy on all seen classes after step t
     rows: list[list[float]] = field(default_factory=list)  # [T][t+1] accuracy on group g after step t
+    ece: list[float] = field(default_factory=list)         # [T] expected calibration error after step t
 
-    def add(self, acc_all: float, per_group: list[float]) -> None:
+    def add(self, acc_all: float, per_group: list[float], ece: float | None = None) -> None:
         if len(per_group) != len(self.acc) + 1:
             raise ValueError(f"step {len(self.acc)} needs {len(self.acc) + 1} group accuracies, got {len(per_group)}")
         self.acc.append(float(acc_all))
         self.rows.append([float(a) for a in per_group])
+        if ece is not None:
+            self.ece.append(float(ece))
+
+    @property
+    def new_class(self) -> float:
+        """Mean over the increments (step >= 1) of the accuracy on the classes that step added."""
+        new = [r[-1] for r in self.rows[1:]]
+        return sum(new) / len(new) if new else float("nan")
+
+    @property
+    def old_class(self) -> float:
+        """Mean over the increments of the accuracy on the classes known before the step
+        (the groups weighted by their number of classes)."""
+        old = [sum(a * n for a, n in zip(r[:-1], self.group_sizes)) / sum(self.group_sizes[: len(r) - 1])
+               for r in self.rows[1:]]
+        return sum(old) / len(old) if old else float("nan")
+
+    @property
+    def mean_ece(self) -> float:
+        """Mean over steps of the expected calibration error (nan when none was measured)."""
+        return sum(self.ece) / len(self.ece) if self.ece else float("nan")
 
     @property
     def average_incremental(self) -> float:
@@ -46,11 +69,30 @@ class AccuracyMatrix:
     def to_dict(self) -> dict:
         return {"group_sizes": self.group_sizes, "accuracy": self.acc, "matrix": self.rows,
                 "seen_classes": self.seen_classes(), "average_incremental": self.average_incremental,
-                "last": self.last, "forgetting": self.forgetting}
+                "last": self.last, "forgetting": self.forgetting, "new_class": self.new_class,
+                "old_class": self.old_class, "ece": self.ece, "mean_ece": self.mean_ece}
 
     @classmethod
     def from_dict(cls, d: dict) -> "AccuracyMatrix":
-        return cls(group_sizes=list(d["group_sizes"]), acc=list(d["accuracy"]), rows=[list(r) for r in d["matrix"]])
+        return cls(group_sizes=list(d["group_sizes"]), acc=list(d["accuracy"]), rows=[list(r) for r in d["matrix"]],
+                   ece=list(d.get("ece", [])))
+
+
+def expected_calibration_error(probs, labels, bins: int = 15) -> float:
+    """ECE of top-1 confidences: probs [N, K] (rows sum to 1), labels [N] -> the mean over
+    `bins` equal-width confidence bins of |confidence - accuracy|, weighted by the share of
+    images in each bin (Guo et al., 2017)."""
+    import torch
+
+    conf, pred = probs.max(1)                                                 # [N], [N]
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=conf.dtype)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if m.any():
+            ece += float(m.double().mean() * (conf[m].double().mean() - correct[m].mean()).abs())
+    return ece
 
 
 def plot_accuracy(curves: dict[str, AccuracyMatrix], path, title: str = "") -> None:

@@ -38,15 +38,21 @@ import torch
 
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet
-from fieldlearn.device.learner import (classifier_features, encode, evaluate, fit_classifier, learn_increment, score,
-                                      train_step)
+from fieldlearn.device.learner import (calibration_rows, classifier_features, encode, fit_classifier, learn_increment,
+                                      predict_logits, score, train_step)
 from fieldlearn.device.methods import METHODS, make_method
-from fieldlearn.device.metrics import AccuracyMatrix
+from fieldlearn.device.metrics import AccuracyMatrix, expected_calibration_error
 from fieldlearn.device.model import Student, build_student
 from fieldlearn.runtime.errors import UserError
 
 JOINT_NOTE = "stores data — upper bound, benchmark only"
-CLASSIFIERS = ("linear", "ncm", "analytic")
+
+
+def stores_data(row_name: str) -> bool:
+    """True for the joint rows (joint, joint+CLASSIFIER): they keep every image seen."""
+    return row_name.partition("+")[0] == "joint"
+CLASSIFIERS = ("linear", "ncm", "analytic", "lda")
+PRETRAINED_ROWS = ("ncm", "analytic", "lda")   # the pretrained network, nothing trained
 
 
 @dataclass(frozen=True)
@@ -63,17 +69,15 @@ class Row:
 
 
 def parse_row(spec: str) -> Row:
-    """'ncm', 'analytic', 'METHOD', 'METHOD+ncm', 'METHOD+analytic', 'joint' -> Row."""
+    """'ncm', 'analytic', 'lda', 'METHOD', 'METHOD+CLASSIFIER', 'joint', 'joint+CLASSIFIER' -> Row."""
     spec = spec.strip()
-    if spec in ("ncm", "analytic"):
+    if spec in PRETRAINED_ROWS:
         return Row(spec, "none", spec, pretrained_only=True)
     method, _, classifier = spec.partition("+")
     classifier = classifier or "linear"
     if method != "joint" and method not in METHODS or classifier not in CLASSIFIERS:
-        raise UserError(f"--methods: unknown row {spec!r} (ncm, analytic, joint, or METHOD[+ncm|+analytic] with "
-                        f"METHOD one of {', '.join(METHODS)})")
-    if method == "joint" and classifier != "linear":
-        raise UserError(f"--methods {spec}: the joint upper bound uses the linear head")
+        raise UserError(f"--methods: unknown row {spec!r} (ncm, analytic, lda, joint[+CLASSIFIER], or "
+                        f"METHOD[+ncm|+analytic|+lda] with METHOD one of {', '.join(METHODS)})")
     if method == "none" and classifier == "linear":
         raise UserError(f"--methods {spec}: method 'none' trains nothing; give it a classifier (none+analytic)")
     return Row(spec if classifier != "linear" else method, method, classifier)
@@ -126,16 +130,17 @@ def fixed_features(row: Row) -> bool:
 
 def row_uses(row: Row) -> set[str]:
     """The setting keys that can change this row's result (what a sweep may vary)."""
+    head = {"analytic": {"ridge"}, "lda": {"shrink"}}.get(row.classifier, set())
     if row.pretrained_only:
-        return {"ridge"} if row.classifier == "analytic" else set()
+        return head
     keys = set(BASE_KEYS) | set(LOSS_KEYS[row.method])
     if row.method == "joint":
         keys |= {"lr", "epochs"}
     elif METHODS[row.method].trains:
         keys |= set(TRAIN_KEYS)
     if row.kind == "stats":
-        keys |= {"features"} | ({"ridge"} if row.classifier == "analytic" else set())
-        if row.method != "none":
+        keys |= {"features"} | head
+        if row.method not in ("none", "joint"):
             keys |= {"drift_shrink"}
     return keys
 
@@ -209,11 +214,11 @@ class MethodResult:
     def to_dict(self) -> dict:
         d = {"method": self.method, "settings": self.settings, "test": self.test.to_dict(),
              "val": self.val.to_dict(), "seconds": self.seconds, "loss_terms": self.loss_terms,
-             "classifier": self.classifier, "config": self.config, "stores_data": self.method == "joint"}
+             "classifier": self.classifier, "config": self.config, "stores_data": stores_data(self.method)}
         d.update({"accuracy": self.test.acc, "matrix": self.test.rows,
                   "average_incremental": self.test.average_incremental, "last": self.test.last,
                   "forgetting": self.test.forgetting})
-        if self.method == "joint":
+        if stores_data(self.method):
             d["note"] = JOINT_NOTE
         if self.error:
             d["error"] = self.error
@@ -239,14 +244,18 @@ class Order:
 
     def base(self, cfg: RunConfig) -> dict:
         """The trained base network's weights for cfg's base settings (trained on first use)."""
-        key = json.dumps({k: getattr(cfg.train, k, None) if k != "dropout" else cfg.model.dropout
-                          for k in BASE_KEYS}, sort_keys=True)
+        calib = cfg.model.classifier != "linear"   # a statistics head: train_base holds its calibration rows out
+        key = json.dumps({**{k: getattr(cfg.train, k, None) if k != "dropout" else cfg.model.dropout
+                             for k in BASE_KEYS}, "calibration_held_out": calib}, sort_keys=True)
         if key not in self.bases:
             t0 = time.perf_counter()
             lin = dataclasses.replace(cfg.model, classifier="linear")
             torch.manual_seed(cfg.train.seed)
             st = build_student(lin, len(self.groups[0])).to(cfg.train.device)
             data, z = self.train.take(self.groups[0])
+            if calib:
+                fit = ~calibration_rows(data, cfg.train.seed)
+                data, z = data.subset(fit), (z[fit] if z is not None else None)
             self.log(f"step 0: training the base network on {len(self.groups[0])} classes, {len(data)} images ({key})")
             train_step(st, make_method("finetune", cfg.loss), data, n_old=0, epochs=cfg.train.base_epochs, cfg=cfg,
                        teacher=None, step=0, lr=cfg.train.base_lr, z=z)
@@ -261,27 +270,32 @@ class Order:
             missing = st.load_state_dict(self.base(cfg), strict=False).missing_keys
             assert all(k.split(".")[0] in ("frozen_top", "stats", "classifier") for k in missing), missing
         data, z = self.train.take(self.groups[0])
-        fit_classifier(st, data, list(range(len(self.groups[0]))), cfg, z)
+        calib = None if row.pretrained_only else calibration_rows(data, cfg.train.seed)   # as train_base does
+        fit_classifier(st, data, list(range(len(self.groups[0]))), cfg, z, calib)
         return st.eval()
 
     def _eval(self, st: Student, split: Split | None, t: int, cfg: RunConfig,
-              phis: dict[str, torch.Tensor] | None = None) -> tuple[float, list[float]]:
-        """Accuracy on the classes of steps 0..t. phis: where the row's features never change
-        after step 0, the split's classifier inputs, computed once and reused at every step
-        (only the solved head changes); None: the student runs on the split every step."""
+              phis: dict[str, torch.Tensor] | None = None) -> tuple[float, list[float], float]:
+        """(accuracy, accuracy per step's classes, expected calibration error) on the classes
+        of steps 0..t. phis: where the row's features never change after step 0, the split's
+        classifier inputs, computed once and reused at every step (only the solved head
+        changes); None: the student runs on the split every step."""
         if split is None:                     # no validation split (fieldlearn demo)
-            return float("nan"), [float("nan")] * (t + 1)
+            return float("nan"), [float("nan")] * (t + 1), float("nan")
         classes = [c for g in self.groups[: t + 1] for c in g]
         if phis is None or split.z is None:
             data, z = split.take(classes)
-            return evaluate(st, data, self.groups[: t + 1], cfg, z)
-        key = "test" if split is self.test else "val"
-        if key not in phis:
-            phis[key] = classifier_features(st, split.data, cfg, split.z)                 # [N, D]
-        idx = torch.isin(split.data.labels, torch.tensor(classes)).nonzero().flatten()
-        with torch.no_grad():
-            logits = st.classifier(phis[key][idx].to(st.classifier.weight.dtype))       # [n, K]
-        return score(logits.argmax(1).cpu(), split.data.labels[idx], self.groups[: t + 1])
+            logits, labels = predict_logits(st, data.images, cfg, z).cpu(), data.labels
+        else:
+            key = "test" if split is self.test else "val"
+            if key not in phis:
+                phis[key] = classifier_features(st, split.data, cfg, split.z)                 # [N, D]
+            idx = torch.isin(split.data.labels, torch.tensor(classes)).nonzero().flatten()
+            with torch.no_grad():
+                logits = st.classifier(phis[key][idx].to(st.classifier.weight.dtype)).cpu()   # [n, K]
+            labels = split.data.labels[idx]
+        acc, per = score(logits.argmax(1), labels, self.groups[: t + 1])
+        return acc, per, expected_calibration_error(logits.double().softmax(1), labels)
 
     def run(self, row: Row, settings: dict, tag: str = "") -> MethodResult:
         cfg = row_config(self.cfg, row, settings)
@@ -310,12 +324,13 @@ class Order:
                 break
             res.loss_terms.append(rep.loss_terms)
             res.classifier.append(rep.classifier)
-            acc, per = self._eval(st, self.test, t, cfg, phis)
-            res.test.add(acc, per)
+            acc, per, ece = self._eval(st, self.test, t, cfg, phis)
+            res.test.add(acc, per, ece)
             res.val.add(*self._eval(st, self.val, t, cfg, phis))
             old = per[:-1]
             self.log(f"step {t}/{len(self.groups) - 1}: {row.name + tag:<16} {sum(sizes[: t + 1]):>3} classes: "
-                     f"test {100 * acc:5.1f}% (old {100 * sum(old) / len(old):5.1f}%, new {100 * per[-1]:5.1f}%), "
+                     f"test {100 * acc:5.1f}% (old {100 * sum(old) / len(old):5.1f}%, new {100 * per[-1]:5.1f}%, "
+                     f"ECE {100 * ece:4.1f}%), "
                      f"val {100 * res.val.acc[-1]:5.1f}% [{time.perf_counter() - ts:.0f} s]")
         res.seconds = time.perf_counter() - t0
         return res

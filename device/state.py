@@ -161,6 +161,8 @@ def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
     except (ValueError, TypeError, KeyError) as e:
         raise UserError(f"{version_dir / META}: cannot build its architecture ({e})") from None
     expected = student.state_dict()
+    if "stats.calib" in expected and "stats.calib" not in tensors:
+        tensors["stats.calib"] = expected["stats.calib"]   # saved before calibration: T = 1, as it predicted
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

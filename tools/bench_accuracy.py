@@ -33,12 +33,13 @@ import torch
 from fieldlearn.device.cli_config import add_config_arguments, config_from_args
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, ImageSet, class_order, incremental_split, open_dataset
-from fieldlearn.device.learner import setup_torch, train_step
+from fieldlearn.device.classifier import ClassStats
+from fieldlearn.device.learner import fit_classifier, setup_torch, train_step
 from fieldlearn.device.methods import make_method
 from fieldlearn.device.metrics import AccuracyMatrix, plot_accuracy
 from fieldlearn.device.model import Student
 from fieldlearn.device.protocol import (_FIELDS, JOINT_NOTE, MethodResult, Order, Row, parse_row, row_config,
-                                        row_settings, row_uses)
+                                        row_settings, row_uses, stores_data)
 from fieldlearn.device.validate import option, validate_config
 from fieldlearn.runtime.atomic import write_json
 from fieldlearn.runtime.errors import UserError
@@ -57,7 +58,8 @@ DEFAULT_ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwf_mc+anal
 # 0.003's 77.3, benchmarks/README.md#linear-head-rows); 0.0003 probes the way to "features frozen".
 SWEEP_STAGES: list[dict[str, list]] = [
     {"base_lr": [0.003, 0.01, 0.03, 0.05], "base_epochs": [8, 15, 30]},
-    {"dropout": [0.0, 0.2], "features": ["student", "concat"], "ridge": [0.0, 0.03, 0.1, 0.3, 1.0]},
+    {"dropout": [0.0, 0.2], "features": ["student", "concat"], "ridge": [0.0, 0.03, 0.1, 0.3, 1.0],
+     "shrink": [0.2, 0.35, 0.5, 0.65, 0.8]},
     {"lr": [0.0003, 0.001, 0.003, 0.01], "freeze_bn_in_increments": [True, False], "increment_blocks": [1, 2, -1]},
     {"epochs": [3, 6, 12], "new_head_init": ["scaled", "default"], "max_grad_norm": [0.0, 10.0],
      "drift_shrink": [0.1, 1.0, 10.0]},
@@ -92,6 +94,21 @@ PRESETS: dict[str, dict] = {
                      "val_fraction": 0.2,
                      "model": {"variant": "cifar", "input_size": 32, "pretrained": True, "freeze_blocks": 14},
                      "train": {"batch_size": 64}},
+    # The field scenario (issue 21): the base classes with all their training images, then
+    # 2-class steps whose classes have a few dozen (--new-per-class 10, 25, 50; 25 here);
+    # --per-class N gives every class N instead (the same protocol, balanced). Validation:
+    # 10 images of every class, held out before the training images are taken.
+    "cifar128-field-full": {"data": "cifar100", "classes": 50, "base": 10, "steps": 20, "per_class": None,
+                            "new_per_class": 25, "val_per_class": 10, "test_per_class": None,
+                            "model": {"variant": "imagenet", "input_size": 128, "pretrained": True,
+                                      "freeze_blocks": 14},
+                            "train": {"batch_size": 64}},
+    # Fashion-MNIST: 4 base classes with all 6,000 training images (less validation), then
+    # 3 steps of 2 classes, at the demo's model (32 px cifar variant); 300 test images per class
+    "fmnist-field-full": {"data": "fashion-mnist", "base": 4, "steps": 3, "per_class": None, "new_per_class": 25,
+                          "val_per_class": 10, "test_per_class": 300,
+                          "model": {"variant": "cifar", "input_size": 32, "pretrained": True, "freeze_blocks": 14},
+                          "train": {"batch_size": 64}},
     # the 128 px setting with all 500 images per class, for a GPU
     "gpu": {"per_class": 500, "test_per_class": 100, "val_fraction": 0.1,
             "model": {"variant": "imagenet", "input_size": 128, "pretrained": True, "freeze_blocks": 14},
@@ -104,11 +121,17 @@ PROTOCOL_DEFAULTS = {"data": "cifar100", "base": 10, "steps": 9, "classes": None
 def joint_step(student: Student, seen: ImageSet, n_new: int, cfg: RunConfig, step: int,
                z: torch.Tensor | None = None):
     """The upper bound: widen the head, then cross-entropy over all seen classes on ALL the
-    data seen so far (it stores data: benchmark only, injected into protocol.Order)."""
+    data seen so far (it stores data: benchmark only, injected into protocol.Order). With a
+    statistics head (joint+lda, ...), every class's statistics are then formed anew from all
+    its images under the retrained top: the best features and head, with every image kept."""
     torch.manual_seed(cfg.train.seed + 1000 * step)
     student.widen(n_new, cfg.train.new_head_init)
-    return train_step(student, make_method("finetune", LossConfig(lc_span="all")), seen, n_old=0,
-                      epochs=cfg.train.epochs, cfg=cfg, teacher=None, step=step, z=z)
+    report = train_step(student, make_method("finetune", LossConfig(lc_span="all")), seen, n_old=0,
+                        epochs=cfg.train.epochs, cfg=cfg, teacher=None, step=step, z=z)
+    if student.stats is not None:
+        student.stats = ClassStats(student.stats.dim, student.num_classes).to(student.stats.gram.device)
+        report.classifier.update(fit_classifier(student, seen, list(range(student.num_classes)), cfg, z))
+    return report
 
 
 # ---------------------------------------------------------------------------- sweep
@@ -193,10 +216,12 @@ def summarize(orders: list[dict]) -> dict:
         out[name] = {"average_incremental": sum(avg) / len(avg), "average_incremental_std": _std(avg),
                      "last": sum(last) / len(last), "last_std": _std(last),
                      "forgetting": sum(r["forgetting"] for r in runs) / len(runs),
+                     **{k: sum(r["test"].get(k, float("nan")) for r in runs) / len(runs)
+                        for k in ("new_class", "old_class", "mean_ece")},
                      "val_average_incremental": sum(r["val"]["average_incremental"] for r in runs) / len(runs),
                      "seconds": sum(r["seconds"] for r in runs) / len(runs), "orders": len(runs),
-                     "settings": [r["settings"] for r in runs], "stores_data": name == "joint"}
-        if name == "joint":
+                     "settings": [r["settings"] for r in runs], "stores_data": stores_data(name)}
+        if stores_data(name):
             out[name]["note"] = JOINT_NOTE
     return out
 
@@ -208,23 +233,30 @@ def format_markdown(summary: dict, orders: list[dict], command: str) -> str:
     lines = [f"Accuracy (%) on all classes seen so far, test split, mean over {n} class order(s) "
              f"({', '.join(str(o['order_seed']) for o in orders)}). `ncm` and `analytic`: the pretrained "
              "network, nothing trained.", "",
-             "| method | " + " | ".join(str(s) for s in seen) + " | avg incr. | last | forgetting | val avg incr. "
-             "| wall s | settings |",
-             "|---" * (len(seen) + 7) + "|"]
+             "| method | " + " | ".join(str(s) for s in seen) + " | avg incr. | last | new | old | ECE | forgetting "
+             "| val avg incr. | wall s | settings |",
+             "|---" * (len(seen) + 10) + "|"]
     for name, s in summary.items():
         ms = [AccuracyMatrix.from_dict(o["methods"][name]["test"]) for o in orders if name in o["methods"]]
         m = mean_matrix(ms)
         pm = f" ± {100 * s['average_incremental_std']:.1f}" if n > 1 else ""
-        label = f"{name} ({JOINT_NOTE})" if name == "joint" else name
+        label = f"{name} ({JOINT_NOTE})" if stores_data(name) else name
         row = parse_row(name)
         sett = "; ".join(sorted({_short(x, row) for x in s["settings"]}))
         lines.append(f"| {label} | " + " | ".join(f"{100 * a:.1f}" for a in m.acc)
                      + (" | —" * (len(seen) - len(m.acc)))
                      + f" | {100 * s['average_incremental']:.1f}{pm} | {100 * s['last']:.1f} "
+                       f"| {_pct(s.get('new_class'))} | {_pct(s.get('old_class'))} | {_pct(s.get('mean_ece'))} "
                        f"| {100 * s['forgetting']:.1f} | {100 * s['val_average_incremental']:.1f} "
                        f"| {s['seconds']:.0f} | {sett} |")
-    lines += ["", f"Command: `{command}`", ""]
+    lines += ["", "new / old: accuracy on the classes a step added / on the classes known before it, mean over "
+              "the increments; ECE: expected calibration error of the softmax (15 bins), mean over steps.",
+              "", f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{100 * x:.1f}"
 
 
 def _git_commit() -> str:
@@ -267,6 +299,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training images per class, before the validation hold-out")
     p.add_argument("--test-per-class", type=option(int, Valid(1, MAX_IMAGES)), default=None,
                    help="test images per class (default: all)")
+    p.add_argument("--new-per-class", type=option(int, Valid(MIN_IMAGES, MAX_IMAGES)), default=None,
+                   help="training images of each class after the base (the field: a few dozen; default: --per-class)")
+    p.add_argument("--val-per-class", type=option(int, Valid(1, MAX_IMAGES)), default=None,
+                   help="validation images held out of every class, the same count for each (instead of "
+                        "--val-fraction)")
     p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, lo_open=True, hi_open=True)), default=None,
                    help="part of each class's training images held out for validation (default 0.1)")
     p.add_argument("--methods", default=",".join(DEFAULT_ROWS),
@@ -294,7 +331,12 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, dict]:
             setattr(args, key, preset.get(key, default))
     proto = {"per_class": args.per_class if args.per_class is not None else preset.get("per_class"),
              "test_per_class": args.test_per_class if args.test_per_class is not None else preset.get("test_per_class"),
-             "val_fraction": args.val_fraction if args.val_fraction is not None else preset.get("val_fraction", 0.1)}
+             "val_fraction": args.val_fraction if args.val_fraction is not None else preset.get("val_fraction", 0.1),
+             "new_per_class": args.new_per_class if args.new_per_class is not None else preset.get("new_per_class"),
+             "val_per_class": args.val_per_class if args.val_per_class is not None else preset.get("val_per_class"),
+             "base": args.base}
+    if proto["new_per_class"] is not None and not proto["val_per_class"]:
+        raise UserError("--new-per-class needs --val-per-class (a field protocol holds out a count per class)")
     if not 0 < proto["val_fraction"] < 1:
         raise UserError(f"--val-fraction {proto['val_fraction']}: must be between 0 and 1")
     return cfg, proto
@@ -341,10 +383,36 @@ def order_splits(train_all: ImageSet, test_all: ImageSet, order_seed: int, used:
     the first `used` kept, proto's per_class / test_per_class images each, val_fraction of the
     training images held out. `seed` picks the images."""
     order = class_order(len(train_all.class_names), order_seed)
-    train = train_all.reorder(order).select(list(range(used)), proto["per_class"], seed=seed)
-    train, val = train.split(proto["val_fraction"], seed=seed)
     test = test_all.reorder(order).select(list(range(used)), proto["test_per_class"], seed=seed)
+    train_all = train_all.reorder(order)
+    if proto.get("val_per_class"):          # the field protocols: a fixed count per class, balanced
+        return (*field_split(train_all, used, proto["base"], proto["per_class"], proto.get("new_per_class"),
+                             proto["val_per_class"], seed), test)
+    train = train_all.select(list(range(used)), proto["per_class"], seed=seed)
+    train, val = train.split(proto["val_fraction"], seed=seed)
     return train, val, test
+
+
+def field_split(data: ImageSet, used: int, base: int, per_class: int | None, new_per_class: int | None,
+                val_per_class: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(train, validation) as the field gives them: each of the first `used` classes first
+    gives `val_per_class` validation images (the same count for every class, so validation
+    scores classes, not images); then the `base` classes keep `per_class` training images
+    (None: all the rest) and every later class `new_per_class` (None: per_class)."""
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in range(used):
+        rows = (data.labels == c).nonzero().flatten()
+        rows = rows[torch.randperm(len(rows), generator=g)]
+        n = per_class if c < base else (new_per_class if new_per_class is not None else per_class)
+        if len(rows) < val_per_class + MIN_IMAGES:
+            raise UserError(f"class {data.class_names[c]}: {len(rows)} images, fewer than --val-per-class "
+                            f"{val_per_class} + {MIN_IMAGES}")
+        val.append(rows[:val_per_class])
+        train.append(rows[val_per_class:][: n])
+    t, v = torch.cat(train).sort().values, torch.cat(val).sort().values
+    return (ImageSet(data.images[t], data.labels[t], data.class_names),
+            ImageSet(data.images[v], data.labels[v], data.class_names))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -441,7 +509,7 @@ def _write(out: Path, report: dict, command: str, t_start: float) -> dict:
     curves = {}
     for name in summary:
         m = mean_matrix([AccuracyMatrix.from_dict(o["methods"][name]["test"]) for o in orders if name in o["methods"]])
-        curves[f"{name} ({JOINT_NOTE})" if name == "joint" else name] = m
+        curves[f"{name} ({JOINT_NOTE})" if stores_data(name) else name] = m
     plot_accuracy(curves, out / "accuracy.png",
                   title=f"{report['data']}: {report['protocol']['base']} + {report['protocol']['steps']} steps, "
                         f"{len(orders)} order(s)")

@@ -152,3 +152,132 @@ def test_no_gram_row_is_one_images_feature():
     kept = [0, 1, 3, 4, 6, 7, 8]                                          # 8: the bias entry
     assert s.masked_dims == 2 and not s.gram[[2, 5]].any() and not s.gram[:, [2, 5]].any()
     assert s.gram[kept][:, kept].all() and s.sums[:, kept].all()
+
+
+# ---------------------------------------------------------------------------- lda and calibration
+
+def _field(n_base: int, n_new: int, dim: int = 20, seed: int = 0, n_test: int = 400, spread: float = 0.9):
+    """Two base classes with n_base images each, two new classes with n_new, a shared
+    within-class covariance, and a balanced test set: the field scenario in miniature."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, dim, generator=g, dtype=torch.float64) * spread
+    mix = torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim ** 0.5 + torch.eye(dim, dtype=torch.float64)
+
+    def draw(counts):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        return centres[labels] + torch.randn(len(labels), dim, generator=g, dtype=torch.float64) @ mix + 5.0, labels
+
+    x, y = draw([n_base, n_base, n_new, n_new])
+    xt, yt = draw([n_test] * 4)
+    s = ClassStats(dim, 2)
+    m = y < 2
+    s.add(x[m], y[m])
+    s.widen(2)
+    s.add(x[~m], y[~m])
+    return s, xt, yt
+
+
+def _new_class_accuracy(s, xt, yt, kind, **kw):
+    w, b, _ = solve_head(s, kind, **kw)
+    pred = (xt @ w.T + b).argmax(1)
+    new = yt >= 2
+    return float((pred[new] == yt[new]).double().mean())
+
+
+def test_lda_new_classes_do_not_depend_on_the_base_size():
+    """If this fails, classes learned from a few dozen images next to a base of thousands are
+    predicted less than next to a small base (the ridge head's failure in the field: issue 21).
+    The ridge head is checked to show that failure on the same data, so the test can fail."""
+    small, xt, yt = _field(n_base=30, n_new=30)
+    big, _, _ = _field(n_base=3000, n_new=30)
+    lda_small = _new_class_accuracy(small, xt, yt, "lda", shrink=0.3)
+    lda_big = _new_class_accuracy(big, xt, yt, "lda", shrink=0.3)
+    ridge_small = _new_class_accuracy(small, xt, yt, "analytic", ridge=0.1)
+    ridge_big = _new_class_accuracy(big, xt, yt, "analytic", ridge=0.1)
+    assert ridge_big < ridge_small - 0.15, (ridge_small, ridge_big)      # the failure is real here
+    assert lda_big >= lda_small - 0.03, (lda_small, lda_big)
+
+
+def test_lda_bias_corrects_the_norm_of_a_mean_from_few_images():
+    """If this fails, the bias term no longer removes tr(P S) / n_c, the part of a class
+    mean's norm that comes from estimating it from n_c images: few-image classes lose their
+    share of predictions in proportion to how few images they had."""
+    s, xt, yt = _field(n_base=3000, n_new=8, dim=40, spread=0.3)   # classes close enough for the bias to matter
+    w, b, _ = solve_head(s, "lda", shrink=0.3)
+    pred = (xt @ w.T + b).argmax(1)
+    share_new = float((pred >= 2).double().mean())            # the test set is balanced: 0.5 is right
+    mu = s.means()
+    b_plain = -0.5 * (w * mu).sum(1)                          # the textbook bias, no correction
+    share_plain = float(((xt @ w.T + b_plain).argmax(1) >= 2).double().mean())
+    assert abs(share_new - 0.5) < abs(share_plain - 0.5) and abs(share_new - 0.5) < 0.08, (share_new, share_plain)
+
+
+def test_lda_is_fisher_lda_on_the_joint_data():
+    """If this fails, the lda head is not LDA: W = P mu_c with P the inverse of the shrunk
+    pooled within-class covariance of all the images, computed here from the images."""
+    x, labels = _data(shift=10.0)
+    s = _stats(x, labels, [[0, 1], [2], [3]], masked=0)
+    mus = torch.stack([x[labels == c].mean(0) for c in range(4)])
+    within = sum((x[labels == c] - mus[c]).T @ (x[labels == c] - mus[c]) for c in range(4)) / (len(x) - 4)
+    shrunk = 0.7 * within + 0.3 * within.diagonal().mean() * torch.eye(5, dtype=torch.float64)
+    w, b, _ = solve_head(s, "lda", shrink=0.3)
+    assert torch.allclose(w, torch.linalg.solve(shrunk, mus.T).T, atol=1e-6)
+    n = torch.tensor([7.0, 9, 6, 8], dtype=torch.float64)
+    expect_b = -0.5 * (w * mus).sum(1) + 0.5 * torch.trace(torch.linalg.solve(shrunk, within)) / n
+    assert torch.allclose(b, expect_b, atol=1e-6)
+
+
+def test_fit_temperature_recovers_a_known_scale():
+    """If this fails, the temperature is not the NLL-optimal rescaling: logits drawn from a
+    calibrated model and multiplied by 4 must come back with T ~ 4."""
+    from fieldlearn.device.classifier import fit_temperature
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4000, 6, generator=g, dtype=torch.float64) * 2
+    labels = torch.multinomial(logits.softmax(1), 1, generator=g).flatten()
+    assert abs(fit_temperature(4 * logits, labels) - 4) < 0.4
+
+
+def test_crossfit_temperature_calibrates_held_out_images():
+    """If this fails, the calibration the head carries (fitted on the step's own images by
+    cross-fitting) does not make its confidences mean something on images it never saw."""
+    from fieldlearn.device.classifier import crossfit_temperature
+    from fieldlearn.device.metrics import expected_calibration_error
+
+    g = torch.Generator().manual_seed(2)
+    dim, n = 80, 25
+    centres = torch.randn(6, dim, generator=g, dtype=torch.float64) * 0.3
+
+    def draw(per):
+        y = torch.arange(6).repeat_interleave(per)
+        return centres[y] + torch.randn(len(y), dim, generator=g, dtype=torch.float64) + 3.0, y
+
+    x, y = draw(n)
+    s = ClassStats(dim, 6)
+    s.add(x, y)
+    t = crossfit_temperature(s, x, y, "lda", 0.0, 0.3)
+    w, b, _ = solve_head(s, "lda", shrink=0.3)
+    xt, yt = draw(500)
+    raw = expected_calibration_error((xt @ w.T + b).softmax(1), yt)
+    cal = expected_calibration_error(((xt @ w.T + b) / t).softmax(1), yt)
+    assert t > 1.5 and cal < 0.06 and cal < raw / 2, (t, raw, cal)
+
+
+def test_calibration_is_a_class_weighted_mean_of_the_steps():
+    """If this fails, the stored temperature is not the geometric mean of the steps' fitted
+    temperatures weighted by the classes each step added (2 numbers of model state)."""
+    s = ClassStats(3, 2)
+    assert s.temperature == 1.0
+    s.calibrate(2.0, weight=10)
+    s.calibrate(8.0, weight=2)
+    assert abs(s.temperature - 2.0 ** (10 / 12) * 8.0 ** (2 / 12)) < 1e-12
+
+
+def test_expected_calibration_error_of_known_bins():
+    """If this fails, ECE is not |confidence - accuracy| weighted by bin share."""
+    from fieldlearn.device.metrics import expected_calibration_error
+
+    # 4 images at confidence 0.9, 3 right; 4 at 0.6, 2 right: (4 |0.9 - 0.75| + 4 |0.6 - 0.5|) / 8
+    probs = torch.tensor([[0.9, 0.1]] * 4 + [[0.6, 0.4]] * 4, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 0, 0, 1, 1])
+    assert abs(expected_calibration_error(probs, labels) - 0.125) < 1e-9

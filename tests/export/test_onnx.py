@@ -156,7 +156,7 @@ def _fitted(cfg: ModelConfig) -> Student:
     return student.eval()
 
 
-@pytest.mark.parametrize("classifier", ["analytic", "ncm"])
+@pytest.mark.parametrize("classifier", ["analytic", "ncm", "lda"])
 def test_a_head_solved_from_statistics_is_a_plain_layer_of_the_onnx_model(tmp_path, classifier):
     """If this fails, model.onnx serves the trained linear head (or nothing sensible) instead
     of the classifier the learner chose, and classify / TensorRT / jetson-inference would
