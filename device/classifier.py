@@ -238,11 +238,17 @@ def solve_lda(stats: ClassStats, shrink: float) -> tuple[torch.Tensor, torch.Ten
     dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)       # N - K
     sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ mu) / dof            # [D, D] pooled within-class
     scale = torch.diagonal(sw).mean().clamp_min(1e-12)
+    ridge = (shrink + 1e-9) * scale
     sa = (1 - shrink) * sw
-    sa.diagonal().add_(shrink * scale + 1e-9 * scale)
+    sa.diagonal().add_(ridge)
     chol = torch.linalg.cholesky(sa)
     w = torch.cholesky_solve(mu.T, chol).T                                   # [K, D] = mu P
-    tr = torch.trace(torch.cholesky_solve(sw, chol))                         # tr(P S)
+    if shrink < 0.999:    # S = (S_a - ridge I) / (1 - shrink): tr(P S) = (D - ridge tr P) / (1 - shrink)
+        eye = torch.eye(len(sa), dtype=sa.dtype, device=sa.device)
+        tr_p = torch.linalg.solve_triangular(chol, eye, upper=False).square().sum()   # tr(L^-T L^-1)
+        tr = (len(sa) - ridge * tr_p) / (1 - shrink)
+    else:
+        tr = torch.trace(torch.cholesky_solve(sw, chol))                     # tr(P S)
     b = -0.5 * (w * mu).sum(1) + 0.5 * tr / n
     return w, b
 
