@@ -1,6 +1,6 @@
 """An outside reference for the field tables: plain PyTorch + torchvision, no fieldlearn code.
 
-CIFAR-100 at 128 px, class order 1993 (numpy RandomState permutation), the frozen ImageNet
+CIFAR-100 at 128 px (--size), class order 1993 (numpy RandomState permutation), the frozen ImageNet
 MobileNetV2 (blocks 0-13 trunk, 14-18 top, pooled last conv), 10 base classes with their
 first 490 training images, then 20 steps of 2 classes with their first N (--new-per-class)
 and all 100 test images of every class seen. Heads, each from the features of all images
@@ -31,6 +31,7 @@ from torchvision.models import mobilenet_v2
 p = argparse.ArgumentParser()
 p.add_argument("--data", default="../shared/data/cifar-100-binary")
 p.add_argument("--new-per-class", type=int, default=25)
+p.add_argument("--size", type=int, default=128, help="input size in pixels (128, 160, 224: the cost/accuracy question)")
 args = p.parse_args()
 
 order = np.random.RandomState(1993).permutation(100)[:50]
@@ -60,14 +61,16 @@ mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([
 def features(x):
     out = []
     for i in range(0, len(x), 200):
-        xi = F.interpolate(x[i:i + 200].float() / 255, size=128, mode="bilinear", antialias=True)
+        xi = F.interpolate(x[i:i + 200].float() / 255, size=args.size, mode="bilinear", antialias=True)
         out.append(F.normalize(net.features((xi - mean) / std).mean((2, 3)), dim=1).double())
     return torch.cat(out)
 
 
 t0 = time.time()
 ftr, fte = features(xtr), features(xte)
-print(f"encoded {len(ftr) + len(fte)} images in {time.time() - t0:.0f} s")
+n_img = len(ftr) + len(fte)
+print(f"{args.size} px: encoded {n_img} images in {time.time() - t0:.0f} s "
+      f"({1000 * (time.time() - t0) / n_img:.1f} ms per image, torch eager, {torch.get_num_threads()} threads)")
 
 
 def head(kind, x, y, k):
