@@ -35,8 +35,11 @@ class ModelConfig:
     features: Literal["frozen", "student", "concat"] = "concat"
     ridge: float = 0.1                 # analytic head: relative ridge; 0 = chosen by GCV (slower)
     # lda head: weight of the scaled identity the pooled covariance is shrunk towards; the
-    # covariance of a few hundred images in 2560 dimensions is singular without it.
-    shrink: float = 0.5
+    # covariance of a few hundred images in 2560 dimensions is singular without it. The
+    # default is the field protocol's validation choice (a full base, a few dozen images per
+    # new class: benchmarks/README.md#the-field-scenario-issue-21); a balanced base of
+    # 160 images per class chose more shrinkage.
+    shrink: float = 0.35
 
 
 @dataclass
