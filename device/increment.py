@@ -146,8 +146,8 @@ class NewClassCheck:
         if self.below_ncm:
             out.append(f"warning: the nearest class mean gets {100 * self.ncm_accuracy:.1f}% of the same held-out "
                        f"images: the head makes far less of the new classes than their images give (a ridge head "
-                       f"drowns a few dozen images under a large base; --classifier lda counts each class once), "
-                       f"and --min-new-accuracy refuses such a version")
+                       f"drowns a few dozen images under a large base; a state made by init --classifier lda, the "
+                       f"default, counts each class once), and --min-new-accuracy refuses such a version")
         if self.weak:
             out.append(f"warning: that is under twice chance ({200 * self.chance:.1f}%): the new classes are hardly "
                        "recognised; more or clearer images help, and --min-new-accuracy refuses such a version")
