@@ -70,9 +70,15 @@ def test_a_row_with_an_unknown_method_or_classifier_is_one_line():
     from fieldlearn.runtime.errors import UserError
 
     assert parse_row("lwm+analytic").classifier == "analytic" and parse_row("ncm").pretrained_only
-    for bad in ("lwn", "lwm+knn", "joint+analytic", "none"):
+    for bad in ("lwn", "lwm+knn", "joint+knn", "none"):
         with pytest.raises(UserError, match="--methods"):
             parse_row(bad)
+    from fieldlearn.device.protocol import stores_data
+
+    # the upper bound with the best head: it keeps every image, and says so wherever it is named
+    joint = parse_row("joint+lda")
+    assert joint.method == "joint" and joint.classifier == "lda" and stores_data(joint.name)
+    assert not stores_data("none+lda") and parse_row("lda").pretrained_only
 
 
 def test_sweep_chooses_on_validation(folder, tmp_path):
