@@ -134,7 +134,13 @@ class NewClassCheck:
 
     @property
     def below_ncm(self) -> bool:
-        return self.ncm_accuracy is not None and self.accuracy < self.ncm_accuracy - BELOW_NCM_MARGIN
+        """Below the nearest class mean by more than BELOW_NCM_MARGIN and than the sampling
+        noise of a share of n_images (1.5 x its largest standard deviation, 0.5 / sqrt(n)):
+        one image of 8 is 12.5 points, no ground for a warning."""
+        if self.ncm_accuracy is None:
+            return False
+        margin = max(BELOW_NCM_MARGIN, 0.75 / max(self.n_images, 1) ** 0.5)
+        return self.accuracy < self.ncm_accuracy - margin
 
     def line(self) -> str:
         return (f"held-out accuracy on the new classes (among all {round(1 / self.chance)}): "
@@ -146,8 +152,8 @@ class NewClassCheck:
         if self.below_ncm:
             out.append(f"warning: the nearest class mean gets {100 * self.ncm_accuracy:.1f}% of the same held-out "
                        f"images: the head makes far less of the new classes than their images give (a ridge head "
-                       f"drowns a few dozen images under a large base; a state made by init --classifier lda, the "
-                       f"default, counts each class once), and --min-new-accuracy refuses such a version")
+                       f"does this next to a large base: init --classifier lda, the default, counts each class "
+                       f"once), and --min-new-accuracy refuses such a version")
         if self.weak:
             out.append(f"warning: that is under twice chance ({200 * self.chance:.1f}%): the new classes are hardly "
                        "recognised; more or clearer images help, and --min-new-accuracy refuses such a version")

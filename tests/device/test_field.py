@@ -96,5 +96,8 @@ def test_the_step_report_warns_when_the_head_is_far_below_the_nearest_class_mean
     near = NewClassCheck(accuracy=0.875 - BELOW_NCM_MARGIN + 0.01, taken_for_old=0.0, n_images=8, chance=0.2,
                          ncm_accuracy=0.875)
     assert not near.below_ncm and near.warnings() == []
+    # the issue's own path measured 6 of 8 against the mean's 8 of 8, with 95 % on the test split: noise
+    noisy = NewClassCheck(accuracy=0.75, taken_for_old=0.25, n_images=8, chance=0.2, ncm_accuracy=1.0)
+    assert not noisy.below_ncm
     linear = NewClassCheck(accuracy=0.5, taken_for_old=0.5, n_images=8, chance=0.2)   # no statistics: no NCM
     assert not linear.below_ncm
