@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from fieldlearn.device.cli_config import config_from_args
+from fieldlearn.device.classifier import solve_head
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.data import (MIN_IMAGES, ImageSet, class_order, known_classes_of, load_image_folder,
                                     open_dataset)
@@ -162,12 +163,14 @@ class NewClassCheck:
 
 @torch.no_grad()
 def check_new_classes(student, val: ImageSet, n_old: int, cfg: RunConfig) -> NewClassCheck:
-    pred = predict_logits(student, val.images, cfg).argmax(1).cpu()          # [N]
     ncm = None
-    if student.stats is not None:
-        means = torch.nn.functional.normalize(student.stats.means(), dim=1)   # [K, D]
-        x = classifier_features(student, val, cfg).to(means.device)           # [N, D], in memory only
-        ncm = float(((x @ means.T).argmax(1).cpu() == val.labels).float().mean())
+    if student.stats is None:
+        pred = predict_logits(student, val.images, cfg).argmax(1).cpu()      # [N]
+    else:                     # the features once, for the deployed head and the nearest class mean
+        w, b, _ = solve_head(student.stats, "ncm")                            # [K, D], [K]
+        x = classifier_features(student, val, cfg).to(w.device)               # [N, D], in memory only
+        pred = student.classifier(x.to(student.classifier.weight.dtype)).argmax(1).cpu()
+        ncm = float(((x @ w.T + b).argmax(1).cpu() == val.labels).float().mean())
     return NewClassCheck(accuracy=float((pred == val.labels).float().mean()),
                          taken_for_old=float((pred < n_old).float().mean()), n_images=len(val),
                          chance=1.0 / student.num_classes, ncm_accuracy=ncm)

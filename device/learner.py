@@ -277,14 +277,15 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     x, y = classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev)   # [N, D], [N]
     student.stats.add(x, y)
     m = cfg.model
-    lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink)[2] if m.classifier == "analytic" else m.ridge
+    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink)   # calibrating leaves the statistics as they are
     rows = calib.to(dev) if calib is not None else torch.ones(len(y), dtype=torch.bool, device=dev)
     t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, m.shrink, seed=cfg.train.seed)
              if rows.any() else None)
     if t_hat is not None:          # the step's own images, scored by heads solved without them
         student.stats.calibrate(t_hat, weight=len(classes))
     del x
-    return {"ridge": solve_classifier(student, cfg, lam), "masked_dims": student.stats.masked_dims,
+    _load_head(student, w, b)
+    return {"ridge": lam, "masked_dims": student.stats.masked_dims,
             "temperature": student.stats.temperature, **({"step_temperature": t_hat} if t_hat is not None else {})}
 
 
@@ -300,14 +301,18 @@ def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> bool:
     return True
 
 
-def solve_classifier(student: Student, cfg: RunConfig, ridge: float | None = None) -> float:
-    """Solve the statistics head (ridge: the analytic head's relative ridge, if already
-    chosen) and load it divided by the calibration temperature. -> the ridge used."""
+def solve_classifier(student: Student, cfg: RunConfig) -> float:
+    """Solve the statistics head and load it (_load_head). -> the ridge used."""
     m = cfg.model
-    w, b, lam = solve_head(student.stats, m.classifier, m.ridge if ridge is None else ridge, m.shrink)
+    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink)
+    _load_head(student, w, b)
+    return lam
+
+
+def _load_head(student: Student, w: torch.Tensor, b: torch.Tensor) -> None:
+    """Load a solved head (w [K, D], b [K]) divided by the calibration temperature."""
     t = student.stats.temperature
     student.set_classifier((w / t).float(), (b / t).float())
-    return lam
 
 
 def _encoded(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None) -> torch.Tensor | None:

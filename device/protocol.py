@@ -51,6 +51,8 @@ JOINT_NOTE = "stores data — upper bound, benchmark only"
 def stores_data(row_name: str) -> bool:
     """True for the joint rows (joint, joint+CLASSIFIER): they keep every image seen."""
     return row_name.partition("+")[0] == "joint"
+
+
 CLASSIFIERS = ("linear", "ncm", "analytic", "lda")
 PRETRAINED_ROWS = ("ncm", "analytic", "lda")   # the pretrained network, nothing trained
 
