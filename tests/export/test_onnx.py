@@ -175,3 +175,17 @@ def test_a_head_solved_from_statistics_is_a_plain_layer_of_the_onnx_model(tmp_pa
         trained = student(x(5))[1]
     assert torch.allclose(torch.from_numpy(out), solved, atol=1e-4 * float(solved.abs().max()))
     assert not torch.allclose(solved, trained, atol=1e-3), "the solved head, not the trained one, is exported"
+
+
+def test_the_exported_head_carries_the_calibration_temperature():
+    """If this fails, model.onnx and classify serve the uncalibrated head: the solved head must be
+    loaded divided by the temperature the statistics carry (and that temperature was fitted)."""
+    from fieldlearn.device.classifier import solve_head
+
+    cfg = ModelConfig(**{**STATS_CFG.__dict__, "classifier": "lda"})
+    student = _fitted(cfg)
+    t = student.stats.temperature
+    w, b, _ = solve_head(student.stats, "lda", shrink=cfg.shrink)
+    assert t != 1.0
+    assert torch.allclose(student.classifier.weight.double(), w / t, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(student.classifier.bias.double(), b / t, rtol=1e-4, atol=1e-6)
