@@ -9,6 +9,8 @@ model of that step (at least MIN_IMAGES of them), then the images go:
 
     sums [K, D + 1]      per class, the sum of phi_aug = [phi, 1] (its last entry counts images)
     gram [D + 1, D + 1]  the sum of phi_aug phi_aug^T over every image learned so far
+    seen [K, D]          per class and dimension, the images folded in with that dimension
+                         kept (shared_dims leaves a dimension out of a small step's sums)
 
 They are aggregates, never a per-image vector, and they are the model's state like a head
 row (docs/GUARANTEES.md). Three heads are solved from them, each a plain linear layer on phi:
@@ -27,6 +29,13 @@ row (docs/GUARANTEES.md). Three heads are solved from them, each a plain linear 
               bias of the estimated mean's norm (E|mu^_c|^2_P = |mu_c|^2_P + tr(P S) / n_c),
               which would otherwise penalise a class the fewer images it has. Each class
               counts once, however many images it had: balanced by construction.
+
+ncm and lda read a class's mean over the images that kept each dimension (`means`). A
+dimension no image of the class kept (a sparse feature that fewer than MIN_IMAGES images of
+a small step fired) is unknown, not zero: it takes the mean of the other classes' means, so
+it neither speaks for the class nor against it. Read as zero, it spoke against it: with
+2 x 10 images per step, 100-270 of 1280 dimensions are left out, and LDA's precision
+weighs exactly these low-variance dimensions most.
 
 Calibration: every head's logits are divided by a temperature T, part of the model (a plain
 linear layer still). Each step fits T^ on its own images by cross-fitting (the head solved
@@ -105,6 +114,7 @@ class ClassStats(nn.Module):
         self.register_buffer("sums", torch.zeros(num_classes, dim + 1, dtype=torch.float64))
         # (sum over steps of k_s log T^_s, sum of k_s): the calibration temperature's evidence
         self.register_buffer("calib", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros(num_classes, dim, dtype=torch.float64))
         self.masked_dims = 0           # dimensions the last add left out (shared_dims); not saved
         self._keep: torch.Tensor | None = None   # the last add's kept dimensions [D+1] (in memory)
 
@@ -130,6 +140,7 @@ class ClassStats(nn.Module):
         with torch.no_grad():
             self.sums.index_add_(0, labels, xa)                                # [K, D+1]
             self.gram += xa.T @ xa                                             # [D+1, D+1]
+            self.seen.index_add_(0, labels, keep[:-1].double().expand(len(labels), -1))   # [K, D]
 
     def check(self, classes: list[int]) -> None:
         """TooFewImages unless every class of `classes` is summarised over >= MIN_IMAGES images."""
@@ -138,21 +149,29 @@ class ClassStats(nn.Module):
     def widen(self, n_new: int) -> None:
         """Empty rows for n_new classes (filled by add)."""
         self.sums = torch.cat([self.sums, self.sums.new_zeros(n_new, self.sums.shape[1])])
+        self.seen = torch.cat([self.seen, self.seen.new_zeros(n_new, self.seen.shape[1])])
 
     def transform(self, t: torch.Tensor) -> None:
-        """phi_aug -> T phi_aug for every image summarised so far: T [D+1, D+1]."""
+        """phi_aug -> T phi_aug for every image summarised so far: T [D+1, D+1]. T mixes
+        dimensions, so a left-out dimension's sum is first filled with the class's count
+        times its `means` value, and every dimension is then seen by all of the class's images."""
         with torch.no_grad():
+            self.sums[:, :-1].copy_(self.means() * self.counts[:, None])
+            self.seen.copy_(self.counts[:, None].expand_as(self.seen))
             self.gram.copy_(t @ self.gram @ t.T)
             self.sums.copy_(self.sums @ t.T)
 
     def without(self, x: torch.Tensor, labels: torch.Tensor) -> "ClassStats":
         """A copy that lacks images the last `add` folded in (x [n, D] their phi, labels [n]),
         folded out as they were folded in (the same kept dimensions): cross-fitting."""
-        xa = augment(x) * (self._keep if self._keep is not None else 1.0)     # [n, D+1]
+        keep = self._keep if self._keep is not None else torch.ones(self.dim + 1, dtype=torch.bool,
+                                                                    device=self.gram.device)
+        xa = augment(x) * keep                                                 # [n, D+1]
         out = ClassStats(self.dim, self.sums.shape[0]).to(self.gram.device)
         with torch.no_grad():
             out.sums.copy_(self.sums.index_add(0, labels, xa, alpha=-1))
             out.gram.copy_(self.gram - xa.T @ xa)
+            out.seen.copy_(self.seen.index_add(0, labels, keep[:-1].double().expand(len(labels), -1), alpha=-1))
         return out
 
     @property
@@ -168,7 +187,18 @@ class ClassStats(nn.Module):
                                        device=self.calib.device)
 
     def means(self) -> torch.Tensor:
-        """[K, D] class means of phi."""
+        """[K, D] class means of phi, each dimension over the class's images that kept it; a
+        dimension none of them kept takes the mean of the class means that have it (module
+        docstring). A class without images stays 0."""
+        mu = self.sums[:, :-1] / self.seen.clamp_min(1)                       # [K, D]
+        known = self.seen > 0                                                  # [K, D]
+        fill = (mu * known).sum(0) / known.sum(0).clamp_min(1)                 # [D]
+        gap = ~known & (self.counts > 0)[:, None]
+        return torch.where(gap, fill.expand_as(mu), mu)
+
+    def raw_means(self) -> torch.Tensor:
+        """[K, D] sums / counts: the means of the statistics as folded (left-out dimensions
+        read 0), the ones the Gram matrix is consistent with."""
         return self.sums[:, :-1] / self.counts.clamp_min(1)[:, None]
 
     def ridge_scale(self) -> float:
@@ -234,9 +264,9 @@ class RidgePath:
 def solve_lda(stats: ClassStats, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (W [K, D], b [K]) of the shrunk LDA head with equal priors (module docstring)."""
     n = stats.counts.clamp_min(1)                                            # [K]
-    mu = stats.means()                                                       # [K, D]
     dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)       # N - K
-    sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ mu) / dof            # [D, D] pooled within-class
+    sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ stats.raw_means()) / dof   # [D, D] pooled within-class
+    mu = stats.means()                                                       # [K, D]
     scale = torch.diagonal(sw).mean().clamp_min(1e-12)
     ridge = (shrink + 1e-9) * scale
     sa = (1 - shrink) * sw

@@ -163,6 +163,9 @@ def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
     expected = student.state_dict()
     if "stats.calib" in expected and "stats.calib" not in tensors:
         tensors["stats.calib"] = expected["stats.calib"]   # saved before calibration: T = 1, as it predicted
+    if "stats.seen" in expected and "stats.seen" not in tensors and "stats.sums" in tensors:
+        sums = tensors["stats.sums"]                       # saved before `seen`: every dimension read as
+        tensors["stats.seen"] = sums[:, -1:].expand(-1, sums.shape[1] - 1).contiguous()   # seen, as it predicted
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

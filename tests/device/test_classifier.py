@@ -1,5 +1,7 @@
 """Class statistics and the heads solved from them (fieldlearn.device.classifier)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,6 +154,69 @@ def test_no_gram_row_is_one_images_feature():
     kept = [0, 1, 3, 4, 6, 7, 8]                                          # 8: the bias entry
     assert s.masked_dims == 2 and not s.gram[[2, 5]].any() and not s.gram[:, [2, 5]].any()
     assert s.gram[kept][:, kept].all() and s.sums[:, kept].all()
+
+
+
+def _sparse_step(seed: int = 4):
+    """Two dense base classes (40 images each), then a step of two new classes (8 each) in
+    which dimension 5 fires for one image only, so shared_dims leaves it out of the step;
+    the new classes' test images have dimension 5 at the base level, as the field has it."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, 6, generator=g, dtype=torch.float64) + 5.0
+    centres[:, 5] = 5.0                                       # dimension 5 tells no class apart
+
+    def draw(counts):
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        return centres[y] + 0.6 * torch.randn(len(y), 6, generator=g, dtype=torch.float64), y
+
+    x, y = draw([40, 40, 8, 8])
+    s = ClassStats(6, 2)
+    s.add(x[y < 2], y[y < 2])
+    s.widen(2)
+    new = x[y >= 2].clone()
+    new[:, 5] = 0.0
+    new[0, 5] = 5.0
+    s.add(new, y[y >= 2])
+    assert s.masked_dims == 1
+    xt, yt = draw([0, 0, 200, 200])
+    return s, xt, yt
+
+
+def test_a_dimension_left_out_of_a_step_reads_as_unknown_not_zero():
+    """If this fails, a dimension that shared_dims left out of a small step (kept out of the
+    sums for privacy) is read as the new classes' mean being 0 there: their ncm and lda rows
+    then vote against them on every image that has the feature. It must take the mean of
+    the class means that have it, and the new classes must be recognised."""
+    s, xt, yt = _sparse_step()
+    mu = s.means()
+    assert torch.allclose(mu[2:, 5], mu[:2, 5].mean().expand(2)), mu[:, 5]
+    assert torch.equal(s.seen[2:, 5], torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(s.seen[2:, :5], torch.full((2, 5), 8.0, dtype=torch.float64))
+    zero = copy.deepcopy(s)                           # the same statistics, the gap read as 0
+    zero.seen.copy_(zero.counts[:, None].expand_as(zero.seen))
+    for kind, floor in (("lda", 0.9), ("ncm", 0.8)):
+        acc, acc0 = (float(((xt @ w.T + b).argmax(1) == yt).double().mean())
+                     for w, b, _ in (solve_head(st, kind, shrink=0.3) for st in (s, zero)))
+        assert acc > floor and acc > acc0 + 0.2, (kind, acc, acc0)
+
+
+def test_seen_counts_fold_out_with_the_sums():
+    """If this fails, cross-fitting (`without`) leaves `seen` out of step with the sums it
+    divides: a fold's class means come out wrong by the images folded out."""
+    s, _, _ = _sparse_step()
+    new = torch.cat([torch.full((8,), 2), torch.full((8,), 3)])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64).abs() + 1
+    x[:, 5] = 0.0
+    x[3, 5] = 2.0                                                        # left out again
+    s.add(x, new)
+    rows = torch.tensor([0, 1, 9])
+    out = s.without(x[rows], new[rows])
+    expect = s.seen.clone()
+    expect[2, :5] -= 2
+    expect[3, :5] -= 1
+    assert torch.equal(out.seen, expect) and torch.equal(out.counts, s.counts - torch.tensor([0, 0, 2, 1.]))
+    assert torch.allclose(out.means()[2, :5], (s.sums[2, :5] - x[:2, :5].sum(0)) / 14)
 
 
 # ---------------------------------------------------------------------------- lda and calibration

@@ -273,6 +273,34 @@ def test_a_format_1_state_loads_as_a_linear_head_model(tmp_path):
         assert torch.equal(st.student.predict(x)[1], s(x)[1])
 
 
+
+def test_a_state_saved_before_calibration_and_seen_counts_loads_as_it_predicted(tmp_path):
+    """If this fails, a state saved before `stats.calib` and `stats.seen` existed is refused
+    (missing tensors) or loads with a head that predicts otherwise than it did: T must read
+    as 1 and every dimension as seen by all of a class's images."""
+    from safetensors.torch import save_file
+
+    from fieldlearn.device.classifier import solve_head
+
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, s.stats.dim, generator=g, dtype=torch.float64) + 0.5
+    s.stats.add(x, torch.tensor([0] * 6 + [1] * 6))
+    w = save_version(tmp_path, s, ["a", "b"], cfg, 0, []) / "model.safetensors"
+    tensors = load_file(w)
+    for k in ("stats.calib", "stats.seen"):
+        del tensors[k]
+    os.chmod(w, 0o600)
+    save_file(tensors, str(w))
+    st = load_state(tmp_path).student.stats
+    assert st.temperature == 1.0
+    assert torch.equal(st.seen, st.counts[:, None].expand_as(st.seen))
+    for kind in ("lda", "ncm"):
+        assert all(torch.allclose(a, b) for a, b in zip(solve_head(st, kind, shrink=0.3)[:2],
+                                                         solve_head(s.stats, kind, shrink=0.3)[:2]))
+
+
 # ---------------------------------------------------------------- durability: fsync before publish
 
 def _linear_cfg():
