@@ -261,26 +261,73 @@ class RidgePath:
         return float(rss / n / (1 - tr_h / n).clamp_min(1e-12) ** 2)
 
 
+class LdaParts:
+    """The shrunk LDA head's pieces (module docstring): chol [D, D] the Cholesky factor of the
+    shrunk covariance S_a (P = S_a^-1), mu [K, D] class means, n [K] images per class,
+    tr = tr(P S)."""
+
+    def __init__(self, stats: ClassStats, shrink: float):
+        self.n = stats.counts.clamp_min(1)                                       # [K]
+        self.dof = dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)   # N - K
+        self.shrink_keep = 1 - shrink
+        sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ stats.raw_means()) / dof   # [D, D] pooled within-class
+        self.mu = stats.means()                                                   # [K, D]
+        scale = torch.diagonal(sw).mean().clamp_min(1e-12)
+        ridge = (shrink + 1e-9) * scale
+        sa = (1 - shrink) * sw
+        sa.diagonal().add_(ridge)
+        self.chol = torch.linalg.cholesky(sa)
+        if shrink < 0.999:    # S = (S_a - ridge I) / (1 - shrink): tr(P S) = (D - ridge tr P) / (1 - shrink)
+            eye = torch.eye(len(sa), dtype=sa.dtype, device=sa.device)
+            tr_p = torch.linalg.solve_triangular(self.chol, eye, upper=False).square().sum()   # tr(L^-T L^-1)
+            self.tr = (len(sa) - ridge * tr_p) / (1 - shrink)
+        else:
+            self.tr = torch.trace(torch.cholesky_solve(sw, self.chol))            # tr(P S)
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (W [K, D] = mu P, b [K] = -mu P mu / 2 + tr / (2 n))."""
+        w = torch.cholesky_solve(self.mu.T, self.chol).T                          # [K, D]
+        return w, -0.5 * (w * self.mu).sum(1) + 0.5 * self.tr / self.n
+
+    def loo_logits(self, stats: ClassStats, x: torch.Tensor, labels: torch.Tensor,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Leave-one-out logits: x [N, D] phi of images folded into `stats` (these parts'
+        statistics), labels [N] -> [N, K], each row the head solved without that image scoring
+        it, as a new image of the field is scored. Closed form, no re-solve: the image leaves
+        its class mean (mu' = (n mu - x_k) / (n - 1), per dimension over the images that kept
+        it: `seen`), and the pooled scatter,
+        S_a' = S_a - a u u^T with u = x_k - mu_raw, a = (1 - shrink) n / ((n - 1) dof)
+        (Sherman-Morrison for P'); x_k is x on the dimensions the fold kept (keep [D]). The
+        degrees of freedom, the shrink target's scale and tr(P S) are kept: each moves by
+        O(1 / N). Needs n >= 2 per class."""
+        x = x.double()
+        xk = x * keep.to(x.dtype) if keep is not None else x                      # [N, D]
+        n = self.n[labels]                                                         # [N]
+        u = xk - stats.raw_means()[labels]                                         # [N, D]
+        a = self.shrink_keep * n / ((n - 1) * self.dof)                            # [N]
+        solve = lambda t: torch.linalg.solve_triangular(self.chol, t.T, upper=False)   # L^-1 t^T
+        v, q, m = solve(x), solve(u), solve(self.mu)                             # [D, N] x2, [D, K]
+        den = 1 - a * q.square().sum(0)                                            # [N]
+        vq = (v * q).sum(0)                                                        # [N] x P u
+
+        qm = q.T @ m                                                               # [N, K] u P mu_k
+        xm = v.T @ m                                                               # [N, K] x P mu_k
+        pm = m.square().sum(0).expand_as(xm)                                       # [N, K] mu_k P mu_k
+        logits = (xm + (a * vq / den)[:, None] * qm
+                  - 0.5 * (pm + (a / den)[:, None] * qm.square()) + 0.5 * self.tr / self.n)
+        seen = stats.seen[labels]                                                  # [N, D]
+        k = keep.to(x.dtype) if keep is not None else torch.ones_like(seen[0])
+        left = seen - k                                                            # [N, D]
+        mu1 = torch.where(left > 0, (seen * self.mu[labels] - xk) / left.clamp_min(1), self.mu[labels])
+        mc = solve(mu1)                                                            # [D, N] L^-1 mu_c'
+        qc, xc, pc = (q * mc).sum(0), (v * mc).sum(0), mc.square().sum(0)          # [N]
+        own = xc + a * vq * qc / den - 0.5 * (pc + a * qc.square() / den) + 0.5 * self.tr / (n - 1)
+        return logits.scatter(1, labels[:, None], own[:, None])
+
+
 def solve_lda(stats: ClassStats, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (W [K, D], b [K]) of the shrunk LDA head with equal priors (module docstring)."""
-    n = stats.counts.clamp_min(1)                                            # [K]
-    dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)       # N - K
-    sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ stats.raw_means()) / dof   # [D, D] pooled within-class
-    mu = stats.means()                                                       # [K, D]
-    scale = torch.diagonal(sw).mean().clamp_min(1e-12)
-    ridge = (shrink + 1e-9) * scale
-    sa = (1 - shrink) * sw
-    sa.diagonal().add_(ridge)
-    chol = torch.linalg.cholesky(sa)
-    w = torch.cholesky_solve(mu.T, chol).T                                   # [K, D] = mu P
-    if shrink < 0.999:    # S = (S_a - ridge I) / (1 - shrink): tr(P S) = (D - ridge tr P) / (1 - shrink)
-        eye = torch.eye(len(sa), dtype=sa.dtype, device=sa.device)
-        tr_p = torch.linalg.solve_triangular(chol, eye, upper=False).square().sum()   # tr(L^-T L^-1)
-        tr = (len(sa) - ridge * tr_p) / (1 - shrink)
-    else:
-        tr = torch.trace(torch.cholesky_solve(sw, chol))                     # tr(P S)
-    b = -0.5 * (w * mu).sum(1) + 0.5 * tr / n
-    return w, b
+    return LdaParts(stats, shrink).head()
 
 
 def choose_ridge(path: RidgePath, ridge: float) -> float:
@@ -331,13 +378,24 @@ def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tenso
 
     x [N, D] phi, labels [N]: images the last `stats.add` folded in (still in memory), all
     of them or a subset.
-    Each of `folds` folds is scored by the head solved from the statistics without it (a
-    relative ridge > 0 is kept fixed: GCV per fold would cost an eigendecomposition each).
-    None when a fold would leave one of its classes under 2 images (these statistics are
-    in memory only, so MIN_IMAGES does not bind them).
+    lda: each image is scored with its own class's mean taken without it (leave-one-out,
+    closed form: LdaParts.loo_logits). A head solved without a fifth of a class's 25
+    images scores that fifth as a class of 20 would, noisier in D dimensions than the
+    class of 25 the field meets: the temperature came out 30 % too high (benchmarks/README.md).
+    ncm, analytic: each of `folds` folds is scored by the head solved from the statistics
+    without it (a relative ridge > 0 is kept fixed: GCV per fold would cost an
+    eigendecomposition each).
+    None when a class would be left under 2 images (these statistics are in memory only,
+    so MIN_IMAGES does not bind them).
     """
     counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
     present = counts > 0
+    if kind == "lda":
+        if not present.any() or bool((stats.counts[present] < 2).any()):
+            return None
+        keep = stats._keep[:-1] if stats._keep is not None else None
+        logits = LdaParts(stats, shrink).loo_logits(stats, x.to(stats.gram.device), labels.to(stats.gram.device), keep)
+        return fit_temperature(logits.cpu(), labels.cpu())
     if not present.any() or bool((stats.counts[present] - (counts[present] + folds - 1) // folds < 2).any()):
         return None
     g = torch.Generator().manual_seed(seed)

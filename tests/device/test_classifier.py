@@ -157,8 +157,8 @@ def test_no_gram_row_is_one_images_feature():
 
 
 
-def _sparse_step(seed: int = 4):
-    """Two dense base classes (40 images each), then a step of two new classes (8 each) in
+def _sparse_step(seed: int = 4, n_base: int = 40):
+    """Two dense base classes (n_base images each), then a step of two new classes (8 each) in
     which dimension 5 fires for one image only, so shared_dims leaves it out of the step;
     the new classes' test images have dimension 5 at the base level, as the field has it."""
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +169,7 @@ def _sparse_step(seed: int = 4):
         y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
         return centres[y] + 0.6 * torch.randn(len(y), 6, generator=g, dtype=torch.float64), y
 
-    x, y = draw([40, 40, 8, 8])
+    x, y = draw([n_base, n_base, 8, 8])
     s = ClassStats(6, 2)
     s.add(x[y < 2], y[y < 2])
     s.widen(2)
@@ -326,6 +326,33 @@ def test_crossfit_temperature_calibrates_held_out_images():
     raw = expected_calibration_error((xt @ w.T + b).softmax(1), yt)
     cal = expected_calibration_error(((xt @ w.T + b) / t).softmax(1), yt)
     assert t > 1.5 and cal < 0.06 and cal < raw / 2, (t, raw, cal)
+
+
+def test_lda_leave_one_out_logits_equal_the_head_solved_without_the_image():
+    """If this fails, the closed-form leave-one-out logits that fit the lda head's
+    temperature are not the head solved without the image scoring it (its class mean and
+    the pooled covariance both lose it): the temperature is then fitted on scores that are
+    not what a new image of the field gets. Solved again per image here, with dimension 5
+    left out of the step (the fold leaves it out of the class mean too)."""
+    from fieldlearn.device.classifier import LdaParts
+
+    s, _, _ = _sparse_step(n_base=3000)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64) + 5.0
+    y = torch.tensor([2] * 8 + [3] * 8)
+    x[:, 5] = 0.0
+    x[2, 5] = 4.0
+    s.add(x, y)
+    keep = s._keep[:-1]
+    lo = LdaParts(s, 0.3).loo_logits(s, x, y, keep)
+    w, b, _ = solve_head(s, "lda", shrink=0.3)
+    for i in (0, 2, 11):
+        wi, bi, _ = solve_head(s.without(x[i:i + 1], y[i:i + 1]), "lda", shrink=0.3)
+        exact, plain = x[i] @ wi.T + bi, x[i] @ w.T + b
+        gap = lambda t: t - t.mean()                  # what softmax sees
+        # dof, the shrink target's scale and tr(P S) are kept: O(1/N) of the base's 6000 images
+        err, plain_err = (float((gap(t) - gap(exact)).abs().max()) for t in (lo[i], plain))
+        assert err < 0.01 < 0.1 < plain_err, (i, err, plain_err)
 
 
 def test_calibration_is_a_class_weighted_mean_of_the_steps():
