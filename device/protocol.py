@@ -332,7 +332,8 @@ class Order:
             old = per[:-1]
             self.log(f"step {t}/{len(self.groups) - 1}: {row.name + tag:<16} {sum(sizes[: t + 1]):>3} classes: "
                      f"test {100 * acc:5.1f}% (old {100 * sum(old) / len(old):5.1f}%, new {100 * per[-1]:5.1f}%, "
-                     f"ECE {100 * ece:4.1f}%), "
-                     f"val {100 * res.val.acc[-1]:5.1f}% [{time.perf_counter() - ts:.0f} s]")
+                     f"ECE {100 * ece:4.1f}%)"
+                     + (f", val {100 * res.val.acc[-1]:5.1f}%" if self.val is not None else "")   # demo: no val split
+                     + f" [{time.perf_counter() - ts:.0f} s]")
         res.seconds = time.perf_counter() - t0
         return res
