@@ -119,8 +119,10 @@ def row_settings(row: Row) -> dict:
 
 # Settings that change the base network (step 0): rows that agree on them share one.
 BASE_KEYS = ("base_lr", "base_epochs", "dropout")
-TRAIN_KEYS = ("lr", "epochs", "freeze_bn_in_increments", "increment_blocks", "new_head_init", "max_grad_norm")
-LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta"), "lwm": ("lc_span", "ld", "beta", "gamma"),
+TRAIN_KEYS = ("lr", "epochs", "freeze_bn_in_increments", "increment_blocks", "new_head_init", "max_grad_norm",
+              "momentum", "weight_decay", "augment", "checkpoint_top")
+LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta", "temperature"),
+             "lwm": ("lc_span", "ld", "beta", "gamma", "temperature"),
              "lc_lad": ("lc_span", "gamma"), "none": (), "joint": ()}
 
 
@@ -143,8 +145,19 @@ def row_uses(row: Row) -> set[str]:
     if row.kind == "stats":
         keys |= {"features"} | head
         if row.method not in ("none", "joint"):
-            keys |= {"drift_shrink"}
+            keys |= {"drift", "drift_shrink"}
+    if row.method in METHODS and (METHODS[row.method].uses_teacher_logits or METHODS[row.method].uses_teacher_maps):
+        keys |= {"teacher_backend"}
     return keys
+
+
+def ignored_in_increment(cfg: RunConfig, keys: set[str]) -> tuple[list[str], list[str]]:
+    """Of the config keys `keys` given for one increment (`fieldlearn learn`), those that change
+    nothing in it: (keys some row uses but cfg's method and head do not, per row_uses; the base
+    step's keys, which only `init` reads)."""
+    used = row_uses(Row(default_row(cfg), cfg.method, cfg.model.classifier))
+    some = set().union(*(row_uses(Row(m, m, c)) for m in METHODS for c in CLASSIFIERS))
+    return sorted((keys & some) - used - set(BASE_KEYS)), sorted(keys & set(BASE_KEYS))
 
 
 _FIELDS = {"model": set(ModelConfig.__dataclass_fields__), "loss": set(LossConfig.__dataclass_fields__),
