@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
         f"(whole process; {fmt_bytes(budget.bytes - c.measured_total)} to spare)")
     log(f"  training step: {c.measured['images_per_second']:.0f} images/s measured "
         f"(predicted {c.throughput:.0f})")
-    log(f"  options: {c.candidate.options(model=not fixed_arch)}" + ("  (fp16 autocast: profiled only; the learner trains in fp32)"
-                                                  if c.candidate.fp16 else ""))
+    log(f"  options: {c.candidate.options(model=not fixed_arch)}")
     log(f"wrote {args.out / 'profile.json'} and {png}")
     return 0
 
