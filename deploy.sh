@@ -249,7 +249,8 @@ fi
 # ----------------------------------------------------------------------------- extras
 if [[ $SELFCHECK -eq 1 ]]; then
     say "self-check of the fused kernel"
-    "$VPY" -m fieldlearn.tools.selfcheck --out "$ROOT/selfcheck.json"
+    mkdir -p "$ROOT/runs"
+    "$VPY" -m fieldlearn.tools.selfcheck --out "$ROOT/runs/selfcheck.json"   # git ignores runs/
 fi
 
 if [[ $SERVICE -eq 1 ]]; then

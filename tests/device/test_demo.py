@@ -40,17 +40,20 @@ def test_demo_in_a_checkout_prints_no_nan_and_leaves_git_status_clean(tmp_path, 
     assert git(repo, "status", "--porcelain", "--untracked-files=all") == "", "the demo's output is not ignored"
 
 
-def test_no_tracked_file_lies_where_the_demo_writes_by_default():
-    """If this fails, the demo's default output folder holds files tracked in git, which every
-    run of `fieldlearn demo` (and `bash deploy.sh --demo`) rewrites."""
+@pytest.mark.parametrize("command", ["demo", "profile"])
+def test_the_default_output_folder_is_ignored_and_holds_no_tracked_file(command):
+    """If this fails, a command's default output folder (demo: results; profile: its plan)
+    holds files tracked in git, which every run rewrites, or is not ignored, so running it in
+    a checkout leaves the clone dirty."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     import argparse
-
-    from fieldlearn.device.commands import demo
+    import importlib
 
     p = argparse.ArgumentParser()
-    demo.add_arguments(p)
-    out = p.parse_args([]).out
+    importlib.import_module(f"fieldlearn.device.commands.{command}").add_arguments(p)
+    out = p.parse_args(["--budget", "1GiB"] if command == "profile" else []).out
     assert not out.is_absolute()
     assert git(ROOT, "ls-files", "--", str(out)) == "", out
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=ROOT)
+    assert ignored.returncode == 0, f"{out} is not ignored by .gitignore"
