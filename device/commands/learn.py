@@ -54,7 +54,10 @@ def say_ignored_options(args: argparse.Namespace) -> None:
     except (UserError, ValueError, TypeError, KeyError):
         return                                    # learn_folder says what is wrong with the state
     unread, base = ignored_in_increment(cfg, given)
-    flags = lambda keys: ", ".join("--" + k.replace("_", "-") for k in keys)   # noqa: E731
+
+    def flags(keys: list[str]) -> str:
+        return ", ".join("--" + k.replace("_", "-") for k in keys)
+
     parts = []
     if unread:
         parts.append(f"{flags(unread)}: " + ("--method none trains nothing in increments" if cfg.method == "none"
