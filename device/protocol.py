@@ -133,7 +133,9 @@ def fixed_features(row: Row) -> bool:
 
 
 def row_uses(row: Row) -> set[str]:
-    """The setting keys that can change this row's result (what a sweep may vary)."""
+    """The config keys this row reads: those that can change its result (what a sweep may
+    vary) or only its cost (checkpoint_top, teacher_backend). `learn` names the ones given
+    that its row does not read (ignored_in_increment)."""
     head = {"analytic": {"ridge"}, "lda": {"shrink"}}.get(row.classifier, set())
     if row.pretrained_only:
         return head
