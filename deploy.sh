@@ -20,7 +20,7 @@ Sets up .venv for fieldlearn on this machine, then runs `fieldlearn doctor`.
       and the TensorRT engine of --state's model where TensorRT is present.
 
 options:
-  --demo            run `fieldlearn demo` at the end (a short LwM run on real data)
+  --demo            run `fieldlearn demo` at the end (a short run on real data; writes runs/demo)
   --selfcheck       also run the self-check of the fused kernel (GPU parts where a GPU is)
   --service         install and start the systemd unit that runs `fieldlearn watch`
   --state DIR       state dir (doctor, TensorRT engine, --service)
@@ -249,7 +249,8 @@ fi
 # ----------------------------------------------------------------------------- extras
 if [[ $SELFCHECK -eq 1 ]]; then
     say "self-check of the fused kernel"
-    "$VPY" -m fieldlearn.tools.selfcheck --out "$ROOT/selfcheck.json"
+    mkdir -p "$ROOT/runs"
+    "$VPY" -m fieldlearn.tools.selfcheck --out "$ROOT/runs/selfcheck.json"   # git ignores runs/
 fi
 
 if [[ $SERVICE -eq 1 ]]; then
@@ -285,5 +286,5 @@ fi
 
 if [[ $DEMO -eq 1 ]]; then
     echo
-    "$VENV/bin/fieldlearn" demo
+    "$VENV/bin/fieldlearn" demo --out "$ROOT/runs/demo"     # git ignores runs/: the checkout stays clean
 fi

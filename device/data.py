@@ -176,12 +176,16 @@ def incremental_split(order: list[int], base: int, steps: int) -> list[list[int]
 
 # ---------------------------------------------------------------------------- readers
 
-def open_dataset(spec: str, split: str = "train", image_size: int = 128, min_images: int = 1) -> ImageSet:
+def open_dataset(spec: str, split: str = "train", image_size: int = 128, min_images: int = 1,
+                 per_class: int | None = None, seed: int = 0) -> ImageSet:
     """`spec` is `cifar100`, `fashion-mnist` (optionally `NAME:PATH`) or a directory.
 
     split: "train" or "test" ("test" of an ImageFolder reads val/ or test/).
     image_size: the size ImageFolder images are stored at in memory (CIFAR/F-MNIST keep theirs).
     min_images: readable images an ImageFolder class needs (load_image_folder).
+    per_class: an ImageFolder's classes are sampled to at most this many images each (seeded)
+    before any is decoded (load_image_folder); CIFAR/F-MNIST are read whole (a few MB) and
+    sampled by the caller (ImageSet.select).
     """
     name, _, path = spec.partition(":")
     if name in ("cifar100", "cifar-100"):
@@ -192,7 +196,7 @@ def open_dataset(spec: str, split: str = "train", image_size: int = 128, min_ima
     if not root.is_dir():
         raise UserError(f"{spec}: not a directory, and not one of cifar100, fashion-mnist")
     sub = _split_dir(root, split)
-    return load_image_folder(sub, image_size, min_images=min_images)
+    return load_image_folder(sub, image_size, min_images=min_images, per_class=per_class, seed=seed)
 
 
 def _find(path: str, places: list[str], spec: str) -> Path:
@@ -361,8 +365,14 @@ def list_class_folders(root: Path, skips: Skips | None = None) -> list[Path]:
     return folders
 
 
-def load_image_folder(root: Path, size: int, classes: list[str] | None = None, min_images: int = 1) -> ImageSet:
+def load_image_folder(root: Path, size: int, classes: list[str] | None = None, min_images: int = 1,
+                      per_class: int | None = None, seed: int = 0) -> ImageSet:
     """ROOT/<class>/<image files> -> ImageSet with images resized to size x size.
+
+    per_class: a sample of at most this many readable images per class, taken from the file
+    lists before decoding (files in a seeded random order, read until per_class decode; an
+    unreadable one is reported and the next file taken), so a folder larger than one load
+    (MAX_IMAGES) can still give a per-class sample. The limit counts the sample.
 
     Every non-hidden regular file of a class folder is offered to the decoder. What is left
     out (hidden entries, sub-folders, files at the root, unreadable images, FIFOs and other
@@ -391,20 +401,26 @@ def load_image_folder(root: Path, size: int, classes: list[str] | None = None, m
             else:
                 files.append(p)
         listed.append(files)
-    n = sum(map(len, listed))
+    n = sum(len(f) if per_class is None else min(len(f), per_class) for f in listed)
     if n > MAX_IMAGES or n * 3 * size * size > MAX_IMAGE_BYTES:
         raise UserError(f"{root}: {n} images at {size}x{size} exceed the limit of one load ({MAX_IMAGES} images, "
                         f"{MAX_IMAGE_BYTES >> 20} MiB in memory); split them into several increments")
-    total = n + len(skips)
+    total = len(skips)                                # entries looked at: skipped ones and files offered
     images, labels, names, short = [], [], [], None
+    g = np.random.default_rng(seed)
     for folder, files in zip(folders, listed):
-        got = []
-        for p in files:
-            a = try_read(p, size)
+        order = range(len(files)) if per_class is None or len(files) <= per_class else g.permutation(len(files))
+        taken = []                                    # (index in the sorted list, image)
+        for i in order:
+            if per_class is not None and len(taken) == per_class:
+                break                                 # the sample is full: the other files are not read
+            total += 1
+            a = try_read(files[i], size)
             if isinstance(a, tuple):
-                skips.add(a[0], p, a[1])
+                skips.add(a[0], files[i], a[1])
             else:
-                got.append(a)
+                taken.append((int(i), a))
+        got = [a for _, a in sorted(taken, key=lambda t: t[0])]   # file-name order, as without sampling
         if len(got) < max(1, min_images) and short is None:
             short = (folder, len(got))
         names.append(folder.name)

@@ -119,8 +119,10 @@ def row_settings(row: Row) -> dict:
 
 # Settings that change the base network (step 0): rows that agree on them share one.
 BASE_KEYS = ("base_lr", "base_epochs", "dropout")
-TRAIN_KEYS = ("lr", "epochs", "freeze_bn_in_increments", "increment_blocks", "new_head_init", "max_grad_norm")
-LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta"), "lwm": ("lc_span", "ld", "beta", "gamma"),
+TRAIN_KEYS = ("lr", "epochs", "freeze_bn_in_increments", "increment_blocks", "new_head_init", "max_grad_norm",
+              "momentum", "weight_decay", "augment", "checkpoint_top")
+LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta", "temperature"),
+             "lwm": ("lc_span", "ld", "beta", "gamma", "temperature"),
              "lc_lad": ("lc_span", "gamma"), "none": (), "joint": ()}
 
 
@@ -131,7 +133,9 @@ def fixed_features(row: Row) -> bool:
 
 
 def row_uses(row: Row) -> set[str]:
-    """The setting keys that can change this row's result (what a sweep may vary)."""
+    """The config keys this row reads: those that can change its result (what a sweep may
+    vary) or only its cost (checkpoint_top, teacher_backend). `learn` names the ones given
+    that its row does not read (ignored_in_increment)."""
     head = {"analytic": {"ridge"}, "lda": {"shrink"}}.get(row.classifier, set())
     if row.pretrained_only:
         return head
@@ -143,8 +147,19 @@ def row_uses(row: Row) -> set[str]:
     if row.kind == "stats":
         keys |= {"features"} | head
         if row.method not in ("none", "joint"):
-            keys |= {"drift_shrink"}
+            keys |= {"drift", "drift_shrink"}
+    if row.method in METHODS and (METHODS[row.method].uses_teacher_logits or METHODS[row.method].uses_teacher_maps):
+        keys |= {"teacher_backend"}
     return keys
+
+
+def ignored_in_increment(cfg: RunConfig, keys: set[str]) -> tuple[list[str], list[str]]:
+    """Of the config keys `keys` given for one increment (`fieldlearn learn`), those that change
+    nothing in it: (keys some row uses but cfg's method and head do not, per row_uses; the base
+    step's keys, which only `init` reads)."""
+    used = row_uses(Row(default_row(cfg), cfg.method, cfg.model.classifier))
+    some = set().union(*(row_uses(Row(m, m, c)) for m in METHODS for c in CLASSIFIERS))
+    return sorted((keys & some) - used - set(BASE_KEYS)), sorted(keys & set(BASE_KEYS))
 
 
 _FIELDS = {"model": set(ModelConfig.__dataclass_fields__), "loss": set(LossConfig.__dataclass_fields__),
@@ -332,7 +347,8 @@ class Order:
             old = per[:-1]
             self.log(f"step {t}/{len(self.groups) - 1}: {row.name + tag:<16} {sum(sizes[: t + 1]):>3} classes: "
                      f"test {100 * acc:5.1f}% (old {100 * sum(old) / len(old):5.1f}%, new {100 * per[-1]:5.1f}%, "
-                     f"ECE {100 * ece:4.1f}%), "
-                     f"val {100 * res.val.acc[-1]:5.1f}% [{time.perf_counter() - ts:.0f} s]")
+                     f"ECE {100 * ece:4.1f}%)"
+                     + (f", val {100 * res.val.acc[-1]:5.1f}%" if self.val is not None else "")   # demo: no val split
+                     + f" [{time.perf_counter() - ts:.0f} s]")
         res.seconds = time.perf_counter() - t0
         return res

@@ -93,13 +93,30 @@ def check_class_names(names: list, where: str | Path) -> None:
 def check_new_class_names(new: list, known: list[str], where: Path) -> None:
     """Classes to add to a model that knows `known`: UserError unless every new name is a
     valid class name, they are distinct (check_class_names, naming `where`), and none is known
-    already (compared in NFC too, naming `where`/NAME). fieldlearn learn and the watch daemon
+    already (compared in NFC too, naming `where`/NAME). Names that differ only in case from a
+    known class or from each other are refused too, naming both: 'T-Shirt' beside a known
+    't-shirt' is a slip far more often than a new class (checked here only: a saved state or a
+    data set that already holds such a pair still loads). fieldlearn learn and the watch daemon
     (before it claims a folder) both ask this."""
     check_class_names(new, where)
     known_keys = {unicodedata.normalize("NFC", k) for k in known}
+    known_cases = {_case_key(k): k for k in known}
+    new_cases: dict[str, str] = {}
     for n in new:
         if unicodedata.normalize("NFC", n) in known_keys:
             raise UserError(f"{Path(where) / n}: class '{n}' is already known to the model")
+        if _case_key(n) in known_cases:
+            raise UserError(f"{Path(where) / n}: class '{n}' differs only in case from the known class "
+                            f"'{known_cases[_case_key(n)]}' (rename the folder if it is another class)")
+        if _case_key(n) in new_cases:
+            raise UserError(f"{where}: class names '{new_cases[_case_key(n)]}' and '{n}' differ only in case "
+                            "(rename one if they are two classes)")
+        new_cases[_case_key(n)] = n
+
+
+def _case_key(name: str) -> str:
+    """A class name compared without case (and in NFC): 'T-Shirt' and 't-shirt' are twins."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
 
 
 # ------------------------------------------------------------------------- reading versions

@@ -26,6 +26,14 @@ class UnreadableImage(Exception):
         self.kind, self.reason = kind, reason
 
 
+def to_8_bits(arr: np.ndarray) -> np.ndarray:
+    """16-bit grey levels (thermal and depth cameras, scanners) -> uint8, the same picture as
+    its 8-bit twin: v / 257 rounded (65535 -> 255, 32768 -> 128, 257 * k -> k). A fixed scale,
+    not the image's own maximum: a dark frame stays dark, as it would in 8 bits."""
+    v = np.clip(arr.astype(np.int64), 0, 65535)
+    return ((v + 128) // 257).astype(np.uint8)
+
+
 def decode_rgb(path: str | Path, size: int) -> np.ndarray:
     """Image file -> uint8 [size, size, 3]. FileNotFoundError if absent, UnreadableImage
     if corrupt, truncated, not an image, larger than MAX_IMAGE_PIXELS, or not a regular
@@ -51,8 +59,7 @@ def decode_rgb(path: str | Path, size: int) -> np.ndarray:
             with Image.open(f) as im:
                 im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when possible
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float64)
-                    im = Image.fromarray((arr / max(arr.max(), 1.0) * 255).astype(np.uint8))
+                    im = Image.fromarray(to_8_bits(np.asarray(im)))
                 return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
     except UnidentifiedImageError:
         raise UnreadableImage("UnidentifiedImageError", "not an image format Pillow reads") from None

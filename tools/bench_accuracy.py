@@ -377,6 +377,14 @@ def _order_seeds(values: list[str] | None) -> list[int]:
 SETTING_KEYS = {k for stage in SWEEP_STAGES for k in stage}
 
 
+def load_per_class(proto: dict) -> int | None:
+    """The most training images per class any split of `proto` takes (None: all of them)."""
+    if proto["per_class"] is None:
+        return None
+    n = max(proto["per_class"], proto.get("new_per_class") or 0)
+    return n + (proto.get("val_per_class") or 0)
+
+
 def order_splits(train_all: ImageSet, test_all: ImageSet, order_seed: int, used: int, proto: dict,
                  seed: int) -> tuple[ImageSet, ImageSet, ImageSet]:
     """One class order's (train, validation, test): classes renumbered in the order's sequence,
@@ -442,8 +450,11 @@ def run(args: argparse.Namespace) -> int:
     seeds = _order_seeds(args.order_seed)
     command = _command(args)
     t_start = time.perf_counter()
-    train_all = open_dataset(args.data, "train", cfg.model.input_size)
-    test_all = open_dataset(args.data, "test", cfg.model.input_size)
+    # an ImageFolder gives only the per-class sample the protocol takes, chosen before decoding
+    train_all = open_dataset(args.data, "train", cfg.model.input_size, per_class=load_per_class(proto),
+                             seed=cfg.train.seed)
+    test_all = open_dataset(args.data, "test", cfg.model.input_size, per_class=proto["test_per_class"],
+                            seed=cfg.train.seed)
     if test_all.class_names != train_all.class_names:
         test_all = test_all.relabel(train_all.class_names)
     n_classes = len(train_all.class_names) if args.classes is None else args.classes

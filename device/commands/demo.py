@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help="comma-separated rows (fieldlearn bench accuracy --help); default: ncm, analytic (no "
                         "training), the default learner, lwm, lwf_mc, finetune (the paper's linear head)")
-    p.add_argument("--out", type=Path, default=Path("fieldlearn-demo"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="output directory (default runs/demo, which git ignores in a checkout)")
     add_config_arguments(p, run_fields=("teacher_backend",))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from fieldlearn.device.increment import evaluate_version
@@ -19,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_version(args.state, args.data, args.split)
+    for r in result["per_step"]:          # a step whose classes have no image in the data has no accuracy
+        if math.isnan(r["accuracy"]):
+            r["accuracy"] = None
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -26,5 +30,7 @@ def run(args: argparse.Namespace) -> int:
               f"{result['images']} images of {result['classes_evaluated']}/{result['classes_known']} known classes",
               flush=True)
         for r in result["per_step"]:
-            print(f"  classes of step {r['step']:>2} ({r['classes']:>3}): {100 * r['accuracy']:5.1f}%", flush=True)
+            acc = "    — (no images of these classes in the data)" if r["accuracy"] is None \
+                else f"{100 * r['accuracy']:5.1f}%"
+            print(f"  classes of step {r['step']:>2} ({r['classes']:>3}): {acc}", flush=True)
     return 0

@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, default=None,
                    help="profile this state's config and class count; its model stays as it is, only the "
                         "training options that `fieldlearn learn` takes are planned")
-    p.add_argument("--out", type=Path, default=Path("fieldlearn-profile"), help="where profile.json/.png go")
+    p.add_argument("--out", type=Path, default=Path("runs/profile"),
+                   help="where profile.json/.png go (default runs/profile, which git ignores in a checkout)")
     p.add_argument("--images", type=option(int, Valid(2, MAX_IMAGES)), default=1000,
                    help="images of one increment held in memory (default 1000: 10 classes x 100)")
     p.add_argument("--new-classes", type=option(int, Valid(1, 10_000)), default=10, help="classes per increment (default 10)")
@@ -82,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
         f"(whole process; {fmt_bytes(budget.bytes - c.measured_total)} to spare)")
     log(f"  training step: {c.measured['images_per_second']:.0f} images/s measured "
         f"(predicted {c.throughput:.0f})")
-    log(f"  options: {c.candidate.options(model=not fixed_arch)}" + ("  (fp16 autocast: profiled only; the learner trains in fp32)"
-                                                  if c.candidate.fp16 else ""))
+    log(f"  options: {c.candidate.options(model=not fixed_arch)}")
     log(f"wrote {args.out / 'profile.json'} and {png}")
     return 0
 

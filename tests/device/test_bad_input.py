@@ -154,8 +154,9 @@ def test_skipped_files_are_one_stderr_line(state, tmp_path, gen_test):
     (folder / "zero.jpg").write_bytes(b"")
     (folder / "notes.txt").write_text("no image")
     (folder / ".DS_Store").write_bytes(b"\0")
+    quiet = ["--no-progress", "--batch-size", "8", "--no-export", "--num-threads", "1"]   # none that method none ignores
     r = subprocess.run([sys.executable, "-m", "fieldlearn.cli", "learn", str(tmp_path / "new"), "--state", str(state),
-                        *LEARN], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        *quiet], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [
@@ -211,6 +212,27 @@ def test_a_class_the_model_knows_is_refused(state, tmp_path, gen_test, capsys):
     before = tree_hash(state)
     rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
     refused(rc, err, tmp_path / "new" / "apple", "already known")
+    assert tree_hash(state) == before
+
+
+def test_a_case_twin_of_a_known_class_is_refused_naming_both(state, tmp_path, gen_test, capsys):
+    """If this fails, a folder 'Apple' is learned as a new class beside the known 'apple' without
+    a word, and the two fight over every apple."""
+    good_folder(tmp_path / "new", gen_test, "Apple")
+    good_folder(tmp_path / "new", gen_test, "tulip", cls=21)
+    before = tree_hash(state)
+    rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
+    refused(rc, err, tmp_path / "new" / "Apple", "'Apple'", "'apple'", "only in case")
+    assert tree_hash(state) == before
+
+
+def test_two_new_folders_that_differ_only_in_case_are_refused_naming_both(state, tmp_path, gen_test, capsys):
+    """If this fails, 'Tulip' and 'tulip' in one inbox become two classes of one flower."""
+    good_folder(tmp_path / "new", gen_test, "Tulip")
+    good_folder(tmp_path / "new", gen_test, "tulip", cls=21)
+    before = tree_hash(state)
+    rc, _, err = run(capsys, "learn", tmp_path / "new", "--state", state, *LEARN)
+    refused(rc, err, tmp_path / "new", "'Tulip'", "'tulip'", "only in case")
     assert tree_hash(state) == before
 
 

@@ -182,3 +182,31 @@ def test_eval_data_with_classes_the_model_does_not_know_says_so(recwarn):
     report_unknown_classes(["a", "b", "c", "d"], ["a", "x"], "--data D")
     assert [str(w.message) for w in recwarn if issubclass(w.category, SkippedInput)] == [
         "--data D: 3 of its 4 classes are not known to the model and were not evaluated (b, c, d)"]
+
+
+def test_a_per_class_sample_is_taken_from_the_file_lists_before_decoding(tmp_path, gen_test, monkeypatch, recwarn):
+    """If this fails, an ImageFolder larger than one load is refused (or decoded whole) although
+    only a per-class sample of it was asked for: `bench accuracy --data FOLDER` on 50,000
+    training images. A sampled file that does not decode is reported and the next one taken."""
+    import fieldlearn.device.data as data
+
+    root = write_image_folder(tmp_path / "f", gen_test, [0, 1, 2], 12)
+    (root / gen_test.class_names[1] / "0004.png").write_bytes(b"not a png")
+    monkeypatch.setattr(data, "MAX_IMAGES", 20)                 # 36 files exceed it; 3 x 5 do not
+    with pytest.raises(UserError, match="exceed the limit of one load"):
+        data.load_image_folder(root, 32)
+    read = []
+    real = data.try_read
+    monkeypatch.setattr(data, "try_read", lambda p, size: read.append(p) or real(p, size))
+    got = data.load_image_folder(root, 32, per_class=5, seed=0)
+    assert torch.bincount(got.labels).tolist() == [5, 5, 5]
+    assert len(read) <= 3 * 5 + 1, f"{len(read)} files decoded for a sample of 15"
+    again = data.load_image_folder(root, 32, per_class=5, seed=0)
+    assert torch.equal(again.images, got.images), "the same seed takes the same sample"
+    recwarn.clear()
+    read.clear()
+    other = data.load_image_folder(root, 32, per_class=5, seed=1)   # this seed reads apple0/0004.png among the first 5
+    assert not torch.equal(other.images, got.images), "the sample is random, not the first files"
+    assert str(root / gen_test.class_names[1] / "0004.png") in map(str, read)
+    assert torch.bincount(other.labels).tolist() == [5, 5, 5], "the next file replaces an unreadable one"
+    assert any("0004.png" in str(w.message) for w in recwarn.list), "a skipped file is reported"

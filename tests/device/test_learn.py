@@ -76,3 +76,38 @@ def test_a_class_with_fewer_than_min_images_is_refused(state, tmp_path, gen_test
     rc, out, err = run(capsys, "learn", inbox, "--state", state, *LEARN)
     refused(rc, err, inbox / "cherry", f"at least {MIN_IMAGES}")
     assert tree_hash(state) == before
+
+
+def test_options_the_method_does_not_read_are_named_in_one_warning(state, tmp_path, gen_test, capsys, recwarn):
+    """If this fails, `learn --epochs 5 --lr 0.1` under the default method (none: it trains
+    nothing in increments) changes nothing without a word, or the warning names options that
+    do change the step (--seed, --batch-size) or comes as several lines."""
+    good_folder(tmp_path / "new", gen_test, "cherry", n=6)
+    rc, out, err = run(capsys, "learn", tmp_path / "new", "--state", state, "--no-progress", "--no-export",
+                       "--num-threads", "1", "--epochs", "5", "--lr", "0.1", "--base-lr", "0.2", "--seed", "3",
+                       "--batch-size", "8")
+    assert rc == 0, err
+    said = [str(w.message) for w in recwarn if "change nothing" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in recwarn]
+    line = said[0]
+    assert "\n" not in line
+    assert "--epochs, --lr: --method none trains nothing" in line and "--base-lr: read only by init" in line, line
+    assert "--seed" not in line and "--batch-size" not in line, line
+
+
+def test_what_a_step_ignores_follows_the_method_and_head():
+    """If this fails, the warning's source of truth (protocol.row_uses) says a training method
+    ignores its own knobs, or method none reads training knobs."""
+    from fieldlearn.device.config import RunConfig
+    from fieldlearn.device.protocol import ignored_in_increment
+
+    keys = {"epochs", "lr", "gamma", "temperature", "drift_shrink", "teacher_backend", "base_epochs", "seed"}
+    none = RunConfig()
+    assert none.method == "none"
+    assert ignored_in_increment(none, keys) == (sorted(keys - {"base_epochs", "seed"}), ["base_epochs"])
+    lwm = RunConfig(method="lwm")
+    assert ignored_in_increment(lwm, keys) == ([], ["base_epochs"])
+    finetune = RunConfig(method="finetune")
+    assert ignored_in_increment(finetune, keys) == (["gamma", "teacher_backend", "temperature"], ["base_epochs"])
+    lwm.model.classifier = "linear"     # the trained head: no class statistics to carry along the drift
+    assert ignored_in_increment(lwm, keys) == (["drift_shrink"], ["base_epochs"])

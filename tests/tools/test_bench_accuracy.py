@@ -110,3 +110,17 @@ def test_sweep_chooses_on_validation(folder, tmp_path):
                  "--val-fraction", "0.25", "--out", str(out3), *TINY]) == 0
     r3 = json.loads((out3 / "results.json").read_text())
     assert r3["orders"][0]["methods"]["lwm"]["config"]["train"]["lr"] == 0.003
+
+
+def test_an_image_folder_larger_than_one_load_gives_its_per_class_sample(folder, tmp_path, monkeypatch, capsys):
+    """If this fails, `bench accuracy --data FOLDER --per-class N` refuses a folder larger than
+    one load ("exceed the limit of one load") instead of sampling N per class before decoding
+    (7 x 14 training images here against a limit lowered to 60; the sample is 7 x 8)."""
+    import fieldlearn.device.data as data
+
+    monkeypatch.setattr(data, "MAX_IMAGES", 60)
+    out = tmp_path / "out"
+    assert _run(["--data", str(folder), "--base", "3", "--steps", "2", "--per-class", "8", "--test-per-class", "3",
+                 "--val-fraction", "0.25", "--methods", "ncm", "--out", str(out), *TINY]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("order 1993:")][0]
+    assert line == f"order 1993: {7 * 6} train, {7 * 2} validation, {7 * 3} test images", line

@@ -193,6 +193,35 @@ def test_the_plan_sizes_the_training_the_configured_method_does(method, sized, m
     assert asked and set(asked) == {sized}
 
 
+def test_the_plan_on_cuda_holds_only_what_the_learner_can_run(monkeypatch):
+    """If this fails, the planner (on a CUDA device) picks a candidate that fits only in fp16,
+    which the learner cannot run (it trains in fp32): the plan's options then exceed the budget
+    as soon as `learn` uses them. Here fp32 never fits and fp16 would: nothing may be planned."""
+    from fieldlearn.tools.profile import planner
+    from fieldlearn.tools.profile.analytic import Estimate
+    from fieldlearn.tools.profile.budget import Budget
+
+    cfg = tiny_config(batch_size=16)
+    cfg.train.device = "cuda"                 # nothing runs on it: the meter and the estimator are fakes
+    specs = []
+
+    def peak(spec):
+        specs.append(spec)
+        return 1 << 20 if getattr(spec, "fp16", False) else 1 << 32
+
+    monkeypatch.setattr(planner, "estimate", lambda spec, n: Estimate(phases={"train step": peak(spec)}, flops={"top": 1}))
+
+    def measure(spec, n_images):
+        p = peak(spec)
+        return {"peak_bytes": p, "peak_runs": [p], "images_per_second": 100.0, "meter": "cpu",
+                "phases": {}, "components": {}, "baseline_bytes": 1 << 20, "peak_phase": "train step"}
+
+    with pytest.raises(planner.NothingFits) as e:
+        planner.make_plan(cfg, Budget(1 << 30, "test"), n_images=32, max_measured=2, measure=measure)
+    assert specs and not any(getattr(s, "fp16", False) for s in specs), "an fp16 step was sized"
+    assert e.value.result.chosen is None
+
+
 def test_nothing_fits_is_one_line_error_naming_the_smallest_config(tmp_path, capsys):
     """A budget below the runtime itself: exit 2 and one line that names the smallest
     configuration and its peak, not a traceback; the JSON and chart are still written."""

@@ -7,9 +7,12 @@ Knobs, searched in this order of preference:
     input resolution (down from the configured one) and frozen depth (up from it)
         change what the model learns, so they are "levels": the planner keeps the
         configured ones if anything fits there, and gives them up one level at a time;
-    batch size (down from the configured one), activation checkpointing of the trainable
-        blocks, fp16 autocast (CUDA) change only speed and memory: within a level, the
-        combination with the most predicted throughput that fits is taken.
+    batch size (down from the configured one) and activation checkpointing of the
+        trainable blocks change only speed and memory: within a level, the combination
+        with the most predicted throughput that fits is taken.
+
+Only what the learner can run is planned: it trains in fp32, so no fp16 candidate is
+(a plan that fits only in fp16 would exceed the budget as soon as `learn` runs it).
 
 Every candidate is estimated analytically (fieldlearn.tools.profile.analytic: meta
 device, milliseconds). The configured one is also measured in a fresh process first: that
@@ -22,7 +25,7 @@ Throughput model: a step costs 3 forwards of the trainable top (forward + backwa
 with checkpointing (the recomputation), in FLOPs per image from the meta-device count;
 predicted images/s scale the configured candidate's measured speed by that cost ratio.
 Batch size is assumed not to change the per-image cost (it does, a little: ties go to the
-larger batch). fp16 is assumed no faster (ties go to fp32: the learner trains in fp32).
+larger batch).
 """
 
 from __future__ import annotations
@@ -53,12 +56,10 @@ class Candidate:
     input_size: int
     freeze_blocks: int
     checkpoint_top: bool = False
-    fp16: bool = False
 
     @classmethod
-    def of(cls, cfg: RunConfig, fp16: bool = False) -> "Candidate":
-        return cls(cfg.train.batch_size, cfg.model.input_size, cfg.model.freeze_blocks,
-                   cfg.train.checkpoint_top, fp16)
+    def of(cls, cfg: RunConfig) -> "Candidate":
+        return cls(cfg.train.batch_size, cfg.model.input_size, cfg.model.freeze_blocks, cfg.train.checkpoint_top)
 
     def apply(self, cfg: RunConfig) -> RunConfig:
         out = copy.deepcopy(cfg)
@@ -72,8 +73,6 @@ class Candidate:
         parts = [f"batch {self.batch_size}", f"{self.input_size}px", f"{self.freeze_blocks} frozen"]
         if self.checkpoint_top:
             parts.append("checkpointing")
-        if self.fp16:
-            parts.append("fp16")
         return ", ".join(parts)
 
     def options(self, model: bool = True) -> str:
@@ -175,7 +174,7 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
     cuda = cfg.train.device.startswith("cuda")
 
     def spec(c: Candidate) -> StepSpec:
-        return StepSpec(c.apply(cfg), method, n_old=n_old, n_new=n_new, fp16=c.fp16)
+        return StepSpec(c.apply(cfg), method, n_old=n_old, n_new=n_new)   # fp32: what the learner runs
 
     ref_cand = Candidate.of(cfg)
     log(f"measuring the configured candidate ({ref_cand.label()}) in a fresh process ...")
@@ -192,7 +191,6 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
                         "peak on this machine (allocator overhead)")
     seen = {ref_cand: ref}
     n_measured = 1
-    fp16s = (False, True) if cuda else (False,)
     # never above the configured batch: a larger one would change the training recipe
     # (steps per epoch, gradient noise) for speed alone
     batches = [b for b in sorted({*BATCHES, cfg.train.batch_size}, reverse=True)
@@ -213,9 +211,9 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
 
     all_levels = levels(cfg, fixed_input, min_freeze, fixed_arch)
     # Fail fast: the least memory the search can reach is at the last level, smallest batch,
-    # checkpointed (or not: on CPU the allocator can make either the smaller), fp16 on CUDA
+    # checkpointed (or not: on CPU the allocator can make either the smaller)
     size, freeze = all_levels[-1]
-    least = [estimate_one(Candidate(batches[-1], size, freeze, ck, fp16s[-1])) for ck in (True, False)]
+    least = [estimate_one(Candidate(batches[-1], size, freeze, ck)) for ck in (True, False)]
     if not any(predicted_fit(e) for e in least):
         smallest = min(least, key=lambda e: e.predicted_total)
         raise NothingFits(f"nothing fits in {budget.describe()}: the smallest configuration "
@@ -223,7 +221,7 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
                           f"(predicted; the configured one measured {fmt_bytes(ref.measured_total)})", result)
 
     for size, freeze in all_levels:
-        for e in _level_candidates(size, freeze, batches, fp16s, predicted_fit, estimate_one):
+        for e in _level_candidates(size, freeze, batches, predicted_fit, estimate_one):
             if e.measured is None:
                 if n_measured >= max_measured:
                     break
@@ -247,22 +245,21 @@ def make_plan(cfg: RunConfig, budget: Budget, *, method: str | None = None, n_im
                       f"peaks at {fmt_bytes(peak)} ({how})", result)
 
 
-def _level_candidates(size, freeze, batches, fp16s, predicted_fit, estimate_one):
+def _level_candidates(size, freeze, batches, predicted_fit, estimate_one):
     """Candidates of one (input size, frozen depth) level predicted to fit, fastest first.
 
-    Peak memory grows with the batch size, so for each (fp16, checkpointing) setting the
-    batches are tried from the largest down and the first that fits is the one kept:
-    fp32 without checkpointing, then with it, then fp16 (the throughput model's order).
+    Peak memory grows with the batch size, so for each checkpointing setting the batches
+    are tried from the largest down and the first that fits is the one kept: without
+    checkpointing, then with it (the throughput model's order).
     """
     out = []
-    for fp16 in fp16s:
-        for ck in (False, True):
-            for b in batches:
-                e = estimate_one(Candidate(b, size, freeze, ck, fp16))
-                if predicted_fit(e):
-                    out.append(e)
-                    break
-    out.sort(key=lambda e: (-round(e.throughput, 6), e.candidate.fp16, -e.candidate.batch_size))
+    for ck in (False, True):
+        for b in batches:
+            e = estimate_one(Candidate(b, size, freeze, ck))
+            if predicted_fit(e):
+                out.append(e)
+                break
+    out.sort(key=lambda e: (-round(e.throughput, 6), -e.candidate.batch_size))
     return out
 
 
