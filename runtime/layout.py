@@ -12,6 +12,9 @@ and the default places of the state, the inbox and the cache.
         model.onnx, labels.txt, model.engine (+ model.engine.json)
                               the export (engine where TensorRT is present)
         .export-*             an export being staged (removed on the next start)
+        fleet-ledger.safetensors
+                              a fleet hub's version: which device contributions it holds
+                              (fieldlearn.fleet.merge), so that each is counted once
       versions/.tmp-*         a version being written or discarded (removed on the next start)
       versions/0004/.pending  renamed into place, `current` not yet switched to it: removed
                               on the next start if its writer died before the switch
@@ -48,6 +51,7 @@ ONNX_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 ENGINE_FILE = "model.engine"   # + model.engine.json: what it was built for (runtime.tensorrt)
 PENDING = ".pending"
+FLEET_LEDGER = "fleet-ledger.safetensors"   # a fleet hub's version: the contributions it holds
 LOCK = "lock"
 TMP_PREFIX = ".tmp-"           # versions/.tmp-*: a version being written or discarded
 EXPORT_PREFIX = ".export-"     # versions/NNNN/.export-*: an export being staged
