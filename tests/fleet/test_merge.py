@@ -15,24 +15,7 @@ from fieldlearn.device.state import load_state, load_version
 from fieldlearn.fleet.contribution import make_contribution
 from fieldlearn.fleet.merge import merge_round, read_ledger
 from fieldlearn.runtime.layout import version_names
-from tests.fleet.fleet_setup import DEVICES, class_images, fleet_data, learn, make_base, make_fleet
-
-
-@pytest.fixture(scope="module")
-def data():
-    return fleet_data()
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory, data):
-    """The fleet of fleet_setup, and the hub after one merge of its three devices."""
-    root = tmp_path_factory.mktemp("fleet")
-    dirs = make_fleet(root, data)
-    pristine = root / "hub-base"
-    shutil.copytree(dirs["hub"], pristine)
-    sent = {d: make_contribution(dirs[d], d) for d in DEVICES}
-    result = merge_round(dirs["hub"], [(c, c.id) for c in sent.values()], export=False, log=lambda s: None)
-    return dirs, pristine, sent, result
+from tests.fleet.fleet_setup import DEVICES, class_images, learn, make_base
 
 
 def fresh_hub(fleet, tmp_path):
