@@ -180,6 +180,7 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
     if not result.merged:
         return result
     k_old = len(model.classes)
+    gram = from_upper(upper(gram), gram.shape[0])   # the form the devices receive: the same head, bit for bit
     student = model_from_stats(hub.student, hub.config, sums, gram, calib)
     step = hub.step + 1
     new = classes[k_old:]

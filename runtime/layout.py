@@ -18,6 +18,7 @@ and the default places of the state, the inbox and the cache.
       versions/.tmp-*         a version being written or discarded (removed on the next start)
       versions/0004/.pending  renamed into place, `current` not yet switched to it: removed
                               on the next start if its writer died before the switch
+      fleet-status.json       fieldlearn fleet join: the fleet's version this device took last
       watch-journal.json      fieldlearn watch: the increment in progress (names only)
       watch-status.json       fieldlearn watch: what the daemon is doing
       .watch.lock             fieldlearn watch: one daemon per state (flock)
@@ -51,6 +52,7 @@ ONNX_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 ENGINE_FILE = "model.engine"   # + model.engine.json: what it was built for (runtime.tensorrt)
 PENDING = ".pending"
+FLEET_STATUS = "fleet-status.json"          # a device: the fleet's version it took last (fleet join)
 FLEET_LEDGER = "fleet-ledger.safetensors"   # a fleet hub's version: the contributions it holds
 LOCK = "lock"
 TMP_PREFIX = ".tmp-"           # versions/.tmp-*: a version being written or discarded
