@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--node-auth", action="store_true",
                    help="only devices whose public key is registered with the hub connect (Flower's SuperNode "
                         "authentication; needs TLS)")
+    s.add_argument("--register", type=_file, action="append", default=[], metavar="PUBKEY",
+                   help="with --node-auth: a device's public key (ssh-keygen -t ecdsa -b 384), repeatable")
     j = sub.add_parser("join", help="a device: send what it learned, take the fleet's version")
     dj = JoinConfig()
     j.add_argument("--state", required=True, type=Path, help="this device's state directory")
@@ -81,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
                             "(loopback tests only)")
         if args.node_auth and tls.insecure:
             raise UserError("--node-auth needs TLS (--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile)")
+        if args.register and not args.node_auth:
+            raise UserError("--register: only with --node-auth")
         if not (args.state / "current").is_file():
             raise UserError(f"--state {args.state}: holds no model (fieldlearn init --state {args.state} ...)")
         cfg = ServeConfig(address=args.address, min_devices=args.min_devices, wait_s=args.wait,
                           round_timeout_s=args.round_timeout, rounds=args.rounds, export=args.export,
-                          node_auth=args.node_auth, tls=tls)
+                          node_auth=args.node_auth, register=args.register, tls=tls)
         out = serve(args.state, cfg)
         for i, r in enumerate(out["rounds"], 1):
             print(f"round {i}: hub version {r['hub_version']}" + (" (new)" if r["published"] else " (unchanged)")

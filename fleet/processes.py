@@ -60,6 +60,7 @@ class ServeConfig:
     rounds: int = 1
     export: bool = True                      # each hub version with its checked model.onnx
     node_auth: bool = False                  # only SuperNodes whose public key is registered connect
+    register: list[Path] = field(default_factory=list)   # the devices' public keys (OpenSSH EC keys)
     tls: Tls = field(default_factory=Tls)
 
 
@@ -222,7 +223,10 @@ def serve(hub: Path, cfg: ServeConfig, say=_print) -> dict:
                       "result-file": str(result_file)}
         with running(link, env, root / "superlink.log") as proc:
             wait_for_port(host, port, 60, proc, root / "superlink.log")
-            say(f"hub listening on {host}:{port} ({'TLS' if not cfg.tls.insecure else 'insecure: loopback only'})")
+            for key in cfg.register:
+                _register(key, env, root)
+            say(f"hub listening on {host}:{port} ({'TLS' if not cfg.tls.insecure else 'insecure: loopback only'})"
+                + (f"; {len(cfg.register)} device key(s) registered" if cfg.register else ""))
             app = write_app(root)
             budget = cfg.rounds * (cfg.wait_s + 2 * cfg.round_timeout_s + 300)
             cmd = [_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
@@ -231,6 +235,15 @@ def serve(hub: Path, cfg: ServeConfig, say=_print) -> dict:
         if not result_file.exists():
             raise UserError(f"the fleet's run ended without a result: {' '.join(' '.join(tail).split()[-60:])}")
         return json.loads(result_file.read_text())
+
+
+def _register(key: Path, env: dict[str, str], cwd: Path) -> None:
+    """Register a device's public key with the SuperLink (Flower's SuperNode authentication)."""
+    r = subprocess.run([_bin("flwr"), "supernode", "register", str(key), CONNECTION], env=env, cwd=cwd,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                       timeout=120)
+    if r.returncode != 0:
+        raise UserError(f"--register {key}: Flower refused it: {' '.join(r.stdout.split())[-300:]}")
 
 
 def _stream(cmd: list[str], env: dict[str, str], cwd: Path, timeout_s: float, say) -> list[str]:
@@ -281,8 +294,10 @@ def join(state: Path, cfg: JoinConfig, say=_print) -> int:
             say(f"device {cfg.device!r} joined {cfg.server}")
             while cfg.rounds == 0 or rounds < cfg.rounds:
                 if proc.poll() is not None:
-                    raise UserError(f"the SuperNode ended (exit {proc.returncode}): "
-                                    + " ".join(read_text(root / "supernode.log").split()[-40:]))
+                    raise UserError(f"the SuperNode ended (exit {proc.returncode}): the hub at {cfg.server} refused "
+                                    "this device or cannot be reached (with --node-auth: is its public key "
+                                    "registered? with TLS: the right --root-certificates?); Flower said: "
+                                    + " ".join(read_text(root / "supernode.log").split()[-30:]))
                 if time.monotonic() > deadline:
                     raise UserError(f"--timeout {cfg.timeout_s:g}: the hub at {cfg.server} ended no round in time "
                                     f"({rounds} of {cfg.rounds}; took its version {took} time(s))")
