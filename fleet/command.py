@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fieldlearn.device.config import Valid
 from fieldlearn.device.validate import option
-from fieldlearn.fleet.processes import JoinConfig, ServeConfig, Tls, join, serve
+from fieldlearn.fleet.processes import JoinConfig, ServeConfig, Tls, join, serve, split_address
 from fieldlearn.runtime.errors import UserError
 
 
@@ -72,7 +72,6 @@ def _stop_on_sigterm() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _stop_on_sigterm()
     if args.action == "serve":
         tls = Tls(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
         given = [x is not None for x in (tls.certfile, tls.keyfile, tls.ca_certfile)]
@@ -90,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = ServeConfig(address=args.address, min_devices=args.min_devices, wait_s=args.wait,
                           round_timeout_s=args.round_timeout, rounds=args.rounds, export=args.export,
                           node_auth=args.node_auth, register=args.register, tls=tls)
+        split_address(args.address)
+        _stop_on_sigterm()
         out = serve(args.state, cfg)
         for i, r in enumerate(out["rounds"], 1):
             print(f"round {i}: hub version {r['hub_version']}" + (" (new)" if r["published"] else " (unchanged)")
@@ -107,5 +108,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = JoinConfig(server=args.server, rounds=args.rounds, timeout_s=args.timeout,
                      root_certificates=args.root_certificates, auth_private_key=args.auth_private_key,
                      **({"device": args.device} if args.device else {}))
+    _stop_on_sigterm()
     join(args.state, cfg)
     return 0

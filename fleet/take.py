@@ -59,7 +59,8 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
          export: bool = True, log: Callable[[str], None] = print) -> Path:
     """Publish `model` (a hub version) into the device's store, with its own uncounted classes
     on top. sent: what the device sent this round (None: it sent nothing). Hold the state lock.
-    Returns the new current version dir."""
+    Returns the new current version dir (the current one, unchanged, when it already holds
+    `model` and nothing of its own is outside it)."""
     state = load_state(device_dir)
     h = base_hash(state.student)
     if h != model.base:
@@ -67,6 +68,9 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
                         "it cannot take the fleet's version")
     own = make_contribution(device_dir, device)
     rest = uncounted(own, model, sent)
+    if rest is None and own.ref == model.hub_version:
+        log(f"already holds the fleet's version {model.hub_version}")
+        return state.version_dir
     cfg = state.config
     student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib)
     step = state.step + 1

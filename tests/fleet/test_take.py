@@ -82,3 +82,13 @@ def test_a_device_on_another_base_cannot_take(fleet, tmp_path):
         take(dev, "b", other, None, export=False, log=lambda s: None)
     assert version_names(dev) == before
 
+
+
+def test_taking_the_same_version_again_writes_nothing(fleet, tmp_path):
+    """If this fails, every round writes a new, identical version on every device (a fleet
+    that merges nothing new fills the devices' stores)."""
+    _, _, sent, result = fleet
+    dev = device_copy(fleet, "c", tmp_path)
+    first = take(dev, "c", result.model, sent["c"], export=False, log=lambda s: None)
+    again = take(dev, "c", result.model, None, export=False, log=lambda s: None)
+    assert again == first and version_names(dev)[-1] == first.name
