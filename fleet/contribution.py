@@ -132,7 +132,7 @@ def make_contribution(state_dir: Path, device: str) -> Contribution:
     sums = stats.sums.clone()
     sums[:k_ref] -= ref.student.stats.sums                                   # [K, D+1]
     changed = [i for i in range(len(sums)) if i >= k_ref or bool(sums[i].abs().max() > 0)]
-    return Contribution(device=device, base=base_hash(ref.student), ref=ref_name,
+    return Contribution(device=device, base=base_hash(state.student), ref=ref_name,
                         classes=[state.classes[i] for i in changed], sums=sums[changed],
                         gram=stats.gram - ref.student.stats.gram, calib=stats.calib - ref.student.stats.calib,
                         moved=moved_features(state.history))

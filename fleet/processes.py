@@ -202,11 +202,12 @@ def _print(line: str) -> None:
 def serve(hub: Path, cfg: ServeConfig, say=_print) -> dict:
     """Run the hub for cfg.rounds rounds (module docstring). -> the ServerApp's outcome."""
     host, port = split_address(cfg.address)
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)   # how this machine reaches its own hub
     hub = Path(hub).resolve()
     with workdir("fieldlearn-fleet-hub-") as root:
         home = root / "flwr"
         home.mkdir()
-        conn = {"address": f"{host}:{port}"}
+        conn = {"address": f"[{local}]:{port}" if ":" in local else f"{local}:{port}"}
         conn.update({"insecure": True} if cfg.tls.insecure else {"root-certificates": str(cfg.tls.ca_certfile)})
         (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                           + "".join(f"{k} = {_toml(v)}\n" for k, v in conn.items()))
@@ -222,7 +223,7 @@ def serve(hub: Path, cfg: ServeConfig, say=_print) -> dict:
                       "round-timeout-s": float(cfg.round_timeout_s), "rounds": cfg.rounds, "export": cfg.export,
                       "result-file": str(result_file)}
         with running(link, env, root / "superlink.log") as proc:
-            wait_for_port(host, port, 60, proc, root / "superlink.log")
+            wait_for_port(local, port, 60, proc, root / "superlink.log")
             for key in cfg.register:
                 _register(key, env, root)
             say(f"hub listening on {host}:{port} ({'TLS' if not cfg.tls.insecure else 'insecure: loopback only'})"

@@ -66,13 +66,15 @@ def make_base(state_dir: Path, data, cfg=None, seed: int = 0) -> Path:
                    epochs=cfg.train.base_epochs)
 
 
-def learn(state_dir: Path, new) -> Path:
-    """One increment of `new` on the device, as `fieldlearn learn` runs it (no held-out share, no export)."""
+def learn(state_dir: Path, new, method: str | None = None) -> Path:
+    """One increment of `new` on the device, as `fieldlearn learn` runs it (no held-out share,
+    no export; `method`: another learner than the state's)."""
     from fieldlearn.device.increment import learn_new_classes
     from fieldlearn.device.state import load_state
 
     state = load_state(state_dir)
-    return learn_new_classes(state_dir, state, new, state.config, val_fraction=0, log=lambda s: None).version_dir
+    cfg = dataclasses.replace(state.config, method=method) if method else state.config
+    return learn_new_classes(state_dir, state, new, cfg, val_fraction=0, log=lambda s: None).version_dir
 
 
 def make_fleet(root: Path, data) -> dict[str, Path]:

@@ -171,6 +171,20 @@ def test_a_device_on_another_base_is_refused_naming_both_hashes(fleet, data, tmp
     assert not r.published
 
 
+def test_a_device_whose_features_moved_is_refused(fleet, data, tmp_path):
+    """If this fails, a device that trained its top in an increment (--method lwm) is merged:
+    its statistics were formed over other features than the fleet's, and the merge is wrong."""
+    _, pristine, _, _ = fleet
+    hub = fresh_hub(fleet, tmp_path)
+    dev = tmp_path / "lwm"
+    shutil.copytree(pristine, dev)
+    learn(dev, class_images(data, {5: slice(0, 20)}), method="lwm")
+    c = make_contribution(dev, "lwm")
+    r = merge_round(hub, [(c, c.id)], export=False, log=lambda s: None)
+    assert "trained the top with --method lwm: its features moved" in r.refused["lwm"]
+    assert c.base[:16] in r.refused["lwm"] and not r.published
+
+
 def test_the_hub_publishes_through_the_store_and_rolls_back(fleet):
     """If this fails, the merged version is not a version like any other (no history entry,
     no rollback to the base)."""
