@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     dj = JoinConfig()
     j.add_argument("--state", required=True, type=Path, help="this device's state directory")
     j.add_argument("--server", required=True, help="the hub's HOST:PORT")
-    j.add_argument("--device", default=None, help="this device's name in the fleet (default: the host name)")
+    j.add_argument("--device", default=None, help="this device's name in the fleet, unique in it (default: the host "
+                                                  "name and 8 hex digits of /etc/machine-id)")
     j.add_argument("--rounds", type=option(int, Valid(0, 10_000)), default=dj.rounds,
                    help="stop after taking the fleet's version this often (0: stay connected; default 1)")
     j.add_argument("--timeout", type=option(float, Valid(1.0, 1e7)), default=dj.timeout_s, metavar="S",

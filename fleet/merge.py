@@ -144,8 +144,13 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
     keys = {name_key(n): n for n in classes}
     sums, gram, calib = model.sums, model.gram, model.calib
     result = RoundResult(model=model, published=False)
+    seen: set[str] = set()
     for c, sent_id in sorted(contributions, key=lambda p: p[0].device):
         try:
+            if c.device in seen:        # two devices under one name would replace each other's part
+                raise Refused(f"device {c.device!r}: a second device of this name in the round; give each device "
+                              "its own name (fleet join --device)")
+            seen.add(c.device)
             check_contribution(c, model.base, dim, sent_id)
             for n in c.classes:
                 if keys.get(name_key(n), n) != n:

@@ -15,6 +15,7 @@ and stopped (SIGTERM, then SIGKILL) however the command ends. Flower's own child
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -64,10 +65,19 @@ class ServeConfig:
     tls: Tls = field(default_factory=Tls)
 
 
+def default_device() -> str:
+    """host name + 8 hex of /etc/machine-id: two devices left at one stock host name stay two."""
+    try:
+        mid = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        mid = ""
+    return f"{socket.gethostname()}-{hashlib.sha256(mid.encode()).hexdigest()[:8]}" if mid else socket.gethostname()
+
+
 @dataclass
 class JoinConfig:
     server: str = "127.0.0.1:9092"
-    device: str = field(default_factory=socket.gethostname)   # this device's name in the fleet's ledger
+    device: str = field(default_factory=default_device)      # this device's name in the fleet's ledger (unique)
     rounds: int = 1                                           # stop after taking the fleet's version this often (0: never)
     timeout_s: float = 600.0
     root_certificates: Path | None = None                     # the CA that signed the hub's certificate

@@ -145,6 +145,17 @@ def test_bad_contributions_merge_nothing(fleet, tmp_path, how, message):
     assert "\n" not in r.refused["b"]
 
 
+def test_two_devices_under_one_name_do_not_replace_each_other(fleet, tmp_path):
+    """If this fails, two devices sharing a name (a stock host name) merge as one that learned
+    more: the second replaces the first and the first one's classes leave the fleet."""
+    _, _, sent, _ = fleet
+    hub = fresh_hub(fleet, tmp_path)
+    twin = _bad(sent["b"], device="a")
+    r = merge_round(hub, [(sent["a"], sent["a"].id), (twin, twin.id)], export=False, log=lambda s: None)
+    assert r.merged == ["a"] and "a second device of this name" in r.refused["a"]
+    assert load_state(hub).classes[-2:] == sent["a"].classes
+
+
 def test_a_bad_device_leaves_the_others_merged(fleet, tmp_path):
     """If this fails, one bad device blocks the fleet, or its part slips into the merge."""
     _, _, sent, _ = fleet
@@ -200,3 +211,32 @@ def test_the_hub_publishes_through_the_store_and_rolls_back(fleet):
     shutil.copytree(hub, hub.parent / "hub-rollback")
     old, new = rollback(hub.parent / "hub-rollback")
     assert new == base_name and load_state(hub.parent / "hub-rollback").classes == load_state(pristine).classes
+
+
+def test_a_merge_interrupted_while_publishing_publishes_nothing(fleet, tmp_path, monkeypatch):
+    """If this fails, a hub killed in the middle of writing a merged version leaves half of it
+    current (a model without its ledger, or a ledger without its model)."""
+    import fieldlearn.fleet.merge as merge
+    from fieldlearn.device.store import clean_leftovers
+
+    _, _, sent, _ = fleet
+    hub = fresh_hub(fleet, tmp_path)
+    real = merge.ledger_writer
+
+    def dying(ledger):
+        write = real(ledger)
+
+        def half(version_dir):
+            write(version_dir)                      # the ledger is on disk in the staging dir, then the kill
+            raise KeyboardInterrupt
+        return half
+
+    monkeypatch.setattr(merge, "ledger_writer", dying)
+    before = version_names(hub)
+    with pytest.raises(KeyboardInterrupt):
+        merge_round(hub, [(sent["a"], sent["a"].id)], export=False, log=lambda s: None)
+    clean_leftovers(hub)
+    assert version_names(hub) == before and read_ledger(load_state(hub).version_dir) == {}
+    monkeypatch.setattr(merge, "ledger_writer", real)
+    r = merge_round(hub, [(sent["a"], sent["a"].id)], export=False, log=lambda s: None)   # the retry merges once
+    assert r.published and load_state(hub).student.stats.counts.tolist()[-2:] == [20, 10]
