@@ -156,6 +156,9 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
                 if keys.get(name_key(n), n) != n:
                     raise Refused(f"device {c.device!r}: class {n!r} clashes with the fleet's class "
                                   f"{keys[name_key(n)]!r} (they differ only by case or Unicode form)")
+            if c.ref != BASE_REF and (not c.ref.isdigit() or int(c.ref) > int(model.hub_version)):
+                raise Refused(f"device {c.device!r}: it synced with hub version {c.ref}, but the hub serves version "
+                              f"{model.hub_version} (rolled back?); its statistics do not add to this version")
             prev = ledger.get(c.device)
             if prev is not None and prev.ref == c.ref and prev.id == c.id:
                 result.counted_before.append(c.device)

@@ -156,6 +156,16 @@ def test_two_devices_under_one_name_do_not_replace_each_other(fleet, tmp_path):
     assert load_state(hub).classes[-2:] == sent["a"].classes
 
 
+def test_a_device_synced_with_a_version_the_hub_rolled_back_is_refused(fleet, tmp_path):
+    """If this fails, a device's statistics (counted against a hub version the hub no longer
+    serves) are added to an older version that lacks part of what they are counted against."""
+    _, _, sent, _ = fleet
+    hub = fresh_hub(fleet, tmp_path)
+    ahead = _bad(sent["b"], ref="0009")
+    r = merge_round(hub, [(ahead, ahead.id)], export=False, log=lambda s: None)
+    assert "it synced with hub version 0009" in r.refused["b"] and not r.published
+
+
 def test_a_bad_device_leaves_the_others_merged(fleet, tmp_path):
     """If this fails, one bad device blocks the fleet, or its part slips into the merge."""
     _, _, sent, _ = fleet
