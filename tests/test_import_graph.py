@@ -10,7 +10,9 @@ If a test here fails, the rooms of the house leak into each other:
 - fieldlearn.runtime or fieldlearn.export imports fieldlearn.device: an inference-only
   device needs the training code;
 - the product imports fieldlearn.tools: a benchmark or the self-check becomes part of what
-  ships. Only the thin command files (fieldlearn.device.commands) may reach into tools.
+  ships. Only the thin command files (fieldlearn.device.commands) may reach into tools;
+- fieldlearn.device imports fieldlearn.fleet: a single device would need Flower. The fleet
+  is a thin room over the library, never the other way round.
 """
 
 from __future__ import annotations
@@ -125,9 +127,10 @@ def room(module: str) -> str:
 # room -> rooms it must never import
 FORBIDDEN = {
     "cli": {"tools"},
-    "device": {"commands", "cli", "tools"},
-    "export": {"device", "commands", "cli", "tools"},
-    "runtime": {"device", "commands", "cli", "tools"},
+    "device": {"commands", "cli", "tools", "fleet"},
+    "export": {"device", "commands", "cli", "tools", "fleet"},
+    "runtime": {"device", "commands", "cli", "tools", "fleet"},
+    "fleet": {"commands", "cli", "tools"},
     "tools": {"commands", "cli"},
     "commands": {"cli"},
 }
@@ -152,7 +155,8 @@ def test_no_upward_imports():
 def test_the_graph_sees_lazy_and_by_name_imports():
     """If this fails, the graph above misses imports and its two tests prove nothing."""
     graph = import_graph(package_dirs())
-    assert {"fieldlearn.device", "fieldlearn.export", "fieldlearn.runtime", "fieldlearn.tools"} <= set(graph)
+    assert {"fieldlearn.device", "fieldlearn.export", "fieldlearn.fleet", "fieldlearn.runtime",
+            "fieldlearn.tools"} <= set(graph)
     assert "fieldlearn.runtime.metadata" in graph["fieldlearn.cli.main"]                 # inside main()
     assert "fieldlearn.device.commands.learn" in graph["fieldlearn.cli.main"]            # COMMANDS table
     assert "fieldlearn.tools.bench_accuracy" in graph["fieldlearn.device.commands.bench"]
