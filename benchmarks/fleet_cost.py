@@ -81,7 +81,8 @@ def main() -> None:
                     sums, gram = stats_of(k, dim, g)
                     c = Contribution(device=f"d{i}", base=base, ref=BASE_REF,
                                      classes=[f"c{classes}-{i}-{j}" for j in range(k)], sums=sums, gram=gram,
-                                     calib=torch.tensor([k * 0.5, float(k)], dtype=torch.float64))
+                                     calib=torch.tensor([k * 0.5, float(k)], dtype=torch.float64),
+                                     seen=sums[:, -1:].expand(-1, dim).contiguous())
                     contribs.append((c, c.id))
                     sizes.append(len(recorddict_to_proto(contribution_to_record(c)).SerializeToString()))
                 hub = root / f"hub-{classes}-{devices}"

@@ -4,6 +4,7 @@
         sums  [k, D+1]   per-class sums of phi_aug (last entry: images) of the k classes
                          it changed (the new ones; known ones only where it added images)
         gram  [D+1, D+1] the sum of phi_aug phi_aug^T over those images
+        seen  [k, D]     per class and dimension, the images that kept it (ClassStats.seen)
         calib [2]        its steps' temperature evidence (sum k_s log T_s, sum k_s)
 
 Reference: the device's own version it last synced at. A version the fleet wrote on the
@@ -53,6 +54,7 @@ class Contribution:
     sums: torch.Tensor         # [k, D+1] float64
     gram: torch.Tensor         # [D+1, D+1] float64, symmetric
     calib: torch.Tensor        # [2] float64
+    seen: torch.Tensor         # [k, D] float64, the rows of ClassStats.seen of `classes`
     moved: str | None = None   # why the device's features moved (its history), or None
 
     @property
@@ -72,7 +74,7 @@ def contribution_id(c: Contribution) -> str:
     """sha256 over everything a contribution says (the Gram by its upper triangle)."""
     h = hashlib.sha256()
     h.update(json.dumps([c.device, c.base, c.ref, c.classes, c.moved]).encode())
-    for t in (c.sums, upper(c.gram), c.calib):
+    for t in (c.sums, upper(c.gram), c.calib, c.seen):
         t = t.detach().to(torch.float64).cpu().contiguous()
         h.update(f"{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
@@ -129,13 +131,14 @@ def make_contribution(state_dir: Path, device: str) -> Contribution:
     if state.classes[:k_ref] != ref.classes or ref.student.stats is None:
         raise UserError(f"{state_dir}: its classes do not extend those of its reference version "
                         f"{ref.version_dir.name}")
-    sums = stats.sums.clone()
+    sums, seen = stats.sums.clone(), stats.seen.clone()
     sums[:k_ref] -= ref.student.stats.sums                                   # [K, D+1]
+    seen[:k_ref] -= ref.student.stats.seen                                   # [K, D]
     changed = [i for i in range(len(sums)) if i >= k_ref or bool(sums[i].abs().max() > 0)]
     return Contribution(device=device, base=base_hash(state.student), ref=ref_name,
                         classes=[state.classes[i] for i in changed], sums=sums[changed],
                         gram=stats.gram - ref.student.stats.gram, calib=stats.calib - ref.student.stats.calib,
-                        moved=moved_features(state.history))
+                        seen=seen[changed], moved=moved_features(state.history))
 
 
 # ---------------------------------------------------------------------------- the hub side
@@ -157,12 +160,14 @@ def check_contribution(c: Contribution, base: str, dim: int, sent_id: str | None
         raise Refused(f"{who}: its features hash {c.base[:16]}, the fleet's base hashes {base[:16]}{why}; "
                       "only devices on the fleet's base version (with --method none) merge exactly")
     n = dim + 1
-    if c.gram.shape != (n, n) or c.sums.ndim != 2 or c.sums.shape[1] != n or c.calib.shape != (2,):
+    if (c.gram.shape != (n, n) or c.sums.ndim != 2 or c.sums.shape[1] != n or c.calib.shape != (2,)
+            or c.seen.shape != (c.sums.shape[0], dim)):
         raise Refused(f"{who}: wrong shapes (Gram {tuple(c.gram.shape)}, sums {tuple(c.sums.shape)}, calibration "
-                      f"{tuple(c.calib.shape)}); the fleet's features need a {n} x {n} Gram matrix")
+                      f"{tuple(c.calib.shape)}, seen {tuple(c.seen.shape)}); the fleet's features need a {n} x {n} "
+                      "Gram matrix")
     if len(c.classes) != c.sums.shape[0]:
         raise Refused(f"{who}: {len(c.classes)} class names for {c.sums.shape[0]} rows of class sums")
-    if not all(bool(torch.isfinite(t).all()) for t in (c.sums, c.gram, c.calib)):
+    if not all(bool(torch.isfinite(t).all()) for t in (c.sums, c.gram, c.calib, c.seen)):
         raise Refused(f"{who}: non-finite statistics")
     keys: dict[str, str] = {}
     for name in c.classes:
@@ -177,6 +182,8 @@ def check_contribution(c: Contribution, base: str, dim: int, sent_id: str | None
         if n_img != math.floor(n_img) or n_img < MIN_IMAGES:
             raise Refused(f"{who}: class {name!r} is summarised over {n_img:g} image(s); a class statistic "
                           f"needs at least {MIN_IMAGES}")
+    if bool((c.seen < 0).any()) or bool((c.seen > c.counts[:, None]).any()):
+        raise Refused(f"{who}: its per-dimension image counts are not between 0 and its classes' image counts")
     total = float(c.gram[-1, -1])
     if abs(total - float(c.counts.sum())) > 1e-6 * max(1.0, total):
         raise Refused(f"{who}: its Gram matrix counts {total:g} images, its classes {float(c.counts.sum()):g}")

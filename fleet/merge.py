@@ -57,6 +57,7 @@ class FleetModel:
     sums: torch.Tensor        # [K, D+1] float64
     gram: torch.Tensor        # [D+1, D+1] float64
     calib: torch.Tensor       # [2] float64
+    seen: torch.Tensor        # [K, D] float64
     # device -> {"id", "ref"} of the contribution of that device it counts last
     counted: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -89,7 +90,7 @@ def read_ledger(version_dir: Path) -> dict[str, LedgerEntry]:
         dim = int(e["dim"])
         c = Contribution(device=device, base=e["base"], ref=e["ref"], classes=list(e["classes"]),
                          sums=tensors[f"{i}.sums"], gram=from_upper(tensors[f"{i}.gram"], dim + 1),
-                         calib=tensors[f"{i}.calib"])
+                         calib=tensors[f"{i}.calib"], seen=tensors[f"{i}.seen"])
         out[device] = LedgerEntry(ref=e["ref"], id=e["id"], version=e["version"] or Path(version_dir).name,
                                   contribution=c)
     return out
@@ -105,7 +106,7 @@ def ledger_writer(ledger: dict[str, LedgerEntry]) -> Callable[[Path], None]:
             index[device] = {"ref": e.ref, "id": e.id, "version": e.version, "base": c.base,
                              "classes": c.classes, "dim": c.dim}
             tensors.update({f"{i}.sums": c.sums.contiguous(), f"{i}.gram": upper(c.gram).contiguous(),
-                            f"{i}.calib": c.calib.contiguous()})
+                            f"{i}.calib": c.calib.contiguous(), f"{i}.seen": c.seen.contiguous()})
         data = save_safetensors(tensors, metadata={"ledger": json.dumps(index)})
         fd = os.open(Path(version_dir) / FLEET_LEDGER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -122,7 +123,7 @@ def fleet_model(hub: LoadedState) -> FleetModel:
                         "statistics (fieldlearn init --classifier lda, the default)")
     ledger = read_ledger(hub.version_dir)
     return FleetModel(hub_version=hub.version_dir.name, base=base_hash(hub.student), classes=list(hub.classes),
-                      sums=s.sums.clone(), gram=s.gram.clone(), calib=s.calib.clone(),
+                      sums=s.sums.clone(), gram=s.gram.clone(), calib=s.calib.clone(), seen=s.seen.clone(),
                       counted={d: {"id": e.id, "ref": e.ref} for d, e in ledger.items()})
 
 
@@ -142,7 +143,7 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
     dim = hub.student.stats.dim
     classes = list(model.classes)
     keys = {name_key(n): n for n in classes}
-    sums, gram, calib = model.sums, model.gram, model.calib
+    sums, gram, calib, seen_dims = model.sums, model.gram, model.calib, model.seen
     result = RoundResult(model=model, published=False)
     seen: set[str] = set()
     for c, sent_id in sorted(contributions, key=lambda p: p[0].device):
@@ -175,12 +176,14 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
         if prev is not None and prev.ref == c.ref:
             terms.append((prev.contribution, -1.0))         # the same reference: replace, never add twice
         for t, sign in terms:
-            for n, row in zip(t.classes, t.sums):
+            for n, row, srow in zip(t.classes, t.sums, t.seen):
                 if n not in keys.values():
                     classes.append(n)
                     keys[name_key(n)] = n
                     sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])])
+                    seen_dims = torch.cat([seen_dims, seen_dims.new_zeros(1, seen_dims.shape[1])])
                 sums[classes.index(n)] += sign * row
+                seen_dims[classes.index(n)] += sign * srow
             gram = gram + sign * t.gram
             calib = calib + sign * t.calib
         ledger[c.device] = LedgerEntry(ref=c.ref, id=c.id, version=None, contribution=c)
@@ -189,7 +192,7 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
         return result
     k_old = len(model.classes)
     gram = from_upper(upper(gram), gram.shape[0])   # the form the devices receive: the same head, bit for bit
-    student = model_from_stats(hub.student, hub.config, sums, gram, calib)
+    student = model_from_stats(hub.student, hub.config, sums, gram, calib, seen_dims)
     step = hub.step + 1
     new = classes[k_old:]
     entry = {"step": step, "method": FLEET_METHOD, "new_classes": new, "n_images": int(sums[:, -1].sum()),

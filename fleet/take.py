@@ -31,13 +31,15 @@ from fieldlearn.runtime.errors import UserError
 
 def minus(own: Contribution, sent: Contribution) -> Contribution:
     """own - sent, row by row by class name (both against the same reference)."""
-    rows = {n: r.clone() for n, r in zip(own.classes, own.sums)}
-    for n, r in zip(sent.classes, sent.sums):
-        rows[n] = rows.get(n, torch.zeros_like(r)) - r
-    keep = [n for n, r in rows.items() if bool(r.abs().max() > 0)]
+    rows = {n: (r.clone(), s.clone()) for n, r, s in zip(own.classes, own.sums, own.seen)}
+    for n, r, s in zip(sent.classes, sent.sums, sent.seen):
+        r0, s0 = rows.get(n, (torch.zeros_like(r), torch.zeros_like(s)))
+        rows[n] = (r0 - r, s0 - s)
+    keep = [n for n, (r, _) in rows.items() if bool(r.abs().max() > 0)]
     return Contribution(device=own.device, base=own.base, ref=own.ref, classes=keep,
-                        sums=torch.stack([rows[n] for n in keep]) if keep else own.sums[:0],
-                        gram=own.gram - sent.gram, calib=own.calib - sent.calib)
+                        sums=torch.stack([rows[n][0] for n in keep]) if keep else own.sums[:0],
+                        gram=own.gram - sent.gram, calib=own.calib - sent.calib,
+                        seen=torch.stack([rows[n][1] for n in keep]) if keep else own.seen[:0])
 
 
 def uncounted(own: Contribution, model: FleetModel, sent: Contribution | None) -> Contribution | None:
@@ -72,7 +74,7 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
         log(f"already holds the fleet's version {model.hub_version}")
         return state.version_dir
     cfg = state.config
-    student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib)
+    student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib, model.seen)
     step = state.step + 1
     new = [n for n in model.classes if n not in state.classes]
     entry = {"step": step, "method": FLEET_METHOD, "new_classes": new, "n_images": 0,
@@ -86,8 +88,8 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
     if rest is None:
         return vd
     keys = {name_key(n): n for n in model.classes}
-    classes, sums = list(model.classes), model.sums.clone()
-    for n, row in zip(rest.classes, rest.sums):
+    classes, sums, seen = list(model.classes), model.sums.clone(), model.seen.clone()
+    for n, row, srow in zip(rest.classes, rest.sums, rest.seen):
         if keys.get(name_key(n), n) != n:
             raise UserError(f"{device_dir}: its class {n!r} clashes with the fleet's class {keys[name_key(n)]!r} "
                             f"(case or Unicode form); the fleet's version is {vd.name}, its own classes are in "
@@ -96,8 +98,10 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
             classes.append(n)
             keys[name_key(n)] = n
             sums = torch.cat([sums, sums.new_zeros(1, sums.shape[1])])
+            seen = torch.cat([seen, seen.new_zeros(1, seen.shape[1])])
         sums[classes.index(n)] += row
-    student = model_from_stats(state.student, cfg, sums, model.gram + rest.gram, model.calib + rest.calib)
+        seen[classes.index(n)] += srow
+    student = model_from_stats(state.student, cfg, sums, model.gram + rest.gram, model.calib + rest.calib, seen)
     kept = classes[len(model.classes):]
     entry2 = {"step": step + 1, "method": "none", "new_classes": kept, "n_images": 0,
               "fleet": {"kept": rest.classes}}

@@ -35,7 +35,7 @@ def test_a_contribution_crosses_the_wire_exactly_in_its_smallest_form(fleet):
     # can differ from its own transpose in the last bit, nothing more)
     assert torch.equal(back.gram, from_upper(upper(c.gram), n))
     assert torch.allclose(back.gram, c.gram, rtol=1e-13, atol=1e-15)
-    assert len(wire_bytes(rd)) < 8 * (n * (n + 1) // 2 + c.sums.numel()) + 4096      # the upper triangle, fp64
+    assert len(wire_bytes(rd)) < 8 * (n * (n + 1) // 2 + c.sums.numel() + c.seen.numel()) + 4096   # the upper triangle, fp64
     m = model_from_record(model_to_record(result.model))
     assert m.classes == result.model.classes and torch.equal(m.gram, result.model.gram)
     assert m.counted == result.model.counted
