@@ -381,7 +381,7 @@ def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tenso
     lda: each image is scored with its own class's mean taken without it (leave-one-out,
     closed form: LdaParts.loo_logits). A head solved without a fifth of a class's 25
     images scores that fifth as a class of 20 would, noisier in D dimensions than the
-    class of 25 the field meets: the temperature came out 30 % too high (benchmarks/README.md).
+    class of 25 the field meets, and its temperature comes out higher (benchmarks/README.md).
     ncm, analytic: each of `folds` folds is scored by the head solved from the statistics
     without it (a relative ridge > 0 is kept fixed: GCV per fold would cost an
     eigendecomposition each).
