@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, ImageSet, class_order, incremental_split, open_dataset
 from fieldlearn.device.classifier import ClassStats
@@ -40,7 +40,7 @@ from fieldlearn.device.metrics import AccuracyMatrix, plot_accuracy
 from fieldlearn.device.model import Student
 from fieldlearn.device.protocol import (_FIELDS, JOINT_NOTE, MethodResult, Order, Row, parse_row, row_config,
                                         row_settings, row_uses, stores_data)
-from fieldlearn.device.validate import option, validate_config
+from fieldlearn.device.validate import validate_config
 from fieldlearn.runtime.atomic import write_json
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text as read_regular_text

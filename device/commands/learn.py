@@ -11,13 +11,12 @@ import argparse
 import warnings
 from pathlib import Path
 
-from fieldlearn.device.cli_config import SECTIONS, add_config_arguments, config_from_args
+from fieldlearn.device.cli_config import SECTIONS, add_config_arguments, config_from_args, option, overrides_from_args
 from fieldlearn.device.config import RunConfig, Valid
 from fieldlearn.device.data import MIN_IMAGES
 from fieldlearn.device.increment import learn_folder
 from fieldlearn.device.protocol import ignored_in_increment
 from fieldlearn.device.store import config_of, read_meta
-from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import current_version_dir
 
@@ -71,7 +70,7 @@ def say_ignored_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     say_ignored_options(args)
-    learn_folder(args.state, args.images, args, val_fraction=args.val_fraction, eval_data=args.eval_data,
+    learn_folder(args.state, args.images, overrides_from_args(args), val_fraction=args.val_fraction, eval_data=args.eval_data,
                  export=args.export,
                  min_new_accuracy=None if args.min_new_accuracy is None else args.min_new_accuracy / 100)
     return 0

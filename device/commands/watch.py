@@ -24,9 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments
+from fieldlearn.device.cli_config import add_config_arguments, option, overrides_from_args
 from fieldlearn.device.config import Valid
-from fieldlearn.device.validate import option
 from fieldlearn.device.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
 
 SECONDS = Valid(0.0, 7 * 86400.0)
@@ -98,7 +97,8 @@ def _unit_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     watcher = Watcher(args.inbox, args.state, quiet_seconds=args.quiet_seconds, keep_images=args.keep_images,
                       status_path=args.status, val_fraction=args.val_fraction, eval_data=args.eval_data,
-                      cfg_args=args, log=functools.partial(print, flush=True), settle_seconds=args.settle_seconds)
+                      overrides=overrides_from_args(args), log=functools.partial(print, flush=True),
+                      settle_seconds=args.settle_seconds)
     if args.print_unit:
         # under sudo the service runs as the user who owns the venv and state, not as root
         user = os.environ.get("SUDO_USER") or None if os.geteuid() == 0 else getpass.getuser()
