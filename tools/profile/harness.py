@@ -179,4 +179,35 @@ class StepHarness:
                                        self.targets).values())
 
 
-__all__ = ["NAIVE", "StepSpec", "StepHarness", "random_images", "method_names"]
+class SavedBytes:
+    """Bytes autograd saves for backward during `with saved.hooks(): h.step()`: each storage
+    once, by its identity (a meta tensor of the analytic estimate has no address), the
+    student's weights and buffers and the batch itself excluded. The one counter of the
+    analytic estimate and the measurement."""
+
+    def __init__(self, h: StepHarness):
+        self.exclude = {_storage_key(t) for t in [*h.student.parameters(), *h.student.buffers(), h.z]}
+        self.sizes: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = _storage_key(t)
+        except (RuntimeError, NotImplementedError):   # tensor subclasses without storage
+            return t
+        if key not in self.exclude:
+            self.sizes[key] = t.untyped_storage().nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+__all__ = ["NAIVE", "SavedBytes", "StepSpec", "StepHarness", "random_images", "method_names"]
