@@ -1,7 +1,8 @@
 """Build CLI options from the typed config dataclasses, and a RunConfig back from them.
 
 Every field of ModelConfig, LossConfig and TrainConfig (and RunConfig's own scalars)
-becomes `--field-name`; booleans get `--x/--no-x`, Literals get choices. Options left
+becomes `--field-name` with the help and default its field declares (config.knob);
+booleans get `--x/--no-x`, Literals get choices. Options left
 unset keep the base config's value (the defaults, or a state's saved config). Each flag
 parses and range-checks its value by fieldlearn.device.validate's rules (the ranges declared
 in fieldlearn.device.config.VALID); overrides_from_args turns the parsed options into the
@@ -55,7 +56,11 @@ def _add(group, klass, f: dataclasses.Field, hint, dest: str) -> None:
         kw["type"], kw["nargs"] = field_option(klass, f.name), len(typing.get_args(hint))
     else:
         kw["type"] = field_option(klass, f.name)
-    group.add_argument(_flag(f.name), help=f"default: {default}", **kw)
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    rule, kind, _ = field_rule(klass, f.name)
+    accepts = f"{describe(rule, kind)}; " if rule is not None and not (rule.choices or rule.pattern) else ""
+    about = f.metadata.get("help", "")
+    group.add_argument(_flag(f.name), help=f"{about} ({accepts}default: {shown})".lstrip(), **kw)
 
 
 def overrides_from_args(args: argparse.Namespace) -> ConfigOverrides:

@@ -53,9 +53,10 @@ DEFAULT_ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwf_mc+anal
 
 
 # Staged sweep: within a stage one key changes at a time around the best setting so far;
-# a row skips the keys it does not use (row_uses), --sweep-keys narrows them further.
-# lr: 0.02 left the grid after it diverged on the current base network (validation 57.0 vs
-# 0.003's 77.3, benchmarks/README.md#linear-head-rows); 0.0003 probes the way to "features frozen".
+# a row skips the keys it does not use (row_uses), --sweep-keys narrows them further. Keys
+# name config fields (fieldlearn.device.config owns their ranges and help); the grids are
+# the values tried. lr: 0.02 left the grid after it diverged on the base network's features
+# (benchmarks/README.md#linear-head-rows); 0.0003 probes the way to "features frozen".
 SWEEP_STAGES: list[dict[str, list]] = [
     {"base_lr": [0.003, 0.01, 0.03, 0.05], "base_epochs": [8, 15, 30]},
     {"dropout": [0.0, 0.2], "features": ["student", "concat"], "ridge": [0.0, 0.03, 0.1, 0.3, 1.0],
