@@ -44,9 +44,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections=("model", "lo
             _add(group, RunConfig, f, hints_run[f.name], f.name)
 
 
-def _add(group, klass, f: dataclasses.Field, hint, dest: str) -> None:
+def add_option(parser, klass: type, name: str) -> None:
+    """`--name` for one declared field of `klass` that is no part of RunConfig (e.g.
+    config.StepOptions): its help, range and default, the default kept in the namespace."""
+    f = next(f for f in dataclasses.fields(klass) if f.name == name)
+    _add(parser, klass, f, typing.get_type_hints(klass)[name], name, keep_default=True)
+
+
+def _add(group, klass, f: dataclasses.Field, hint, dest: str, keep_default: bool = False) -> None:
     default = f.default if f.default is not dataclasses.MISSING else None
-    kw: dict = {"dest": dest, "default": argparse.SUPPRESS}
+    kw: dict = {"dest": dest, "default": default if keep_default else argparse.SUPPRESS}
     origin = typing.get_origin(hint)
     if hint is bool:
         kw["action"] = argparse.BooleanOptionalAction

@@ -176,6 +176,14 @@ class RunConfig:
         return build(cls, d)
 
 
+@dataclass
+class StepOptions:
+    """How an increment is checked (fieldlearn learn, the watch daemon), not saved with the model."""
+    val_fraction: float = knob(0.1, "share of the new images held out to measure new-class accuracy (rounded per "
+                                    "class, each class keeps the minimum to learn from; held-out images join the "
+                                    "class statistics after they are scored)", Valid(0.0, 1.0, hi_open=True))
+
+
 _SUB = {(RunConfig, "model"): ModelConfig, (RunConfig, "loss"): LossConfig, (RunConfig, "train"): TrainConfig}
 
 
@@ -187,5 +195,5 @@ def help_of(klass: type, name: str) -> str:
 # The valid values each field declares, by class: what fieldlearn.device.validate reads.
 VALID: dict[type, dict[str, Valid]] = {
     klass: {f.name: f.metadata["valid"] for f in dataclasses.fields(klass) if "valid" in f.metadata}
-    for klass in (ModelConfig, LossConfig, TrainConfig, RunConfig)
+    for klass in (ModelConfig, LossConfig, TrainConfig, RunConfig, StepOptions)
 }

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from fieldlearn.device.classifier import solve_head
-from fieldlearn.device.config import RunConfig
+from fieldlearn.device.config import RunConfig, StepOptions
 from fieldlearn.device.data import (MIN_IMAGES, ImageSet, class_order, known_classes_of, load_image_folder,
                                     open_dataset)
 from fieldlearn.device.learner import (classifier_features, evaluate, fold_in, learn_increment, predict_logits,
@@ -37,7 +37,7 @@ from fieldlearn.device.model import build_student
 from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
 from fieldlearn.device.store import check_new_class_names
-from fieldlearn.device.validate import ConfigOverrides
+from fieldlearn.device.validate import ConfigOverrides, check_field
 from fieldlearn.export.deploy import export_writer
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import META, current_file, version_names
@@ -196,7 +196,7 @@ def hold_out(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, Imag
 
 
 def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: RunConfig, *,
-                      val_fraction: float = 0.1, eval_data: str | None = None, where: Path | None = None,
+                      val_fraction: float = StepOptions.val_fraction, eval_data: str | None = None, where: Path | None = None,
                       export: bool = False, export_images: list[str] | None = None,
                       extra_entry: dict[str, Any] | None = None,
                       min_new_accuracy: float | None = None, log: Callable[[str], None] = say) -> Increment:
@@ -209,8 +209,9 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     model.onnx + labels.txt (+ engine where TensorRT is present), or not at all (fieldlearn
     watch). Images are only read into memory; nothing of them is written to the state.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    why = check_field(StepOptions, "val_fraction", val_fraction)
+    if why:
+        raise UserError(f"--val-fraction {val_fraction}: {why}")
     where = where if where is not None else Path(".")
     check_new_class_names(new.class_names, state.classes, where)
     counts = torch.bincount(new.labels, minlength=len(new.class_names))

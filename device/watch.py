@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
+from fieldlearn.device.config import StepOptions
 from fieldlearn.device.validate import ConfigOverrides
 from fieldlearn.runtime.atomic import fsync_file, write_text
 from fieldlearn.runtime.errors import UserError
@@ -265,7 +266,7 @@ class Watcher:
     """
 
     def __init__(self, inbox: Path, state_dir: Path, *, quiet_seconds: float = 0, keep_images: Path | None = None,
-                 status_path: Path | None = None, val_fraction: float = 0.1, eval_data: str | None = None,
+                 status_path: Path | None = None, val_fraction: float = StepOptions.val_fraction, eval_data: str | None = None,
                  overrides: ConfigOverrides | None = None, log: Callable[[str], None] = print, settle_seconds: float = SETTLE_SECONDS):
         self.inbox = Path(inbox).expanduser().resolve()
         self.state_dir = Path(state_dir).expanduser().resolve()

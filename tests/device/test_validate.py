@@ -224,9 +224,9 @@ def test_each_knob_declares_its_help_and_range_in_one_place():
     import dataclasses
 
     from fieldlearn.device.cli_config import add_config_arguments
-    from fieldlearn.device.config import help_of
+    from fieldlearn.device.config import StepOptions, help_of
 
-    for klass in (ModelConfig, LossConfig, TrainConfig, RunConfig):
+    for klass in (ModelConfig, LossConfig, TrainConfig, RunConfig, StepOptions):
         for f in dataclasses.fields(klass):
             if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
                 continue
