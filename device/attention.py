@@ -20,13 +20,21 @@ import torch
 EPS = 1e-12   # floor of a map's L2 norm: an all-zero map stays zero instead of 0/0
 
 
+def class_map(feats: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The closed form before its ReLU: sum_k w[b, k] A_k, in feats' dtype.
+
+    feats [B, C, h, w], w [B, C] (each sample's head row) -> [B, h*w]. The one copy of the
+    formula: gradcam below, the fused LAD op's reference and the self-check's inputs use it.
+    """
+    return torch.einsum("bc,bchw->bhw", w.to(feats.dtype), feats).flatten(1)
+
+
 def gradcam(feats: torch.Tensor, head_weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Unnormalised closed-form Grad-CAM.
 
     feats [B, C, h, w], head_weight [K, C], classes [B] (long) -> [B, h*w], >= 0.
     """
-    w = head_weight[classes]                                    # [B, C]
-    return torch.einsum("bc,bchw->bhw", w.to(feats.dtype), feats).flatten(1).relu()
+    return class_map(feats, head_weight[classes]).relu()       # head rows [B, C]
 
 
 def l2_normalize(maps: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -49,7 +57,13 @@ def gradcam_autograd(feats: torch.Tensor, logits_fn: Callable[[torch.Tensor], to
     """
     if not feats.requires_grad:
         feats = feats.detach().requires_grad_(True)
-    logits = logits_fn(feats)                                             # [B, K]
+    return gradcam_of_graph(logits_fn(feats), feats, classes, create_graph)
+
+
+def gradcam_of_graph(logits: torch.Tensor, feats: torch.Tensor, classes: torch.Tensor,
+                     create_graph: bool = False) -> torch.Tensor:
+    """The same from logits [B, K] already computed from feats [B, C, h, w] (e.g. activations
+    caught by a forward hook, as public LwM code does) -> [B, h*w] (unnormalised)."""
     score = logits.gather(1, classes[:, None]).sum()
     (grad,) = torch.autograd.grad(score, feats, create_graph=create_graph)  # [B, C, h, w]
     alpha = grad.mean(dim=(2, 3), keepdim=True)                            # [B, C, 1, 1]

@@ -91,59 +91,30 @@ class EngineTeacher:
         return f"EngineTeacher({self.backend}, {self.onnx_path})"
 
 
-def engine_unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """None if `backend` can serve as the teacher for a student on `device`, else why not."""
-    if backend == "tensorrt":
-        from fieldlearn.runtime.cuda import tensorrt_unavailable_reason  # noqa: PLC0415
-
-        return tensorrt_unavailable_reason()
-    if backend == "onnxruntime":
-        try:
-            import onnxruntime  # noqa: F401, PLC0415
-        except ImportError:
-            return "onnxruntime is not installed (pip install onnxruntime)"
-        return None
-    return f"unknown backend {backend!r}"
+TEACHER_BACKENDS = ("tensorrt", "onnxruntime", "torch")    # what "auto" tries, fastest first
 
 
 def pick_backend(device: torch.device) -> str:
-    """"auto": TensorRT (CUDA + tensorrt importable) > ONNX Runtime > torch.
+    """What "auto" gives a student on `device`: fieldlearn.runtime.backends.pick_backend over
+    TensorRT > ONNX Runtime (with its CUDA provider for a student on CUDA) > torch."""
+    return _pick("auto", device)
 
-    One exception: for a student on CUDA without TensorRT, ONNX Runtime is chosen only if it
-    has its CUDA provider; a CPU session would be slower than the torch teacher on the GPU
-    and would move every batch to the host and back.
-    """
-    if engine_unavailable_reason("tensorrt", device) is None:
-        return "tensorrt"
-    if engine_unavailable_reason("onnxruntime", device) is None:
-        if device.type != "cuda":
-            return "onnxruntime"
-        import onnxruntime as ort  # noqa: PLC0415
 
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return "onnxruntime"
-    return "torch"
+def _pick(backend: str, device: torch.device) -> str:
+    from fieldlearn.runtime.backends import pick_backend as choose  # noqa: PLC0415
+
+    return choose(backend, TEACHER_BACKENDS, device=str(device), option="--teacher-backend")
 
 
 def make_teacher(student: Student, backend: str = "torch", **engine_options) -> Teacher:
     """The teacher for the next increment, on the requested backend.
 
     "auto": TensorRT (CUDA + tensorrt importable) > ONNX Runtime > torch (see
-    pick_backend); "torch", "onnxruntime", "tensorrt"
-    force one, with a UserError saying why when it cannot run here. engine_options
-    (work_dir, batch_size, threads) go to EngineTeacher.
+    pick_backend); "torch", "onnxruntime", "tensorrt" force one, with a UserError saying
+    why when it cannot run here. engine_options (work_dir, batch_size, threads) go to
+    EngineTeacher.
     """
-    choices = ("auto", "torch", "onnxruntime", "tensorrt")
-    if backend not in choices:
-        raise UserError(f"--teacher-backend {backend}: unknown (choose {', '.join(choices)})")
+    backend = _pick(backend, student.head.weight.device)      # UserError: unknown, or why it cannot run here
     if backend == "torch":
         return TorchTeacher(student)
-    device = student.head.weight.device
-    if backend == "auto":
-        backend = pick_backend(device)
-        if backend == "torch":
-            return TorchTeacher(student)
-    reason = engine_unavailable_reason(backend, device)
-    if reason is not None:
-        raise UserError(f"--teacher-backend {backend}: {reason}")
     return EngineTeacher(student, backend, **engine_options)

@@ -3,12 +3,12 @@
 call here and nothing else.
 
     learn_base(state_dir, data, cfg)           step 0: a base model on a labelled dataset
-    open_increment(state_dir, options)         the current version + the config a step runs with
+    open_increment(state_dir, overrides)       the current version + the config a step runs with
     learn_new_classes(state_dir, state, new, cfg)
                                                one increment: check the new classes, hold out a
                                                share, learn (fieldlearn.device.learner), score the
                                                held-out images, evaluate, publish with the export
-    learn_folder(state_dir, folder, options)   the same, from an ImageFolder (fieldlearn learn)
+    learn_folder(state_dir, folder, overrides) the same, from an ImageFolder (fieldlearn learn)
     evaluate_version(state_dir, data)          accuracy of the current version on the classes it knows
 
 Every version is published through fieldlearn.device.publish (the gate), together with its
@@ -18,7 +18,6 @@ Images are only read into memory; nothing of them is written to the state.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import time
@@ -28,9 +27,8 @@ from typing import Any, Callable
 
 import torch
 
-from fieldlearn.device.cli_config import config_from_args
 from fieldlearn.device.classifier import solve_head
-from fieldlearn.device.config import RunConfig
+from fieldlearn.device.config import RunConfig, StepOptions
 from fieldlearn.device.data import (MIN_IMAGES, ImageSet, class_order, known_classes_of, load_image_folder,
                                     open_dataset)
 from fieldlearn.device.learner import (classifier_features, evaluate, fold_in, learn_increment, predict_logits,
@@ -39,6 +37,7 @@ from fieldlearn.device.model import build_student
 from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
 from fieldlearn.device.store import check_new_class_names
+from fieldlearn.device.validate import ConfigOverrides, check_field
 from fieldlearn.export.deploy import export_writer
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import META, current_file, version_names
@@ -90,19 +89,20 @@ def learn_base(state_dir: Path, data: str, cfg: RunConfig, *, classes: int | Non
 
 # ---------------------------------------------------------------------------- an increment
 
-def step_config(base: RunConfig, options: argparse.Namespace | None, source: str | None = None) -> RunConfig:
-    """The config a step runs with: `base` (a version's saved config) with the options given
-    on the command line on top, validated, and torch set up for it (threads, device)."""
-    cfg = config_from_args(options, base=base, source=source) if options is not None else base
+def step_config(base: RunConfig, overrides: ConfigOverrides | None, source: str | None = None) -> RunConfig:
+    """The config a step runs with: `base` (a version's saved config) with the caller's
+    overrides (e.g. the options given on the command line) on top, validated, and torch set
+    up for it (threads, device)."""
+    cfg = overrides.apply(base, source=source) if overrides is not None else base
     setup_torch(cfg)
     return cfg
 
 
-def open_increment(state_dir: Path, options: argparse.Namespace | None = None) -> tuple[LoadedState, RunConfig]:
+def open_increment(state_dir: Path, overrides: ConfigOverrides | None = None) -> tuple[LoadedState, RunConfig]:
     """The current version of `state_dir` (loaded on the CPU) and the config its next step
     runs with (step_config). What `fieldlearn learn` and the watch daemon start from."""
     state = load_state(state_dir)
-    return state, step_config(state.config, options, source=str(state.version_dir / META))
+    return state, step_config(state.config, overrides, source=str(state.version_dir / META))
 
 
 @dataclass
@@ -196,7 +196,7 @@ def hold_out(data: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, Imag
 
 
 def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: RunConfig, *,
-                      val_fraction: float = 0.1, eval_data: str | None = None, where: Path | None = None,
+                      val_fraction: float = StepOptions.val_fraction, eval_data: str | None = None, where: Path | None = None,
                       export: bool = False, export_images: list[str] | None = None,
                       extra_entry: dict[str, Any] | None = None,
                       min_new_accuracy: float | None = None, log: Callable[[str], None] = say) -> Increment:
@@ -209,8 +209,9 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     model.onnx + labels.txt (+ engine where TensorRT is present), or not at all (fieldlearn
     watch). Images are only read into memory; nothing of them is written to the state.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise UserError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    why = check_field(StepOptions, "val_fraction", val_fraction)
+    if why:
+        raise UserError(f"--val-fraction {val_fraction}: {why}")
     where = where if where is not None else Path(".")
     check_new_class_names(new.class_names, state.classes, where)
     counts = torch.bincount(new.labels, minlength=len(new.class_names))
@@ -265,10 +266,10 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
     return Increment(version_dir=vd, entry=entry, classes=classes)
 
 
-def learn_folder(state_dir: Path, folder: Path, options: argparse.Namespace | None = None, **kwargs: Any) -> Increment:
+def learn_folder(state_dir: Path, folder: Path, overrides: ConfigOverrides | None = None, **kwargs: Any) -> Increment:
     """`fieldlearn learn`: the classes of an ImageFolder (one sub-folder per new class) learned
     as one increment on top of the current version (open_increment, learn_new_classes)."""
-    state, cfg = open_increment(state_dir, options)
+    state, cfg = open_increment(state_dir, overrides)
     new = load_image_folder(folder, cfg.model.input_size, min_images=MIN_IMAGES)
     return learn_new_classes(state_dir, state, new, cfg, where=folder, **kwargs)
 

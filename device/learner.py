@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 import torch
 
 from fieldlearn.device.classifier import TooFewImages, check_counts, crossfit_temperature, fit_drift, phi, solve_head
-from fieldlearn.device.config import RunConfig
+from fieldlearn.device.config import RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.engine_teacher import make_teacher
 from fieldlearn.device.methods import Batch, Method, make_method
 from fieldlearn.device.model import Student
-from fieldlearn.device.teacher import Teacher, teacher_targets
+from fieldlearn.device.teacher import Teacher, TeacherTargets, teacher_targets
 from fieldlearn.device.trunk_encoder import trunk_encoder
 from fieldlearn.runtime.errors import UserError
 
@@ -102,6 +102,46 @@ def _uses_cache(cfg: RunConfig) -> bool:
     return cfg.model.freeze_blocks > 0
 
 
+# ---------------------------------------------------------------------------- one batch
+# The pieces of train_step's loop body, apart so that the profiler and the cost benchmark
+# (fieldlearn.tools.profile.harness) time and measure this very step, not a copy of it.
+
+def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig, lr: float | None = None) -> torch.optim.SGD:
+    """The step's optimiser over the trainable parameters (lr: tc.lr unless given)."""
+    return torch.optim.SGD(params, lr=tc.lr if lr is None else lr, momentum=tc.momentum,
+                           weight_decay=tc.weight_decay)
+
+
+def train_mode(student: Student, tc: TrainConfig, step: int) -> None:
+    """The student as an epoch trains it: train mode, BatchNorm frozen in increments when asked."""
+    student.train()
+    if step > 0 and tc.freeze_bn_in_increments:
+        student.freeze_bn()
+
+
+def batch_terms(student: Student, method: Method, z: torch.Tensor, labels: torch.Tensor, n_old: int,
+                targets: TeacherTargets | None) -> dict[str, torch.Tensor]:
+    """One batch forward: z (cached trunk output [B, C_k, H', W'], or normalised pixels)
+    through the trainable top -> the method's loss terms (targets: the teacher's logits,
+    class and Grad-CAM map for the batch, or None)."""
+    feats, logits = student.forward_top(z)
+    batch = Batch(labels=labels, n_old=n_old, feats=feats, logits=logits, head_weight=student.head.weight,
+                  teacher_logits=targets.logits if targets else None,
+                  teacher_class=targets.b if targets else None,
+                  teacher_map=targets.q_t if targets else None)
+    return method.terms(batch)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor,
+                   max_grad_norm: float) -> None:
+    """zero_grad -> backward -> clip (max_grad_norm > 0) -> step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+
+
 def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epochs: int,
                cfg: RunConfig, teacher: Teacher | None = None, step: int = 0,
                lr: float | None = None, z: torch.Tensor | None = None,
@@ -145,16 +185,14 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     params = student.trainable_parameters()
     student.checkpoint_top = tc.checkpoint_top   # activation checkpointing of the trainable blocks
     lr = tc.lr if lr is None else lr
-    opt = torch.optim.SGD(params, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    opt = make_optimizer(params, tc, lr)
     n = len(data)
     per_epoch = max(1, math.ceil(n / tc.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * per_epoch))
     t0 = time.perf_counter()
     teacher_seconds = 0.0
     for epoch in _progress(range(epochs), tc.progress, f"step {step} {method.name}"):
-        student.train()
-        if step > 0 and tc.freeze_bn_in_increments:
-            student.freeze_bn()
+        train_mode(student, tc, step)
         sums: dict[str, float] = {}
         report.optimizer_steps.append(0)
         perm = torch.randperm(n, generator=gen)
@@ -176,23 +214,13 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                     tt = time.perf_counter()
                     tgt = teacher_targets(teacher, z, EVAL_BATCH)
                     teacher_seconds += time.perf_counter() - tt
-            feats, logits = student.forward_top(z)
-            batch = Batch(labels=labels[idx], n_old=n_old, feats=feats, logits=logits,
-                          head_weight=student.head.weight,
-                          teacher_logits=tgt.logits if tgt else None,
-                          teacher_class=tgt.b if tgt else None,
-                          teacher_map=tgt.q_t if tgt else None)
-            terms = method.terms(batch)
+            terms = batch_terms(student, method, z, labels[idx], n_old, tgt)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {step}, epoch {epoch}, batch {i // tc.batch_size} "
                     f"(learning rate {lr} too high?); nothing was saved")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-            opt.step()
+            optimizer_step(opt, params, loss, tc.max_grad_norm)
             sched.step()
             report.optimizer_steps[-1] += 1
             for k, v in terms.items():

@@ -88,20 +88,20 @@ def parse_row(spec: str) -> Row:
 # Settings each row runs with, on top of the config defaults, unless the benchmark's --sweep
 # chooses them, --settings gives them, or the command line sets one for every row. Values:
 # the choices of the sweeps recorded in benchmarks/README.md, by row name (a row without an
-# entry takes its method's). The product's default learner (default_row) has none: it runs at
-# config.py's defaults, which are its sweep's choices.
+# entry takes its method's); each names a config field, whose range and help config.py owns.
+# The product's default learner (default_row) has none: it runs at config.py's defaults,
+# which are its sweep's choices.
 CHOSEN: dict[str, dict] = {
-    "analytic": {"ridge": 0.0},     # GCV beat 0.03-1.0 on validation (benchmarks/results/fmnist-sweep)
-    # the linear-head rows: lr 0.02 diverges on the current base network (features of norm ~34);
-    # lr 0.003 with LC over all classes won on validation, 40.8 vs 31.6 (LwM, fmnist-demo,
-    # 2 orders; benchmarks/README.md#linear-head-rows)
+    "analytic": {"ridge": 0.0},     # GCV won the ridge sweep on validation (benchmarks/results/fmnist-sweep)
+    # the linear-head rows: lr 0.02 diverges on the base network's features (norm ~34); a
+    # small lr with LC over all classes won on validation (benchmarks/README.md#linear-head-rows)
     "finetune": {"lc_span": "all", "lr": 0.003},
     "lwf_mc": {"lc_span": "all", "ld": "kd", "beta": 0.5, "lr": 0.003},
     "lwm": {"lc_span": "all", "ld": "kd", "beta": 0.5, "gamma": 1.0, "lr": 0.003},
     "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.02},
     # LwM with the statistics head: training only the top's last block (the 1x1 conv) in
-    # increments won on validation, 85.9 vs 77.3 for every block; drift_shrink and gamma are
-    # within 0.2 of their alternatives (benchmarks/results/fmnist-lwm-sweep, fmnist-demo, 2 orders)
+    # increments drifts the old classes' features least and won on validation; drift_shrink
+    # and gamma hardly mattered (benchmarks/results/fmnist-lwm-sweep)
     "lwm+analytic": {"increment_blocks": 1, "drift_shrink": 0.1, "gamma": 2.0},
     "joint": {"lr": 0.01},
 }

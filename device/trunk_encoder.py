@@ -26,22 +26,17 @@ TRUNK_BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 def resolve(backend: str, device: str) -> str:
-    """The backend the encode pass really uses for `backend` on `device`."""
+    """The backend the encode pass really uses for `backend` on `device` (chosen by
+    fieldlearn.runtime.backends.pick_backend). The trunk's ONNX Runtime session is a CPU one,
+    so a student on another device encodes in torch."""
+    from fieldlearn.runtime.backends import pick_backend  # noqa: PLC0415
+    from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
+
     if backend not in TRUNK_BACKENDS:
-        from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
-
         raise UserError(f"--trunk-backend {backend}: unknown (choose {', '.join(TRUNK_BACKENDS)})")
-    if backend == "torch" or not str(device).startswith("cpu"):
+    if not str(device).startswith("cpu"):
         return "torch"
-    try:
-        import onnxruntime  # noqa: F401, PLC0415
-    except ImportError:
-        if backend == "onnxruntime":
-            from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
-
-            raise UserError("--trunk-backend onnxruntime: onnxruntime is not installed (pip install onnxruntime)") from None
-        return "torch"
-    return "onnxruntime"
+    return pick_backend(backend, ("onnxruntime", "torch"), device=device, option="--trunk-backend")
 
 
 def _fingerprint(student, size: int) -> tuple:

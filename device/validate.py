@@ -4,7 +4,7 @@ against what it declares, before any work starts.
     fieldlearn.device.config.VALID      ranges / patterns of the config fields (Literal and
                                         bool fields declare their choices by their type)
     validate_config(cfg, source)        a whole RunConfig, from the CLI, meta.json or a preset
-    option(kind, Valid)                 an argparse `type=` for a command's own options
+    ConfigOverrides(values).apply(base) fields set on top of a base config, then validated
 
 A refusal is a UserError (the CLI prints one line, exit 2) naming the option and the
 allowed values, e.g. `--epochs 0: must be an integer in [1, 10000]`. Standard library only
@@ -13,17 +13,15 @@ allowed values, e.g. `--epochs 0: must be an integer in [1, 10000]`. Standard li
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
 import typing
-from typing import Any, Callable
+from typing import Any, Mapping
 
 from fieldlearn.device.config import VALID, RunConfig, Valid
 from fieldlearn.runtime.errors import UserError
 
-Number = int | float
 
 
 def _sections() -> dict[str, type]:
@@ -169,40 +167,34 @@ def undeclared_fields() -> list[str]:
     return out
 
 
-# ---------------------------------------------------------------------------- command-line options
+# ---------------------------------------------------------------------------- overrides
 
-def option(kind: type, rule: Valid) -> Callable[[str], Number]:
-    """argparse `type=` for a number option: parses `kind`, checks `rule`; argparse turns the
-    ArgumentTypeError into one line naming the option (`argument --top-k: must be ...`)."""
-    def convert(raw: str) -> Number:
-        try:
-            value = kind(raw)
-        except (ValueError, OverflowError):
-            raise argparse.ArgumentTypeError(f"must be {describe(rule, kind)}, got {raw!r}") from None
-        why = problem(value, rule, kind)
-        if why:
-            raise argparse.ArgumentTypeError(f"{why}, got {raw}")
-        return value
+@dataclasses.dataclass(frozen=True)
+class ConfigOverrides:
+    """Config fields a caller sets on top of a base config (a version's saved config, a
+    preset, or the defaults): dotted field paths ("train.epochs", "loss.beta", "method") to
+    values. The command line is one source (fieldlearn.device.cli_config.overrides_from_args);
+    the daemon, the benchmarks and tests build one directly."""
+    values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    convert.__name__ = kind.__name__    # argparse names the type in its own messages
-    return convert
+    def __contains__(self, path: str) -> bool:
+        return path in self.values
 
+    @property
+    def given(self) -> frozenset[str]:
+        return frozenset(self.values)
 
-def field_option(klass: type, name: str) -> Callable[[str], Any] | None:
-    """argparse `type=` for the command-line flag of a config field (None: argparse's choices/flags do it)."""
-    rule, kind, choices = field_rule(klass, name)
-    if choices is not None:
-        return None
-    if rule is None:
-        return kind
-    if rule.choices or rule.pattern:
-        def text(raw: str) -> str:
-            why = problem(raw, rule, str)
-            if why:
-                raise argparse.ArgumentTypeError(f"{why}, got {raw!r}")
-            return raw
-        return text
-    return option(kind, rule)
+    def apply(self, base: RunConfig | None = None, source: str | None = None) -> RunConfig:
+        """`base` (default RunConfig()) with these values on top, validated as a whole
+        (validate_config: a bad given value names its flag, a bad base value `source`)."""
+        d = (base or RunConfig()).to_dict()
+        for path, value in self.values.items():
+            section, _, name = path.rpartition(".")
+            if section and section not in SECTIONS or not section and path not in d:
+                raise ValueError(f"{path}: not a config field")
+            (d[section] if section else d)[name] = list(value) if isinstance(value, (list, tuple)) else value
+        return validate_config(RunConfig.from_dict(d), source=source, given=self.given)
 
 
-__all__ = ["validate_config", "check_field", "option", "field_option", "describe", "undeclared_fields", "Valid"]
+__all__ = ["ConfigOverrides", "validate_config", "check_field", "describe", "problem", "field_rule", "undeclared_fields",
+           "Valid"]

@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fieldlearn.device.data import MIN_IMAGES, SHOWN, Skips
+from fieldlearn.device.config import StepOptions
+from fieldlearn.device.validate import ConfigOverrides
 from fieldlearn.runtime.atomic import fsync_file, write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text, why_not_regular
@@ -258,13 +260,14 @@ class Watcher:
     """One daemon: `run()` calls `step()` whenever something may be ready; a step first
     finishes or redoes an increment that a stopped run left in the journal.
 
-    cfg_args: the parsed command line (config options of learn: --epochs, --lr, ...);
-    the rest of the config comes from the state's current version.
+    overrides: config fields set by the caller (fieldlearn watch: the options of learn given
+    on its command line, --epochs, --lr, ...); the rest of the config comes from the state's
+    current version.
     """
 
     def __init__(self, inbox: Path, state_dir: Path, *, quiet_seconds: float = 0, keep_images: Path | None = None,
-                 status_path: Path | None = None, val_fraction: float = 0.1, eval_data: str | None = None,
-                 cfg_args: Any = None, log: Callable[[str], None] = print, settle_seconds: float = SETTLE_SECONDS):
+                 status_path: Path | None = None, val_fraction: float = StepOptions.val_fraction, eval_data: str | None = None,
+                 overrides: ConfigOverrides | None = None, log: Callable[[str], None] = print, settle_seconds: float = SETTLE_SECONDS):
         self.inbox = Path(inbox).expanduser().resolve()
         self.state_dir = Path(state_dir).expanduser().resolve()
         self.keep = Path(keep_images).expanduser().resolve() if keep_images is not None else None
@@ -273,7 +276,7 @@ class Watcher:
         self.settle_seconds = float(settle_seconds)
         self.val_fraction = val_fraction
         self.eval_data = eval_data
-        self.cfg_args = cfg_args
+        self.overrides = overrides
         self._log = log
         self._lock_fd: int | None = None
         self._written: dict[str, Any] | None = None
@@ -339,7 +342,7 @@ class Watcher:
             base = RunConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{self.state_dir}: the current version's config is unreadable ({e})") from None
-        step_config(base, self.cfg_args, source=str(vdir / META))
+        step_config(base, self.overrides, source=str(vdir / META))
 
     def lock(self) -> None:
         """One watcher per state dir; the lock dies with the process (SIGKILL included)."""
@@ -678,10 +681,10 @@ class Watcher:
 
         t0 = time.perf_counter()
         try:
-            state, cfg = increment.open_increment(self.state_dir, self.cfg_args)   # as fieldlearn learn does
+            state, cfg = increment.open_increment(self.state_dir, self.overrides)   # as fieldlearn learn does
         except UserError as e:                       # a broken state is not the new classes' fault
             raise NotTheData(str(e)) from None
-        if not hasattr(self.cfg_args, "train.progress"):
+        if self.overrides is None or "train.progress" not in self.overrides:
             cfg.train.progress = False               # no progress bars in a daemon's log
         data, check = self._read(claim, cfg.model.input_size)
         if data is None:

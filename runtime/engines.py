@@ -325,27 +325,16 @@ def best_engine(onnx_path: str | Path, prefer: str = "auto", *, threads: int = 0
     """The fastest engine for an ONNX file: TensorRT (engine built once and cached, see
     fieldlearn.export.tensorrt) > ONNX Runtime. `prefer` forces one; UserError if it
     cannot run here. There is no torch fallback: torch cannot run an ONNX file."""
-    from fieldlearn.runtime.cuda import tensorrt_unavailable_reason  # noqa: PLC0415
+    from fieldlearn.runtime.backends import pick_backend  # noqa: PLC0415
 
-    if prefer not in BACKENDS:
-        raise UserError(f"--backend {prefer}: unknown (choose {', '.join(BACKENDS)})")
     onnx_path = Path(onnx_path)
-    if prefer in ("auto", "tensorrt"):
-        reason = tensorrt_unavailable_reason()
-        if reason is None:
-            from fieldlearn.export.tensorrt import build_engine, engine_is_current  # noqa: PLC0415
+    if pick_backend(prefer, ("tensorrt", "onnxruntime")) == "tensorrt":
+        from fieldlearn.export.tensorrt import build_engine, engine_is_current  # noqa: PLC0415
 
-            beside = onnx_path.with_suffix(".engine")
-            opts = {"min_batch": 1, "opt_batch": max_batch, "max_batch": max_batch}
-            path = beside if engine_is_current(onnx_path, beside) else build_engine(onnx_path, None, **opts)
-            return TrtEngine(path)
-        if prefer == "tensorrt":
-            raise UserError(f"--backend tensorrt: {reason}")
-    try:
-        import onnxruntime  # noqa: F401, PLC0415
-    except ImportError:
-        raise UserError("no inference engine: neither TensorRT nor onnxruntime can be imported "
-                        "(pip install onnxruntime)") from None
+        beside = onnx_path.with_suffix(".engine")
+        opts = {"min_batch": 1, "opt_batch": max_batch, "max_batch": max_batch}
+        path = beside if engine_is_current(onnx_path, beside) else build_engine(onnx_path, None, **opts)
+        return TrtEngine(path)
     return OrtEngine(onnx_path, threads=threads)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, ImageSet, class_order, incremental_split, open_dataset
 from fieldlearn.device.classifier import ClassStats
@@ -40,7 +40,7 @@ from fieldlearn.device.metrics import AccuracyMatrix, plot_accuracy
 from fieldlearn.device.model import Student
 from fieldlearn.device.protocol import (_FIELDS, JOINT_NOTE, MethodResult, Order, Row, parse_row, row_config,
                                         row_settings, row_uses, stores_data)
-from fieldlearn.device.validate import option, validate_config
+from fieldlearn.device.validate import validate_config
 from fieldlearn.runtime.atomic import write_json
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_text as read_regular_text
@@ -53,9 +53,10 @@ DEFAULT_ROWS = ["ncm", "analytic", "none+analytic", "lwm+analytic", "lwf_mc+anal
 
 
 # Staged sweep: within a stage one key changes at a time around the best setting so far;
-# a row skips the keys it does not use (row_uses), --sweep-keys narrows them further.
-# lr: 0.02 left the grid after it diverged on the current base network (validation 57.0 vs
-# 0.003's 77.3, benchmarks/README.md#linear-head-rows); 0.0003 probes the way to "features frozen".
+# a row skips the keys it does not use (row_uses), --sweep-keys narrows them further. Keys
+# name config fields (fieldlearn.device.config owns their ranges and help); the grids are
+# the values tried. lr: 0.02 left the grid after it diverged on the base network's features
+# (benchmarks/README.md#linear-head-rows); 0.0003 probes the way to "features frozen".
 SWEEP_STAGES: list[dict[str, list]] = [
     {"base_lr": [0.003, 0.01, 0.03, 0.05], "base_epochs": [8, 15, 30]},
     {"dropout": [0.0, 0.2], "features": ["student", "concat"], "ridge": [0.0, 0.03, 0.1, 0.3, 1.0],

@@ -350,7 +350,7 @@ def add_arguments(p) -> None:
                         "--teacher-backend torch)")
     from fieldlearn.device.config import Valid  # noqa: PLC0415
     from fieldlearn.device.data import MIN_IMAGES  # noqa: PLC0415
-    from fieldlearn.device.validate import option  # noqa: PLC0415
+    from fieldlearn.device.cli_config import option  # noqa: PLC0415
 
     p.add_argument("--repeats", type=option(int, Valid(1, 100_000)), default=20, help="timed steps per method (default 20)")
     p.add_argument("--warmup", type=option(int, Valid(0, 100_000)), default=3,

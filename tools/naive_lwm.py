@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 
+from fieldlearn.device.attention import gradcam_of_graph, l2_normalize
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.methods import Batch, make_method
 from fieldlearn.device.model import Student
@@ -74,9 +74,6 @@ class NaiveLwM:
 
 
 def _gradcam(logits: torch.Tensor, feats: torch.Tensor, classes: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """Selvaraju et al.: alpha = spatial mean of d y_c / d A; map = relu(sum_k alpha_k A_k),
-    L2-normalised. [B, K], [B, C, h, w], [B] -> [B, h*w]."""
-    score = logits.gather(1, classes[:, None]).sum()
-    (grad,) = torch.autograd.grad(score, feats, create_graph=create_graph)
-    cam = (grad.mean((2, 3), keepdim=True) * feats).sum(1).flatten(1).relu()
-    return F.normalize(cam, dim=1, eps=1e-12)
+    """Selvaraju et al. by autograd (fieldlearn.device.attention.gradcam_of_graph), L2-normalised.
+    [B, K], [B, C, h, w], [B] -> [B, h*w]."""
+    return l2_normalize(gradcam_of_graph(logits, feats, classes, create_graph))

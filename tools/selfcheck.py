@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fieldlearn.device.attention import class_map, l2_normalize
 from fieldlearn.device.ops import cuda_attention
 from fieldlearn.device.ops.attention_distill import TorchKernelBackend, attention_distill, attention_distill_ref
 
@@ -84,11 +85,11 @@ def make_inputs(B: int, C: int, hw: int, dtype: torch.dtype, w_dtype: torch.dtyp
 
     feat, w, qt = draw_feat(B), draw_w(B), draw_qt(B)
     for _ in range(50):
-        cam = torch.einsum("bc,bcj->bj", w.double(), feat.double().flatten(2))
+        cam = class_map(feat.double(), w.double())                             # [B, hw]
         rms = cam.pow(2).mean(1, keepdim=True).sqrt()
         bad_c = (cam.abs() < margin * rms).any(1)
         r = cam.relu()
-        q = r / r.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        q = l2_normalize(r)
         both_zero = (q == 0) & (qt == 0)
         bad_q = (((q - qt.double()).abs() < margin / 10) & ~both_zero).any(1)
         del cam, r, q
@@ -106,7 +107,7 @@ def below_eps(feat: torch.Tensor, w: torch.Tensor, target: float = 3e-13) -> tup
     """Scale feat and w (by the same factor) so that every sample's ||relu(cam)|| is at most
     `target` < eps: the normalisation is clamped, yet q = r / eps stays O(1), so a gradient
     through the clamp (which must be zero) would show."""
-    cam = torch.einsum("bc,bcj->bj", w.double(), feat.double().flatten(2)).relu()
+    cam = class_map(feat.double(), w.double()).relu()
     s = math.sqrt(target / cam.norm(dim=1).max().item())
     return (feat.double() * s).to(feat.dtype), (w.double() * s).to(w.dtype)
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
 from fieldlearn.device.commands.common import log
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES
 from fieldlearn.device.demo import DEMO_CONFIG, run_demo
 from fieldlearn.device.protocol import default_row
-from fieldlearn.device.validate import option
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MIN_IMAGES
 from fieldlearn.device.increment import learn_base
-from fieldlearn.device.validate import option
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -11,13 +11,11 @@ import argparse
 import warnings
 from pathlib import Path
 
-from fieldlearn.device.cli_config import SECTIONS, add_config_arguments, config_from_args
-from fieldlearn.device.config import RunConfig, Valid
-from fieldlearn.device.data import MIN_IMAGES
+from fieldlearn.device.cli_config import add_option, SECTIONS, add_config_arguments, config_from_args, option, overrides_from_args
+from fieldlearn.device.config import RunConfig, StepOptions, Valid
 from fieldlearn.device.increment import learn_folder
 from fieldlearn.device.protocol import ignored_in_increment
 from fieldlearn.device.store import config_of, read_meta
-from fieldlearn.device.validate import option
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import current_version_dir
 
@@ -25,10 +23,7 @@ from fieldlearn.runtime.layout import current_version_dir
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", type=Path, help="ImageFolder root: one sub-folder of images per new class")
     p.add_argument("--state", required=True, type=Path, help="state directory (from fieldlearn init)")
-    p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, hi_open=True)), default=0.1,
-                   help="share of the new images held out to measure new-class accuracy (default 0.1; rounded "
-                        f"per class, each class keeps at least {MIN_IMAGES} to learn from; held-out images join "
-                        "the class statistics after they are scored)")
+    add_option(p, StepOptions, "val_fraction")
     p.add_argument("--min-new-accuracy", type=option(float, Valid(0.0, 100.0)), default=None, metavar="PCT",
                    help="refuse to publish the version when the held-out accuracy on the new classes is below "
                         "PCT percent (default: publish, with a warning under twice chance)")
@@ -71,7 +66,7 @@ def say_ignored_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     say_ignored_options(args)
-    learn_folder(args.state, args.images, args, val_fraction=args.val_fraction, eval_data=args.eval_data,
+    learn_folder(args.state, args.images, overrides_from_args(args), val_fraction=args.val_fraction, eval_data=args.eval_data,
                  export=args.export,
                  min_new_accuracy=None if args.min_new_accuracy is None else args.min_new_accuracy / 100)
     return 0

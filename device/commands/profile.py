@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args
+from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
 from fieldlearn.device.commands.common import log
 from fieldlearn.device.learner import setup_torch
 from fieldlearn.runtime.atomic import write_json
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MAX_IMAGES
-from fieldlearn.device.validate import option
 from fieldlearn.tools.profile.budget import PRESETS, fmt_bytes, parse_budget
 
 

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from fieldlearn.device.store import prune
-from fieldlearn.device.validate import option
+from fieldlearn.device.cli_config import option
 from fieldlearn.device.config import Valid
 
 

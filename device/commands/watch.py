@@ -24,9 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments
-from fieldlearn.device.config import Valid
-from fieldlearn.device.validate import option
+from fieldlearn.device.cli_config import add_option, add_config_arguments, option, overrides_from_args
+from fieldlearn.device.config import StepOptions, Valid
 from fieldlearn.device.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
 
 SECONDS = Valid(0.0, 7 * 86400.0)
@@ -47,8 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between inbox scans (default 2)")
     p.add_argument("--status", type=Path, default=None, metavar="FILE",
                    help=f"status JSON file (default: STATE/{STATUS})")
-    p.add_argument("--val-fraction", type=option(float, Valid(0.0, 1.0, hi_open=True)), default=0.1,
-                   help="share of the new images held out to measure new-class accuracy (default 0.1)")
+    add_option(p, StepOptions, "val_fraction")
     p.add_argument("--eval", dest="eval_data", default=None,
                    help="optional labelled dataset to evaluate all known classes on after each increment")
     p.add_argument("--print-unit", action="store_true",
@@ -79,7 +77,7 @@ def _unit_args(args: argparse.Namespace) -> list[str]:
         out += ["--poll", f"{args.poll:g}"]
     if args.status is not None:
         out += ["--status", str(args.status.expanduser().resolve())]
-    if args.val_fraction != 0.1:
+    if args.val_fraction != StepOptions.val_fraction:
         out += ["--val-fraction", f"{args.val_fraction:g}"]
     if args.eval_data:
         out += ["--eval", args.eval_data]
@@ -98,7 +96,8 @@ def _unit_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     watcher = Watcher(args.inbox, args.state, quiet_seconds=args.quiet_seconds, keep_images=args.keep_images,
                       status_path=args.status, val_fraction=args.val_fraction, eval_data=args.eval_data,
-                      cfg_args=args, log=functools.partial(print, flush=True), settle_seconds=args.settle_seconds)
+                      overrides=overrides_from_args(args), log=functools.partial(print, flush=True),
+                      settle_seconds=args.settle_seconds)
     if args.print_unit:
         # under sudo the service runs as the user who owns the venv and state, not as root
         user = os.environ.get("SUDO_USER") or None if os.geteuid() == 0 else getpass.getuser()

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from fieldlearn.device.attention import EPS, l2_normalize
+from fieldlearn.device.attention import EPS, class_map, l2_normalize
 
 
 def check_shapes(feat_s: torch.Tensor, w_s: torch.Tensor, q_t: torch.Tensor) -> None:
@@ -54,7 +54,7 @@ def lad_terms(feat_s: torch.Tensor, w_s: torch.Tensor, q_t: torch.Tensor,
     """The reference's terms, per sample, accumulated in float32 (float64 stays float64):
     cam [B, hw] (before the ReLU), q_s [B, hw] (L2-normalised), loss_b [B] = sum_j |q_s - q_t|."""
     acc = torch.float64 if feat_s.dtype == torch.float64 else torch.float32
-    cam = torch.einsum("bc,bchw->bhw", w_s.to(acc), feat_s.to(acc)).flatten(1)  # [B, hw]
+    cam = class_map(feat_s.to(acc), w_s.to(acc))                                 # [B, hw]
     q_s = l2_normalize(cam.relu(), eps)                                          # [B, hw]
     return cam, q_s, (q_s - q_t.to(acc)).abs().sum(dim=1)                        # ..., [B]
 

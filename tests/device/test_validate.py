@@ -214,3 +214,41 @@ def test_init_under_an_unwritable_place_is_one_line(tmp_path, new_folder, capsys
     (tmp_path / "file").write_text("x")
     rc = main(["init", "--data", str(new_folder), "--state", str(tmp_path / "file" / "state")])
     refused(rc, capsys.readouterr().err, tmp_path / "file" / "state")
+
+
+def test_each_knob_declares_its_help_and_range_in_one_place():
+    """If this fails, a config field lost its help (the CLI shows a bare default), or its
+    valid values live somewhere else than its declaration again: config.VALID is read from
+    the fields' metadata, and the CLI help shows the declared help and range."""
+    import argparse
+    import dataclasses
+
+    from fieldlearn.device.cli_config import add_config_arguments
+    from fieldlearn.device.config import StepOptions, help_of
+
+    for klass in (ModelConfig, LossConfig, TrainConfig, RunConfig, StepOptions):
+        for f in dataclasses.fields(klass):
+            if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                continue
+            assert help_of(klass, f.name), f"{klass.__name__}.{f.name} declares no help"
+            if f.name in VALID[klass]:
+                assert f.metadata["valid"] is VALID[klass][f.name]
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    text = " ".join(p.format_help().split())
+    assert f"{help_of(TrainConfig, 'epochs')} (an integer in [1, 10000]; default: 6)" in text
+
+
+def test_presets_and_grids_name_config_fields_only():
+    """If this fails, protocol.CHOSEN or bench_accuracy.SWEEP_STAGES holds a key that is no
+    config field (a typo sweeps nothing), or restates a range or help instead of values."""
+    import dataclasses
+
+    from fieldlearn.device.protocol import CHOSEN
+    from fieldlearn.tools.bench_accuracy import SWEEP_STAGES
+
+    names = {f.name for k in (ModelConfig, LossConfig, TrainConfig, RunConfig) for f in dataclasses.fields(k)}
+    for settings in [*CHOSEN.values(), *SWEEP_STAGES]:
+        assert set(settings) <= names, set(settings) - names
+        values = [x for v in settings.values() for x in (v if isinstance(v, list) else [v])]
+        assert all(isinstance(x, (bool, int, float, str)) for x in values), settings

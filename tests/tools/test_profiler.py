@@ -239,3 +239,23 @@ def test_nothing_fits_is_one_line_error_naming_the_smallest_config(tmp_path, cap
     report = json.loads((out / "profile.json").read_text())
     assert report["chosen"] is None and report["reference"]["measured"]["meter"] == "cpu"
     assert (out / "profile.png").stat().st_size > 0
+
+
+def test_the_harness_times_the_learners_own_step(monkeypatch):
+    """If this fails, the profiler and the cost benchmark time a copy of the training step
+    (fieldlearn.tools.profile.harness) instead of the learner's: a change to the learner's
+    step (a new term, another optimiser, clipping) would leave their numbers unchanged."""
+    from fieldlearn.device import learner
+    from fieldlearn.tools.profile.harness import StepHarness, StepSpec
+
+    calls = []
+    for name in ("make_optimizer", "train_mode", "batch_terms", "optimizer_step"):
+        real = getattr(learner, name)
+        monkeypatch.setattr(learner, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    cfg = tiny_config()
+    cfg.teacher_backend = "torch"
+    h = StepHarness(StepSpec(cfg, "lwm", n_old=5, n_new=3))
+    before = [p.detach().clone() for p in h.params]
+    h.step()
+    assert calls == ["make_optimizer", "train_mode", "batch_terms", "optimizer_step"]
+    assert any(not torch.equal(a, p) for a, p in zip(before, h.params)), "the step changed no weight"

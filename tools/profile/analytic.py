@@ -48,7 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fieldlearn.tools.profile.harness import StepHarness, StepSpec
+from fieldlearn.tools.profile.harness import SavedBytes, StepHarness, StepSpec
 from fieldlearn.tools.profile.meter import is_jetson
 from fieldlearn.device.trunk_encoder import resolve as resolve_trunk
 
@@ -217,10 +217,10 @@ def estimate(spec: StepSpec, n_images: int) -> Estimate:
             del z_all
         before = mode.live
         mode.reset_peak()
-        saved = _SavedCount(h)
+        saved = SavedBytes(h)
         for i in range(1 + STEPS):
             if i == STEPS:
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                with saved.hooks():
                     h.step()
             else:
                 h.step()
@@ -308,21 +308,3 @@ def _load_transient(mode: LiveBytes) -> None:
     with _disable_current_modes(), torch.device("meta"):
         full = sum(t.numel() * t.element_size() for t in mobilenet_v2().state_dict().values())
     mode.peak = max(mode.peak, mode.live + 2 * full)
-
-
-class _SavedCount:
-    """Bytes autograd saves for backward, each storage once, weights and the batch excluded."""
-
-    def __init__(self, h: StepHarness):
-        self.exclude = {t.untyped_storage()._cdata for t in [*h.student.parameters(), *h.student.buffers(), h.z]}
-        self.sizes: dict[int, int] = {}
-
-    def pack(self, t):
-        key = t.untyped_storage()._cdata
-        if key not in self.exclude:
-            self.sizes[key] = t.untyped_storage().nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes.values())

@@ -5,10 +5,11 @@
 The batch is what the learner's loop hands the model for a frozen trunk: z = trunk(x)
 [B, C_k, h', w'] cut from the in-memory cache, the labels, and (for methods with a teacher)
 the teacher's logits and Grad-CAM maps precomputed once per image, after which the
-learner closes the teacher (release_teacher()). The step body mirrors
-fieldlearn.device.learner.train_step's inner loop line for line: forward_top -> method
-terms -> zero_grad -> backward -> clip -> SGD step. With freeze_blocks=0 the batch is
-normalised pixels and the teacher runs on each batch, as in the learner.
+learner closes the teacher (release_teacher()). The step itself is the learner's own:
+fieldlearn.device.learner's make_optimizer, train_mode, batch_terms (forward_top -> method
+terms) and optimizer_step (zero_grad -> backward -> clip -> SGD step), the body of
+train_step's loop. With freeze_blocks=0 the batch is normalised pixels and the teacher runs
+on each batch, as in the learner.
 
 `naive_lwm` (fieldlearn.tools.bench_cost.NaiveLwM) is the baseline the way public LwM
 code computes the step; it is set up here too so that the profiler and the cost
@@ -21,8 +22,9 @@ from dataclasses import dataclass, field, asdict
 
 import torch
 
+from fieldlearn.device import learner
 from fieldlearn.device.config import RunConfig
-from fieldlearn.device.methods import METHODS, Batch, make_method
+from fieldlearn.device.methods import METHODS, make_method
 from fieldlearn.device.model import build_student
 from fieldlearn.device.teacher import TeacherTargets, teacher_targets
 
@@ -36,7 +38,6 @@ class StepSpec:
     method: str = "lwm"
     n_old: int = 50           # classes the teacher knows
     n_new: int = 10           # classes of the increment
-    fp16: bool = False        # CUDA autocast around forward and loss (profiler only; see planner)
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -105,10 +106,9 @@ class StepHarness:
             self.naive_step = NaiveLwM(self.student, self.spec.cfg, from_pixels=not self.cached)
             self.teacher = self.naive_step.teacher
         else:
-            from fieldlearn.device.learner import EVAL_BATCH  # noqa: PLC0415
             from fieldlearn.device.engine_teacher import make_teacher  # noqa: PLC0415
 
-            self.teacher = make_teacher(self.student, self.spec.cfg.teacher_backend, batch_size=EVAL_BATCH)
+            self.teacher = make_teacher(self.student, self.spec.cfg.teacher_backend, batch_size=learner.EVAL_BATCH)
         self.teacher_backend = "torch, per batch" if self.naive else getattr(self.teacher, "backend", "torch")
 
     def widen(self) -> None:
@@ -120,20 +120,17 @@ class StepHarness:
         """uint8 images -> what the step's batch is cut from: z (cached trunk output, by the
         learner's own encode) or normalised pixels."""
         from fieldlearn.device.data import to_input  # noqa: PLC0415
-        from fieldlearn.device.learner import encode  # noqa: PLC0415
 
         cfg = self.spec.cfg
         if self.cached:
-            return encode(self.student, images, cfg)
+            return learner.encode(self.student, images, cfg)
         return to_input(images, cfg.model.input_size, cfg.model.mean, cfg.model.std).to(self.device)
 
     def precompute(self, z: torch.Tensor) -> TeacherTargets | None:
         """The teacher's targets for every cached image (None where the step runs the teacher itself)."""
         if self.teacher is None or self.naive or not self.cached:
             return None
-        from fieldlearn.device.learner import chunk_size  # noqa: PLC0415
-
-        return teacher_targets(self.teacher, z, chunk_size(self.spec.cfg))
+        return teacher_targets(self.teacher, z, learner.chunk_size(self.spec.cfg))
 
     def release_teacher(self) -> bool:
         """Close the teacher once its targets are precomputed, as the learner does
@@ -157,25 +154,19 @@ class StepHarness:
     def make_optimizer(self) -> None:
         tc = self.spec.cfg.train
         self.params = self.student.trainable_parameters()
-        self.opt = torch.optim.SGD(self.params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-        self.student.train()
-        if tc.freeze_bn_in_increments:
-            self.student.freeze_bn()
+        self.opt = learner.make_optimizer(self.params, tc)
+        learner.train_mode(self.student, tc, step=1)          # an increment's epoch
         if self.naive_step is not None:
             self.naive_step.bind(self.labels, self.spec.n_old)
 
     def step(self) -> torch.Tensor:
-        """One optimiser step; returns the loss (detached, not synchronised)."""
+        """One optimiser step, by the learner's own batch_terms and optimizer_step (the body
+        of train_step's loop); returns the loss (detached, not synchronised)."""
         if self.naive_step is not None:
             loss = self.naive_step.loss(self.z)
         else:
             loss = self._loss()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        tc = self.spec.cfg.train
-        if tc.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm)
-        self.opt.step()
+        learner.optimizer_step(self.opt, self.params, loss, self.spec.cfg.train.max_grad_norm)
         return loss.detach()
 
     def _loss(self) -> torch.Tensor:
@@ -183,22 +174,40 @@ class StepHarness:
         if not self.cached and self.teacher is not None:
             with torch.no_grad():      # learner without a frozen trunk: the teacher runs per batch
                 self.targets = teacher_targets(self.teacher, self.student.encode(z), len(z))
-        with _autocast(self.spec.fp16, self.device):
-            feats, logits = self.student.forward_top(z if self.cached else self.student.encode(z))
-            t = self.targets
-            batch = Batch(labels=self.labels, n_old=self.spec.n_old, feats=feats, logits=logits,
-                          head_weight=self.student.head.weight,
-                          teacher_logits=t.logits if t else None, teacher_class=t.b if t else None,
-                          teacher_map=t.q_t if t else None)
-            return sum(self.method.terms(batch).values())
+        z = z if self.cached else self.student.encode(z)
+        return sum(learner.batch_terms(self.student, self.method, z, self.labels, self.spec.n_old,
+                                       self.targets).values())
 
 
-def _autocast(fp16: bool, device: torch.device):
-    import contextlib  # noqa: PLC0415
+class SavedBytes:
+    """Bytes autograd saves for backward during `with saved.hooks(): h.step()`: each storage
+    once, by its identity (a meta tensor of the analytic estimate has no address), the
+    student's weights and buffers and the batch itself excluded. The one counter of the
+    analytic estimate and the measurement."""
 
-    if fp16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    def __init__(self, h: StepHarness):
+        self.exclude = {_storage_key(t) for t in [*h.student.parameters(), *h.student.buffers(), h.z]}
+        self.sizes: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            key = _storage_key(t)
+        except (RuntimeError, NotImplementedError):   # tensor subclasses without storage
+            return t
+        if key not in self.exclude:
+            self.sizes[key] = t.untyped_storage().nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
 
 
-__all__ = ["NAIVE", "StepSpec", "StepHarness", "random_images", "method_names"]
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+__all__ = ["NAIVE", "SavedBytes", "StepSpec", "StepHarness", "random_images", "method_names"]

@@ -74,28 +74,6 @@ def _warm_up(device) -> None:
     import fieldlearn.export.onnx  # noqa: F401, PLC0415
 
 
-class _SavedBytes:
-    """saved_tensors_hooks that sum the bytes autograd keeps for backward (each storage once;
-    parameters, buffers and the batch itself excluded)."""
-
-    def __init__(self, exclude):
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-        self.seen: dict[int, int] = {}
-
-    def pack(self, t):
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):   # tensor subclasses without storage
-            return t
-        if ptr and ptr not in self.exclude:
-            self.seen[ptr] = max(self.seen.get(ptr, 0), _nbytes(t))
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-
 def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
             system_before: int | None = None) -> dict[str, Any]:
     """Run one increment's phases of `spec` (a StepSpec) here and return what each cost,
@@ -103,7 +81,7 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
     process loaded torch (Jetson: the budget counts the whole process)."""
     import torch  # noqa: PLC0415
 
-    from fieldlearn.tools.profile.harness import StepHarness, random_images  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import SavedBytes, StepHarness, random_images  # noqa: PLC0415
 
     cfg = spec.cfg
     if cfg.train.num_threads > 0:
@@ -177,11 +155,11 @@ def measure(spec, n_images: int, steps: int = STEPS, warmup: int = WARMUP,
 
     meter.reset_peak()
     times = []
-    saved = _SavedBytes([*h.student.parameters(), *h.student.buffers(), h.z])
+    saved = SavedBytes(h)
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         if i == warmup + steps - 1:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            with saved.hooks():
                 h.step()
         else:
             h.step()
