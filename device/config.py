@@ -75,10 +75,12 @@ class ModelConfig:
                   "(frozen), of the trained top (student), or both side by side (concat)")
     ridge: float = knob(0.1, "analytic head: relative ridge; 0 = chosen by generalised cross-validation (slower)",
                         Valid(0.0, 1e6))
-    # The covariance of a few hundred images in 2560 dimensions is singular without it. The
-    # default is the field protocol's validation choice (a full base, a few dozen images per
-    # new class: benchmarks/README.md#the-field-scenario-issue-21).
-    shrink: float = knob(0.35, "lda head: weight of the scaled identity the pooled covariance is shrunk "
+    # The covariance of a few hundred images in 2560 dimensions is singular without it, and a
+    # class mean from a few dozen photos is noisy in the directions its inverse weighs most.
+    # The default is the default row's validation choice on the field protocols (a full base,
+    # 10 or 25 images per new class) and on the balanced ones alike:
+    # benchmarks/README.md#the-field-scenario-issue-21.
+    shrink: float = knob(0.8, "lda head: weight of the scaled identity the pooled covariance is shrunk "
                                "towards; 1 = the covariance is a scaled identity", Valid(0.0, 1.0, lo_open=True))
 
 
