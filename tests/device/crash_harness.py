@@ -54,7 +54,7 @@ IMAGES_PER_CLASS = 10
 INIT_ARGS = ["--width", "0.35", "--variant", "cifar", "--input-size", "32", "--no-pretrained",
              "--freeze-blocks", "0", "--base-epochs", "6", "--epochs", "1", "--batch-size", "8",
              "--no-progress", "--num-threads", "1"]
-LEARN_ARGS = ["--no-progress", "--num-threads", "1", "--epochs", "1", "--batch-size", "8"]
+LEARN_ARGS = ["--no-progress", "--num-threads", "1", "--batch-size", "8"]   # method none: no --epochs to give
 EXPORT_ARGS = ["--no-engine"]
 WATCH_ARGS = ["--once", "--settle-seconds", "0", *LEARN_ARGS]
 COMMANDS = ("learn", "export", "watch")

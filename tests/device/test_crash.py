@@ -81,8 +81,8 @@ def test_disk_full_learn_is_one_line_and_keeps_the_current_model(tmp_path, expor
     state = _copy(exportable_state, tmp_path / "state")
     new = write_image_folder(tmp_path / "new", gen_test, [50], 6)
     before = tree_hash(state)
-    r = _cli(["learn", str(new), "--state", str(state), *LEARN_ARGS, "--teacher-backend", "torch"],
-             preexec_fn=_fsize_limited(200_000))   # (torch teacher: no teacher ONNX written to TMPDIR first)
+    r = _cli(["learn", str(new), "--state", str(state), *LEARN_ARGS],
+             preexec_fn=_fsize_limited(200_000))   # (method none: no teacher ONNX written to TMPDIR first)
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr[-2000:]
     assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -51,8 +51,12 @@ def test_merged_model_equals_one_state_that_learned_the_union(fleet, data):
     assert merged.classes == [names[i] for i in (0, 1, 2, 3, 4, 5, 6, 7)]     # kiwi0 (4) once
     ref, base = union_reference(dirs, data, merged.classes)
     m = merged.student.stats
-    assert torch.allclose(m.sums, ref.sums, rtol=1e-10, atol=1e-9)
-    assert torch.allclose(m.gram, ref.gram, rtol=1e-10, atol=1e-9)
+    # The merge itself adds float64 sums exactly; the features under it are float32 and come out
+    # a few ulps apart when the union is encoded in other batches or on other threads (pytest -n),
+    # so the tolerance is float32's, far below one image's weight in a class sum (~1e-2)
+    assert torch.allclose(m.sums, ref.sums, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(m.gram, ref.gram, rtol=1e-6, atol=1e-6)
+    assert torch.equal(m.seen, ref.seen)
     assert m.counts[4] == 20                                                   # 10 from a + 10 from c
     # logits of the published head = the union's head (with the fleet's temperature)
     test = data.subset(data.labels < 8)
