@@ -122,3 +122,14 @@ def test_one_process_is_not_a_job():
     assert world_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
     w = world_from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
     assert (w.rank, w.size, w.local_rank, w.main) == (2, 4, 0, False)
+
+
+def test_the_shares_cover_every_image_and_are_of_equal_length():
+    """If this fails, some base images train on no rank (a share dropped or cut short), or
+    the ranks make different numbers of optimiser steps and the job hangs in an all-reduce."""
+    from fieldlearn.device.distributed import DdpStep, World
+
+    for n, size in ((57, 2), (10, 3), (3, 4)):
+        shares = [DdpStep(World(rank=r, size=size, local_rank=r)).shard(n, seed=7) for r in range(size)]
+        assert len({len(s) for s in shares}) == 1
+        assert set(torch.cat(shares).tolist()) == set(range(n))
