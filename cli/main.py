@@ -42,6 +42,12 @@ LOCKED = {"init", "learn", "export", "rollback", "prune"}
 def _state_lock(name: str, args: argparse.Namespace):
     if name not in LOCKED or getattr(args, "state", None) is None:
         return contextlib.nullcontext()
+    if name == "init":   # under torchrun, rank 0 holds the lock for the whole job (it alone writes)
+        from fieldlearn.device.distributed import world_from_env  # noqa: PLC0415
+
+        world = world_from_env()
+        if world is not None and not world.main:
+            return contextlib.nullcontext()
     from fieldlearn.device.store import state_lock  # noqa: PLC0415 - classify must not import device
 
     return state_lock(args.state, f"fieldlearn {name}", create=name == "init")

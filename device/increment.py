@@ -18,6 +18,7 @@ Images are only read into memory; nothing of them is written to the state.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -31,6 +32,7 @@ from fieldlearn.device.classifier import solve_head
 from fieldlearn.device.config import RunConfig, StepOptions
 from fieldlearn.device.data import (MIN_IMAGES, ImageSet, class_order, known_classes_of, load_image_folder,
                                     open_dataset)
+from fieldlearn.device.distributed import DdpStep, barrier, process_group, world_from_env
 from fieldlearn.device.learner import (classifier_features, evaluate, fold_in, learn_increment, predict_logits,
                                        setup_torch, train_base)
 from fieldlearn.device.model import build_student
@@ -49,10 +51,36 @@ say: Callable[[str], None] = functools.partial(print, flush=True)
 
 def learn_base(state_dir: Path, data: str, cfg: RunConfig, *, classes: int | None = None,
                order_seed: int | None = None, per_class: int | None = None, export: bool = True,
-               force: bool = False, log: Callable[[str], None] = say) -> Path:
+               force: bool = False, log: Callable[[str], None] = say) -> Path | None:
     """Train the base model (step 0) on `classes` classes of dataset `data` (in the order of
     `order_seed`), evaluate it on the test split where there is one, and publish it as a
-    new version of `state_dir`. Refuses a state that already holds versions unless `force`."""
+    new version of `state_dir`. Refuses a state that already holds versions unless `force`.
+
+    Under torchrun (WORLD_SIZE > 1; fieldlearn.device.distributed) the ranks train the
+    step together and rank 0 alone evaluates, publishes and returns the version dir; the
+    other ranks wait for it and return None."""
+    kwargs = dict(classes=classes, order_seed=order_seed, per_class=per_class, export=export, force=force)
+    world = world_from_env()
+    if world is None:
+        return _learn_base(state_dir, data, cfg, log=log, **kwargs)
+    setup_torch(cfg)
+    with process_group(world, cfg.train.device):
+        if world.main:
+            log(f"distributed base training: {world.size} processes (torchrun, DistributedDataParallel)")
+        else:   # quiet: rank 0 speaks for the job
+            cfg, log = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False)), _silent
+        vd = _learn_base(state_dir, data, cfg, log=log, ddp=DdpStep(world), **kwargs)
+        barrier()
+    return vd
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _learn_base(state_dir: Path, data: str, cfg: RunConfig, *, classes: int | None, order_seed: int | None,
+                per_class: int | None, export: bool, force: bool, log: Callable[[str], None],
+                ddp: DdpStep | None = None) -> Path | None:
     setup_torch(cfg)
     held = version_names(state_dir)
     if (held or current_file(state_dir).exists()) and not force:
@@ -69,8 +97,10 @@ def learn_base(state_dir: Path, data: str, cfg: RunConfig, *, classes: int | Non
     torch.manual_seed(cfg.train.seed)
     student = build_student(cfg.model, n).to(cfg.train.device)
     t0 = time.perf_counter()
-    report = train_base(student, train, cfg)
+    report = train_base(student, train, cfg, ddp=ddp)
     seconds = time.perf_counter() - t0
+    if ddp is not None and not ddp.world.main:
+        return None                       # rank 0 evaluates and publishes the same model
     entry = {"step": 0, "method": "base", "new_classes": train.class_names, "n_images": len(train),
              "seconds": round(seconds, 2), "loss_terms": report.loss_terms}
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -30,6 +31,9 @@ from fieldlearn.device.model import Student
 from fieldlearn.device.teacher import Teacher, TeacherTargets, teacher_targets
 from fieldlearn.device.trunk_encoder import trunk_encoder
 from fieldlearn.runtime.errors import UserError
+
+if TYPE_CHECKING:
+    from fieldlearn.device.distributed import DdpStep
 
 EVAL_BATCH = 128
 
@@ -120,11 +124,14 @@ def train_mode(student: Student, tc: TrainConfig, step: int) -> None:
 
 
 def batch_terms(student: Student, method: Method, z: torch.Tensor, labels: torch.Tensor, n_old: int,
-                targets: TeacherTargets | None) -> dict[str, torch.Tensor]:
+                targets: TeacherTargets | None,
+                forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> dict[str, torch.Tensor]:
     """One batch forward: z (cached trunk output [B, C_k, H', W'], or normalised pixels)
     through the trainable top -> the method's loss terms (targets: the teacher's logits,
-    class and Grad-CAM map for the batch, or None)."""
-    feats, logits = student.forward_top(z)
+    class and Grad-CAM map for the batch, or None). forward: student.forward_top unless
+    given (under torchrun, the same through DistributedDataParallel)."""
+    feats, logits = (forward or student.forward_top)(z)
     batch = Batch(labels=labels, n_old=n_old, feats=feats, logits=logits, head_weight=student.head.weight,
                   teacher_logits=targets.logits if targets else None,
                   teacher_class=targets.b if targets else None,
@@ -145,7 +152,7 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
 def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epochs: int,
                cfg: RunConfig, teacher: Teacher | None = None, step: int = 0,
                lr: float | None = None, z: torch.Tensor | None = None,
-               release_teacher: bool = False) -> StepReport:
+               release_teacher: bool = False, ddp: DdpStep | None = None) -> StepReport:
     """Train `student` in place on `data` (labels are global indices) with `method`.
 
     n_old: classes the teacher knows (0 for the base step). The student's head must
@@ -154,11 +161,17 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     release_teacher: close the teacher as soon as it is no longer needed (with a cached
     trunk: once its targets are computed, before the first batch), so its model or
     engine is not resident while the step trains. Only for a teacher the caller made for
-    this step.
+    this step. ddp (under torchrun; fieldlearn.device.distributed): train on this rank's
+    share of data, with the gradients averaged over the ranks.
     """
     tc = cfg.train
     if len(data) == 0:
         raise UserError("no training images for this step")
+    if z is not None and len(z) != len(data):
+        raise ValueError(f"z has {len(z)} rows for {len(data)} images")
+    if ddp is not None:
+        rows = ddp.shard(len(data), tc.seed + 1000 * step)                   # [ceil(N / ranks)]
+        data, z = data.subset(rows), (z[rows] if z is not None else None)
     if method.uses_teacher and teacher is None:
         raise ValueError(f"method {method.name} needs a teacher")
     torch.manual_seed(tc.seed + 1000 * step)
@@ -169,8 +182,6 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     cached = _uses_cache(cfg)
 
     t0 = time.perf_counter()
-    if z is not None and len(z) != len(data):
-        raise ValueError(f"z has {len(z)} rows for {len(data)} images")
     z_all = (z if z is not None else encode(student, data.images, cfg)) if cached else None
     report.seconds["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -186,6 +197,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
     student.checkpoint_top = tc.checkpoint_top   # activation checkpointing of the trainable blocks
     lr = tc.lr if lr is None else lr
     opt = make_optimizer(params, tc, lr)
+    forward = ddp.wrap(student) if ddp is not None else None
     n = len(data)
     per_epoch = max(1, math.ceil(n / tc.batch_size))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * per_epoch))
@@ -214,7 +226,7 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
                     tt = time.perf_counter()
                     tgt = teacher_targets(teacher, z, EVAL_BATCH)
                     teacher_seconds += time.perf_counter() - tt
-            terms = batch_terms(student, method, z, labels[idx], n_old, tgt)
+            terms = batch_terms(student, method, z, labels[idx], n_old, tgt, forward)
             loss = sum(terms.values())
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -228,6 +240,8 @@ def train_step(student: Student, method: Method, data: ImageSet, n_old: int, epo
         report.loss_terms = {k: v / n for k, v in sums.items()}
     report.seconds["train"] = time.perf_counter() - t0 - teacher_seconds
     report.seconds["teacher"] += teacher_seconds
+    if ddp is not None:
+        report.loss_terms = ddp.finish(report.loss_terms)
     del z_all, targets  # the step's activations go with the step
     if release_teacher and teacher is not None:
         teacher.close()
@@ -350,8 +364,11 @@ def _encoded(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor |
     return z if z is not None else encode(student, data.images, cfg)
 
 
-def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None = None) -> StepReport:
-    """Step 0: LC over the base classes, then the base classes' statistics (stats heads)."""
+def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor | None = None,
+               ddp: DdpStep | None = None) -> StepReport:
+    """Step 0: LC over the base classes, then the base classes' statistics (stats heads).
+    ddp (under torchrun): each rank trains on its share of the images; the statistics are
+    formed on every rank over all of them, as in one process."""
     method = make_method("finetune", cfg.loss)
     z = _encoded(student, data, cfg, z)
     if student.stats is not None and cfg.model.features == "frozen":
@@ -364,7 +381,8 @@ def train_base(student: Student, data: ImageSet, cfg: RunConfig, z: torch.Tensor
         calib = calibration_rows(data, cfg.train.seed) if student.stats is not None else None
         fit = ~calib if calib is not None else torch.ones(len(data), dtype=torch.bool)
         report = train_step(student, method, data.subset(fit), n_old=0, epochs=cfg.train.base_epochs, cfg=cfg,
-                            teacher=None, step=0, lr=cfg.train.base_lr, z=z[fit] if z is not None else None)
+                            teacher=None, step=0, lr=cfg.train.base_lr, z=z[fit] if z is not None else None,
+                            ddp=ddp)
         report.n_images = len(data)
     t0 = time.perf_counter()
     report.classifier.update(fit_classifier(student, data, list(range(student.num_classes)), cfg, z, calib))
