@@ -276,8 +276,12 @@ def learn_new_classes(state_dir: Path, state: LoadedState, new: ImageSet, cfg: R
                             f"is {100 * check.accuracy:.1f}%; the version was not published (current is unchanged)")
         for line in check.warnings():
             log(line)
-        if fold_in(student, val, cfg):
-            log(f"the {len(val)} held-out images were then added to their classes' statistics")
+        added = fold_in(student, val, cfg)
+        if added:
+            log(f"the {added} held-out images were then added to their classes' statistics")
+        elif added == 0:
+            log(f"the {len(val)} held-out images were not added to the statistics: fewer than {MIN_IMAGES} "
+                "images are never folded in at once (no stored sum may be one image's feature)")
     elif min_new_accuracy is not None:
         raise UserError(f"--min-new-accuracy: no held-out images to measure it on (each class keeps {MIN_IMAGES} "
                         "to learn from: give more images, or a larger --val-fraction)")

@@ -331,16 +331,19 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
             "temperature": student.stats.temperature, **({"step_temperature": t_hat} if t_hat is not None else {})}
 
 
-def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> bool:
+def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> int | None:
     """Add more images of known classes to their statistics and solve the head again
-    (e.g. held-out images after they were scored). False when the head is not solved from
+    (e.g. held-out images after they were scored). -> how many images the statistics
+    counted: fewer than MIN_IMAGES share no dimension, the count included
+    (classifier.shared_dims), so they add nothing; None when the head is not solved from
     statistics."""
     if student.stats is None:
-        return False
+        return None
     dev = student.stats.gram.device
+    before = float(student.stats.counts.sum())
     student.stats.add(classifier_features(student, data, cfg).to(dev), data.labels.to(dev))
     solve_classifier(student, cfg)
-    return True
+    return round(float(student.stats.counts.sum()) - before)
 
 
 def solve_classifier(student: Student, cfg: RunConfig) -> float:

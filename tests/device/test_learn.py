@@ -41,6 +41,19 @@ def test_learn_reports_new_class_accuracy_and_folds_held_out_images_in(state, tm
     assert st.student.stats.counts[2:].tolist() == [12, 12], "held-out images join their class statistics"
 
 
+def test_too_few_held_out_images_are_said_not_to_be_folded_in(state, tmp_path, gen_test, capsys):
+    """If this fails, learn says held-out images joined the statistics when they could not:
+    fewer than MIN_IMAGES images are never folded in at once (no stored sum may be one
+    image's feature), so the class counts stay at the images it learned from."""
+    inbox = tmp_path / "new"
+    good_folder(inbox, gen_test, "cherry", n=12, cls=20)
+    good_folder(inbox, gen_test, "grape", n=12, cls=30)
+    rc, out, err = run(capsys, "learn", inbox, "--state", state, "--val-fraction", "0.1", *LEARN)
+    assert rc == 0, err
+    assert "were then added" not in out and "held-out images were not added to the statistics" in out
+    assert load_state(state).student.stats.counts[2:].tolist() == [11, 11]
+
+
 def test_min_new_accuracy_refuses_a_step_that_did_not_take(state, tmp_path, gen_test, capsys):
     inbox = tmp_path / "new"
     good_folder(inbox, gen_test, "cherry", n=12, cls=20)
