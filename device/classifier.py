@@ -262,11 +262,12 @@ class RidgePath:
 
 
 class LdaParts:
-    """The shrunk LDA head's pieces (module docstring): chol [D, D] the Cholesky factor of the
+    """The shrunk LDA head's pieces from `stats` (module docstring): chol [D, D] the Cholesky factor of the
     shrunk covariance S_a (P = S_a^-1), mu [K, D] class means, n [K] images per class,
     tr = tr(P S)."""
 
     def __init__(self, stats: ClassStats, shrink: float):
+        self.stats = stats
         self.n = stats.counts.clamp_min(1)                                       # [K]
         self.dof = dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)   # N - K
         self.shrink_keep = 1 - shrink
@@ -289,10 +290,8 @@ class LdaParts:
         w = torch.cholesky_solve(self.mu.T, self.chol).T                          # [K, D]
         return w, -0.5 * (w * self.mu).sum(1) + 0.5 * self.tr / self.n
 
-    def loo_logits(self, stats: ClassStats, x: torch.Tensor, labels: torch.Tensor,
-                   keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Leave-one-out logits: x [N, D] phi of images folded into `stats` (these parts'
-        statistics), labels [N] -> [N, K], each row the head solved without that image scoring
+    def loo_logits(self, x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Leave-one-out logits: x [N, D] phi of images folded into these parts' statistics, labels [N] -> [N, K], each row the head solved without that image scoring
         it, as a new image of the field is scored. Closed form, no re-solve: the image leaves
         its class mean (mu' = (n mu - x_k) / (n - 1), per dimension over the images that kept
         it: `seen`), and the pooled scatter,
@@ -300,6 +299,7 @@ class LdaParts:
         (Sherman-Morrison for P'); x_k is x on the dimensions the fold kept (keep [D]). The
         degrees of freedom, the shrink target's scale and tr(P S) are kept: each moves by
         O(1 / N). Needs n >= 2 per class."""
+        stats = self.stats
         x = x.double()
         xk = x * keep.to(x.dtype) if keep is not None else x                      # [N, D]
         n = self.n[labels]                                                         # [N]
@@ -394,7 +394,7 @@ def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tenso
         if not present.any() or bool((stats.counts[present] < 2).any()):
             return None
         keep = stats._keep[:-1] if stats._keep is not None else None
-        logits = LdaParts(stats, shrink).loo_logits(stats, x.to(stats.gram.device), labels.to(stats.gram.device), keep)
+        logits = LdaParts(stats, shrink).loo_logits(x.to(stats.gram.device), labels.to(stats.gram.device), keep)
         return fit_temperature(logits.cpu(), labels.cpu())
     if not present.any() or bool((stats.counts[present] - (counts[present] + folds - 1) // folds < 2).any()):
         return None

@@ -344,7 +344,7 @@ def test_lda_leave_one_out_logits_equal_the_head_solved_without_the_image():
     x[2, 5] = 4.0
     s.add(x, y)
     keep = s._keep[:-1]
-    lo = LdaParts(s, 0.3).loo_logits(s, x, y, keep)
+    lo = LdaParts(s, 0.3).loo_logits(x, y, keep)
     w, b, _ = solve_head(s, "lda", shrink=0.3)
     for i in (0, 2, 11):
         wi, bi, _ = solve_head(s.without(x[i:i + 1], y[i:i + 1]), "lda", shrink=0.3)
