@@ -39,7 +39,6 @@ import traceback
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from fieldlearn.device.attention import class_map, l2_normalize
@@ -433,65 +432,40 @@ def timing_case(backend: Any, device: Any, B: int, C: int, hw: int, dtype: torch
 
 # ----------------------------------------------------------------------------- training step
 
-class TinyNet(nn.Module):
-    """Stand-in for the learner's student: conv trunk -> [B, C, h, w] -> GAP -> linear head.
-    To be replaced by the real learner step once it lands (train_step_report is the only user)."""
-
-    def __init__(self, channels: int = 320, classes: int = 20) -> None:
-        super().__init__()
-        def block(i, o):
-            return [nn.Conv2d(i, o, 3, 2, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-        self.trunk = nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), *block(128, channels))
-        self.head = nn.Linear(channels, classes)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.trunk(x)                               # [B, C, h, w]
-        return f, self.head(f.mean((2, 3)))             # [B, classes]
-
-
-def train_step_report(device: Any, batch: int = 64, size: int = 112, channels: int = 320,
-                      n_old: int = 10, n_new: int = 10, steps: int = 3) -> dict[str, Any]:
-    """One LwM step (LC + LD + LAD through the dispatcher) vs one fine-tune step (LC only)."""
-    from fieldlearn.device.attention import gradcam_normalized  # noqa: PLC0415
+def train_step_report(device: Any, batch: int = 64, size: int = 128, n_old: int = 10, n_new: int = 10,
+                      steps: int = 3) -> dict[str, Any]:
+    """One LwM step (LC + LD + LAD, the fused op where the dispatcher picks it) vs one fine-tune
+    step (LC only): the learner's own step (fieldlearn.tools.profile.harness.StepHarness:
+    make_optimizer, train_mode, batch_terms, optimizer_step) on a MobileNetV2 student with
+    random weights (no weights package needed) and noise images, its trunk frozen and cached
+    as in the learner."""
+    from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig  # noqa: PLC0415
+    from fieldlearn.device.learner import batch_terms  # noqa: PLC0415
+    from fieldlearn.tools.profile.harness import StepHarness, StepSpec  # noqa: PLC0415
 
     device = torch.device(device)
-    torch.manual_seed(0)
-    teacher = TinyNet(channels, n_old + n_new).to(device).eval()
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(n_old, n_old + n_new, (batch,), device=device)
-    res: dict[str, Any] = dict(device=str(device), batch=batch, input=size, channels=channels, stand_in="TinyNet")
+    cfg = RunConfig(model=ModelConfig(pretrained=False, input_size=size),
+                    train=TrainConfig(batch_size=batch, device=str(device), progress=False))
+    res: dict[str, Any] = dict(device=str(device), batch=batch, input=size, student="mobilenet_v2, random weights")
     for method in ("finetune", "lwm"):
-        student = TinyNet(channels, n_old + n_new).to(device)
-        student.load_state_dict(teacher.state_dict())
-        student.train()
-        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        h = StepHarness(StepSpec(cfg, method, n_old=n_old, n_new=n_new), device=str(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(device)
         times = []
-        parts: dict[str, float] = {}
         for _ in range(steps):
             t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            feats, logits = student(x)
-            loss = F.cross_entropy(logits, y)
-            if method == "lwm":
-                with torch.no_grad():
-                    feats_t, logits_t = teacher(x)
-                    cls = logits_t[:, :n_old].argmax(1)                       # teacher's top base class
-                    q_t = gradcam_normalized(feats_t, teacher.head.weight, cls)
-                ld = F.binary_cross_entropy_with_logits(logits[:, :n_old], torch.sigmoid(logits_t[:, :n_old]))
-                lad = attention_distill(feats, student.head.weight[cls], q_t)
-                loss = loss + ld + lad
-                parts = dict(ld=ld.item(), lad=lad.item())
-            loss.backward()
-            opt.step()
+            loss = h.step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t) * 1e3)
-        res[method] = dict(ms=statistics.median(times[1:] or times), loss=loss.item(), **parts,
+        with torch.no_grad():
+            parts = {k: float(v) for k, v in batch_terms(h.student, h.method, h.z, h.labels, n_old, h.targets).items()
+                     if k != "lc"}
+        grad = h.student.head.weight.grad
+        res[method] = dict(ms=statistics.median(times[1:] or times), loss=float(loss), **parts,
                            peak_mib=(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
-                           head_grad=float(student.head.weight.grad.abs().sum()))
+                           head_grad=float(grad.abs().sum()) if grad is not None else 0.0)
     res["ok"] = all(math.isfinite(res[m]["loss"]) and res[m]["head_grad"] > 0 for m in ("finetune", "lwm"))
     return res
 
@@ -552,7 +526,7 @@ def run(quick: bool = False, compile_archs: tuple[str, ...] = ("sm_87", "sm_90")
             rep["timing"] = [_guard(timing_case, backend, dev, B, C, hw, dt, timer, bw) for B, C, hw, dt in shapes]
         rep["train_step"] = _guard(train_step_report, "cuda")
     else:
-        rep["train_step"] = _guard(train_step_report, "cpu", batch=8, size=32, channels=64, steps=2)
+        rep["train_step"] = _guard(train_step_report, "cpu", batch=8, size=64, steps=2)
     rep["ok"] = _overall_ok(rep)
     rep["seconds"] = round(time.perf_counter() - t0, 1)
     return rep
@@ -632,7 +606,7 @@ def table(rep: dict[str, Any]) -> str:
     ts = rep.get("train_step", {})
     if "lwm" in ts:
         mem = (lambda m: f", peak {ts[m]['peak_mib']:.0f} MiB" if ts[m].get("peak_mib") is not None else "")
-        lines.append(f"train step ({ts['device']}, {ts['stand_in']} stand-in, batch {ts['batch']}): "
+        lines.append(f"train step ({ts['device']}, {ts['student']}, batch {ts['batch']}): "
                      f"LwM {ts['lwm']['ms']:.1f} ms{mem('lwm')}; fine-tune {ts['finetune']['ms']:.1f} ms"
                      f"{mem('finetune')}")
     elif ts:

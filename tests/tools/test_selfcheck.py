@@ -89,10 +89,18 @@ def _fn(backend):
     return public
 
 
-def test_train_step_stand_in_runs_on_cpu():
-    r = sc.train_step_report("cpu", batch=4, size=32, channels=16, steps=1)
+def test_train_step_report_times_the_learners_own_step(monkeypatch):
+    """The self-check's training step is the learner's (one copy of the step): every timed
+    step goes through fieldlearn.device.learner.optimizer_step, and LwM's terms are there."""
+    from fieldlearn.device import learner
+
+    calls = []
+    real = learner.optimizer_step
+    monkeypatch.setattr(learner, "optimizer_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    r = sc.train_step_report("cpu", batch=4, size=64, steps=2)   # 2 x 2 maps
     assert r["ok"], r
-    assert r["lwm"]["lad"] >= 0 and r["lwm"]["ld"] > 0
+    assert len(calls) == 4                                   # 2 steps x (finetune, lwm)
+    assert r["lwm"]["lad"] > 0 and r["lwm"]["ld"] > 0 and "lad" not in r["finetune"]
 
 
 @no_gpu
@@ -129,7 +137,7 @@ def test_table_renders_a_gpu_report():
     rep = dict(date="d", torch="t", device=dict(name="NVIDIA H100", capability="9.0"), plumbing=[dict(ok=True)],
                gpu=dict(ran=True, skipped=None), parity=[p], determinism=[dict(dtype="fp32", ok=True)],
                copy_bandwidth_GBps=2900.0, timing=[t],
-               train_step=dict(device="cuda", stand_in="TinyNet", batch=64,
+               train_step=dict(device="cuda", student="mobilenet_v2, random weights", batch=64,
                                lwm=dict(ms=5.0, peak_mib=300.0), finetune=dict(ms=4.0, peak_mib=280.0)),
                ok=True, seconds=12.0)
     text = sc.table(rep)
