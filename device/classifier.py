@@ -154,9 +154,16 @@ class ClassStats(nn.Module):
     def transform(self, t: torch.Tensor) -> None:
         """phi_aug -> T phi_aug for every image summarised so far: T [D+1, D+1]. T mixes
         dimensions, so a left-out dimension's sum is first filled with the class's count
-        times its `means` value, and every dimension is then seen by all of the class's images."""
+        times its `means` value, and every dimension is then seen by all of the class's images.
+        The Gram matrix moves with the sums so that the pooled within-class scatter
+        G - sum_c s_c s_c^T / n_c stays as folded (positive semi-definite): filling the sums
+        alone subtracted n_c mu_cd^2 from a diagonal entry no image of the class had added to,
+        and LDA's covariance went indefinite (its Cholesky failed after a trained step)."""
         with torch.no_grad():
+            inv_n = 1.0 / self.counts.clamp_min(1)[:, None]                     # [K, 1]
+            old = self.sums.clone()                                             # [K, D+1]
             self.sums[:, :-1].copy_(self.means() * self.counts[:, None])
+            self.gram += self.sums.T @ (self.sums * inv_n) - old.T @ (old * inv_n)
             self.seen.copy_(self.counts[:, None].expand_as(self.seen))
             self.gram.copy_(t @ self.gram @ t.T)
             self.sums.copy_(self.sums @ t.T)

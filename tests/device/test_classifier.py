@@ -182,6 +182,28 @@ def _sparse_step(seed: int = 4, n_base: int = 40):
     return s, xt, yt
 
 
+def _scatter(s: ClassStats) -> torch.Tensor:
+    """The pooled within-class scatter the statistics hold, [D+1, D+1]."""
+    return s.gram - s.sums.T @ (s.sums / s.counts.clamp_min(1)[:, None])
+
+
+def test_transform_keeps_the_within_class_scatter_of_a_step_with_a_left_out_dimension():
+    """If this fails, carrying statistics with a left-out dimension through a trained step's
+    drift map (`transform`) fills the class's sum there but not the Gram matrix: the pooled
+    within-class covariance goes indefinite and the lda head cannot be solved (it failed in
+    `fieldlearn demo`'s lwm+lda row, a Cholesky error on the second step)."""
+    s, _, _ = _sparse_step()
+    before = _scatter(s)
+    mu = s.means()
+    s.transform(torch.eye(7, dtype=torch.float64))
+    assert torch.allclose(_scatter(s), before, atol=1e-9)                  # the identity moves nothing
+    assert torch.allclose(s.means(), mu)
+    assert torch.linalg.eigvalsh(_scatter(s)[:-1, :-1]).min() > -1e-9
+    for shrink in (0.0, 0.3, 0.8):
+        w, b, _ = solve_head(s, "lda", shrink=shrink)
+        assert torch.isfinite(w).all() and torch.isfinite(b).all()
+
+
 def test_a_dimension_left_out_of_a_step_reads_as_unknown_not_zero():
     """If this fails, a dimension that shared_dims left out of a small step (kept out of the
     sums for privacy) is read as the new classes' mean being 0 there: their ncm and lda rows
