@@ -154,10 +154,44 @@ def trial_key(cfg: RunConfig, row: Row, settings: dict) -> str:
     return json.dumps(values, sort_keys=True)
 
 
-def sweep(orders: list[Order], row: Row, start: dict, keys: set[str] | None = None
-          ) -> tuple[dict, list[dict], list[MethodResult]]:
-    """Staged search, scored by validation average incremental accuracy averaged over the
-    class orders. Returns (best settings, every trial, the best setting's run per order)."""
+def parse_grid(spec: str) -> dict[str, list]:
+    """--sweep-grid 'lr=0.003,0.03;beta=0.5,2' -> {key: values}: the values a sweep tries for
+    a key instead of SWEEP_STAGES' (the key keeps its stage). Each value is parsed as the
+    config field's type and checked by the config's own validator."""
+    from fieldlearn.device.protocol import apply_settings  # noqa: PLC0415
+
+    out: dict[str, list] = {}
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, eq, values = part.partition("=")
+        key = key.strip()
+        if not eq or key not in SETTING_KEYS:
+            raise UserError(f"--sweep-grid {part!r}: expected KEY=V1,V2 with KEY one of {', '.join(sorted(SETTING_KEYS))}")
+        default = next(getattr(sec(), key) for name, sec in (("model", ModelConfig), ("loss", LossConfig),
+                                                               ("train", TrainConfig)) if key in _FIELDS[name])
+        kind = type(default)
+        try:
+            vals = [(v.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(v.strip())
+                    for v in values.split(",") if v.strip()]
+            for v in vals:
+                validate_config(apply_settings(RunConfig(), {key: v}))
+        except (TypeError, ValueError, UserError) as e:
+            raise UserError(f"--sweep-grid {part!r}: {e}") from None
+        if not vals:
+            raise UserError(f"--sweep-grid {part!r}: no values")
+        out[key] = vals
+    return out
+
+
+def with_grid(grid: dict[str, list], stages: list[dict[str, list]] = SWEEP_STAGES) -> list[dict[str, list]]:
+    """SWEEP_STAGES with the values of `grid`'s keys replaced."""
+    return [{k: grid.get(k, v) for k, v in stage.items()} for stage in stages]
+
+
+def sweep(orders: list[Order], row: Row, start: dict, keys: set[str] | None = None,
+          stages: list[dict[str, list]] = SWEEP_STAGES) -> tuple[dict, list[dict], list[MethodResult]]:
+    """Staged search over `stages`, scored by validation average incremental accuracy
+    averaged over the class orders. Returns (best settings, every trial, the best setting's
+    run per order)."""
     uses = row_uses(row) & (keys if keys is not None else row_uses(row))
     cfg = orders[0].cfg
     tried: dict[str, tuple[dict, list[MethodResult]]] = {}
@@ -173,7 +207,7 @@ def sweep(orders: list[Order], row: Row, start: dict, keys: set[str] | None = No
         return k
 
     best = trial(dict(start))
-    for stage in SWEEP_STAGES:
+    for stage in stages:
         for cand in sweep_candidates(uses, tried[best][0], stage):
             trial(cand)
         best = max(tried, key=score)
@@ -315,6 +349,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="choose each row's settings on validation (staged search), report test at those")
     p.add_argument("--sweep-keys", default=None,
                    help="comma-separated setting keys the sweep may vary (default: every key a row uses)")
+    p.add_argument("--sweep-grid", default=None,
+                   help="values a sweep tries instead of the built-in grid's, 'KEY=V1,V2;KEY=V1,V2' "
+                        "(e.g. 'lr=0.003,0.03')")
     p.add_argument("--settings", type=Path, default=None,
                    help="results.json of an earlier --sweep: run each row at the settings it chose")
     p.add_argument("--out", type=Path, default=Path("bench-accuracy"), help="output directory")
@@ -434,6 +471,9 @@ def run(args: argparse.Namespace) -> int:
         if keys - SETTING_KEYS:
             raise UserError(f"--sweep-keys: unknown {', '.join(sorted(keys - SETTING_KEYS))} "
                             f"(choose from {', '.join(sorted(SETTING_KEYS))})")
+    stages = with_grid(parse_grid(args.sweep_grid)) if args.sweep_grid else SWEEP_STAGES
+    if args.sweep_grid and not args.sweep:
+        raise UserError("--sweep-grid: changes nothing without --sweep")
     chosen_from_file = {}
     if args.settings is not None:
         try:
@@ -469,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads, load {_machine().get('load_average')}")
     report = {"benchmark": "accuracy", "fieldlearn_version": fieldlearn_version(), "git_commit": _git_commit(),
               "command": command, "data": args.data, "preset": args.preset, "sweep": args.sweep,
-              "sweep_stages": SWEEP_STAGES if args.sweep else None, "sweep_keys": sorted(keys) if keys else None,
+              "sweep_stages": stages if args.sweep else None, "sweep_keys": sorted(keys) if keys else None,
               "protocol": {"base": args.base, "steps": args.steps, **proto, "order_seeds": seeds},
               "config": cfg.to_dict(), "machine_start": _machine(), "orders": [], "chosen": {}}
     orders = []
@@ -489,7 +529,7 @@ def run(args: argparse.Namespace) -> int:
         uses = row_uses(row)
         start = {**row_settings(row), **chosen_from_file.get(row.name, {}), **{k: v for k, v in given.items() if k in uses}}
         if args.sweep and row.method != "joint":
-            best, trials, results = sweep(orders, row, start, keys)
+            best, trials, results = sweep(orders, row, start, keys, stages)
             report["chosen"][row.name] = best
             report["orders"][0]["sweep"][row.name] = trials   # scored over all orders
         else:

@@ -124,3 +124,27 @@ def test_an_image_folder_larger_than_one_load_gives_its_per_class_sample(folder,
                  "--val-fraction", "0.25", "--methods", "ncm", "--out", str(out), *TINY]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("order 1993:")][0]
     assert line == f"order 1993: {7 * 6} train, {7 * 2} validation, {7 * 3} test images", line
+
+
+def test_sweep_grid_replaces_a_keys_values_and_refuses_what_the_config_would():
+    """If this fails, --sweep-grid tries values the config validator refuses, keeps the
+    built-in values it was asked to replace, or takes a typo'd key as a key that sweeps nothing."""
+    from fieldlearn.runtime.errors import UserError
+    from fieldlearn.tools.bench_accuracy import SWEEP_STAGES, parse_grid, with_grid
+
+    grid = parse_grid("lr=0.003, 0.03; freeze_bn_in_increments=false")
+    assert grid == {"lr": [0.003, 0.03], "freeze_bn_in_increments": [False]}
+    stages = with_grid(grid)
+    lr_stage = next(s for s in stages if "lr" in s)
+    assert lr_stage["lr"] == [0.003, 0.03] and lr_stage["increment_blocks"] == [1, 2, -1]
+    assert [list(s) for s in stages] == [list(s) for s in SWEEP_STAGES]      # each key keeps its stage
+    for bad in ("lrate=0.1", "lr=-1", "lr=", "epochs=2.5", "shrink"):
+        with pytest.raises(UserError, match="--sweep-grid"):
+            parse_grid(bad)
+
+
+def test_sweep_grid_without_sweep_is_refused(folder, tmp_path, capsys):
+    assert _run(["--data", str(folder), "--methods", "ncm", "--sweep-grid", "lr=0.01", "--out",
+                 str(tmp_path / "o"), *TINY]) == 2
+    assert "--sweep-grid: changes nothing without --sweep" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
