@@ -86,35 +86,43 @@ def parse_row(spec: str) -> Row:
 
 
 # Settings each row runs with, on top of the config defaults, unless the benchmark's --sweep
-# chooses them, --settings gives them, or the command line sets one for every row. Values:
-# the choices of the sweeps recorded in benchmarks/README.md, by row name (a row without an
-# entry takes its method's); each names a config field, whose range and help config.py owns.
-# The product's default learner (default_row) has none: it runs at config.py's defaults,
-# which are its sweep's choices.
-CHOSEN: dict[str, dict] = {
-    "analytic": {"ridge": 0.0},     # GCV won the ridge sweep on validation (benchmarks/results/fmnist-sweep)
-    # the linear-head rows: lr 0.02 diverges on the base network's features (norm ~34); a
-    # small lr with LC over all classes won on validation (benchmarks/README.md#linear-head-rows)
-    "finetune": {"lc_span": "all", "lr": 0.003},
-    "lwf_mc": {"lc_span": "all", "ld": "kd", "beta": 0.5, "lr": 0.003},
-    "lwm": {"lc_span": "all", "ld": "kd", "beta": 0.5, "gamma": 1.0, "lr": 0.003},
-    "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.02},
-    # LwM with the statistics head: training only the top's last block (the 1x1 conv) in
-    # increments drifts the old classes' features least and won on validation; drift_shrink
-    # and gamma hardly mattered (benchmarks/results/fmnist-lwm-sweep)
-    "lwm+analytic": {"increment_blocks": 1, "drift_shrink": 0.1, "gamma": 2.0},
-    "joint": {"lr": 0.01},
+# chooses them, --settings gives them, or the command line sets one for every row. By
+# protocol (a benchmark preset's name), then row name (a row without an entry takes its
+# method's); a protocol's own entry replaces the "*" entry, which holds choices made on one
+# protocol and carried to the others (benchmarks/README.md says where each was chosen). Each
+# key names a config field, whose range and help config.py owns. The product's default
+# learner (default_row) has none: it runs at config.py's defaults, its sweep's choices.
+CHOSEN: dict[str, dict[str, dict]] = {
+    "*": {
+        "analytic": {"ridge": 0.0},     # GCV won the ridge sweep on validation (benchmarks/results/fmnist-sweep)
+        # the linear-head rows: lr 0.02 diverges on the base network's features (norm ~34); a
+        # small lr with LC over all classes won on validation (benchmarks/README.md#linear-head-rows)
+        "finetune": {"lc_span": "all", "lr": 0.003},
+        "lwf_mc": {"lc_span": "all", "ld": "kd", "beta": 0.5, "lr": 0.003},
+        "lwm": {"lc_span": "all", "ld": "kd", "beta": 0.5, "gamma": 1.0, "lr": 0.003},
+        "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.02},
+        # LwM with the statistics head: training only the top's last block (the 1x1 conv) in
+        # increments drifts the old classes' features least and won on validation; drift_shrink
+        # and gamma hardly mattered (benchmarks/results/fmnist-lwm-sweep)
+        "lwm+analytic": {"increment_blocks": 1, "drift_shrink": 0.1, "gamma": 2.0},
+        "joint": {"lr": 0.01},
+    },
 }
+
+
+def row_settings(row: Row, protocol: str | None = None) -> dict:
+    """The settings a row starts from on `protocol` (a preset name; None: the "*" choices),
+    before --settings, the command line and --sweep."""
+    def pick(table: dict[str, dict]) -> dict | None:
+        return table.get(row.name, table.get(row.method) if row.kind == "linear" else None)
+
+    own = pick(CHOSEN.get(protocol, {})) if protocol else None
+    return dict(own if own is not None else pick(CHOSEN["*"]) or {})
 
 
 def default_row(cfg: RunConfig) -> str:
     """The row name of what `fieldlearn learn` does with cfg (e.g. 'lwm+analytic')."""
     return cfg.method if cfg.model.classifier == "linear" else f"{cfg.method}+{cfg.model.classifier}"
-
-
-def row_settings(row: Row) -> dict:
-    """The settings a row starts from (before --settings, the command line and --sweep)."""
-    return dict(CHOSEN.get(row.name, CHOSEN.get(row.method, {}) if row.kind == "linear" else {}))
 
 
 # Settings that change the base network (step 0): rows that agree on them share one.

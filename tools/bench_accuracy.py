@@ -484,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--settings {args.settings}: not the results.json of a --sweep ({e})") from None
     for row in rows:   # every row's settings through the one validator, before any work
         try:
-            settings = {**row_settings(row), **dict(chosen_from_file.get(row.name, {}))}
+            settings = {**row_settings(row, args.preset), **dict(chosen_from_file.get(row.name, {}))}
             validate_config(row_config(cfg, row, settings), source=f"{args.settings or 'protocol.CHOSEN'} ({row.name})")
         except (TypeError, ValueError) as e:
             raise UserError(f"--settings {args.settings}: bad settings for {row.name} ({e})") from None
@@ -527,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
              if dest.partition(".")[0] in ("model", "loss", "train") and dest.partition(".")[2] in SETTING_KEYS}
     for row in rows:
         uses = row_uses(row)
-        start = {**row_settings(row), **chosen_from_file.get(row.name, {}), **{k: v for k, v in given.items() if k in uses}}
+        start = {**row_settings(row, args.preset), **chosen_from_file.get(row.name, {}), **{k: v for k, v in given.items() if k in uses}}
         if args.sweep and row.method != "joint":
             best, trials, results = sweep(orders, row, start, keys, stages)
             report["chosen"][row.name] = best

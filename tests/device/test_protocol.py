@@ -62,3 +62,18 @@ def test_cached_features_score_what_running_the_student_scores():
         results.append(o.run(row, {}))
     assert results[0].test.rows == results[1].test.rows and results[0].val.rows == results[1].val.rows
     assert not fixed_features(parse_row("lwm+analytic")) and not fixed_features(parse_row("lwm"))
+
+
+def test_row_settings_are_chosen_per_protocol(monkeypatch):
+    """If this fails, a setting chosen on one protocol's validation leaks into another's rows,
+    or a protocol that chose nothing loses the carried ("*") choices."""
+    from fieldlearn.device import protocol
+    from fieldlearn.device.protocol import parse_row, row_settings
+
+    monkeypatch.setattr(protocol, "CHOSEN", {"*": {"lwm": {"lr": 0.003}, "lwm+lda": {"gamma": 2.0}},
+                                             "cifar128": {"lwm": {"lr": 0.01, "lc_span": "new"}}})
+    lwm, stats = parse_row("lwm"), parse_row("lwm+lda")
+    assert row_settings(lwm, "cifar128") == {"lr": 0.01, "lc_span": "new"}     # replaces, does not merge
+    assert row_settings(lwm, "fmnist-demo") == row_settings(lwm) == {"lr": 0.003}
+    assert row_settings(stats, "cifar128") == {"gamma": 2.0}                  # the protocol has no lwm+lda
+    assert row_settings(parse_row("lwm+ncm")) == {}                           # a stats row never takes the linear one's

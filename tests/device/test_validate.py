@@ -54,7 +54,7 @@ def test_shipped_configs_are_valid():
     validate_config(DEMO_CONFIG)
     for preset in PRESETS.values():
         cfg = RunConfig(model=ModelConfig(**preset["model"]), train=TrainConfig(**preset["train"]))
-        for settings in CHOSEN.values():
+        for settings in (row for table in CHOSEN.values() for row in table.values()):
             validate_config(apply_settings(cfg, settings))
         for stage in SWEEP_STAGES:          # every value a sweep may try
             for key, values in stage.items():
@@ -248,7 +248,7 @@ def test_presets_and_grids_name_config_fields_only():
     from fieldlearn.tools.bench_accuracy import SWEEP_STAGES
 
     names = {f.name for k in (ModelConfig, LossConfig, TrainConfig, RunConfig) for f in dataclasses.fields(k)}
-    for settings in [*CHOSEN.values(), *SWEEP_STAGES]:
+    for settings in [*(row for table in CHOSEN.values() for row in table.values()), *SWEEP_STAGES]:
         assert set(settings) <= names, set(settings) - names
         values = [x for v in settings.values() for x in (v if isinstance(v, list) else [v])]
         assert all(isinstance(x, (bool, int, float, str)) for x in values), settings
