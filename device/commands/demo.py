@@ -13,7 +13,6 @@ from fieldlearn.device.commands.common import log
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES
 from fieldlearn.device.demo import DEMO_CONFIG, run_demo
-from fieldlearn.device.protocol import default_row
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="test images per class (default 200)")
     p.add_argument("--order-seed", type=option(int, Valid(0, 2**32 - 1)), default=1993)
     p.add_argument("--methods", default=None,
-                   help="comma-separated rows (fieldlearn bench accuracy --help); default: ncm, analytic (no "
-                        "training), the default learner, lwm, lwf_mc, finetune (the paper's linear head)")
+                   help="comma-separated rows (fieldlearn bench accuracy --help); default: ncm, analytic, lda "
+                        "(no training), the default learner, lwm+lda, lwf_mc+lda, finetune+lda (every block "
+                        "trains, statistics head), lwm (the paper's linear head)")
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="output directory (default runs/demo, which git ignores in a checkout)")
     add_config_arguments(p, run_fields=("teacher_backend",))
@@ -40,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
                               test_per_class=args.test_per_class, order_seed=args.order_seed, methods=args.methods,
                               log=log)
     log("")
-    log("accuracy (%) on all classes seen so far, after each step (ncm, analytic: the pretrained network, "
-        f"nothing trained; {default_row(cfg)}: fieldlearn's default):")
+    log("accuracy (%) on all classes seen so far, after each step:")
     log(table)
     log(f"\n{seconds:.0f} s in all; wrote {args.out}/results.json, results.md, accuracy.png")
     return 0

@@ -57,3 +57,19 @@ def test_the_default_output_folder_is_ignored_and_holds_no_tracked_file(command)
     assert git(ROOT, "ls-files", "--", str(out)) == "", out
     ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=ROOT)
     assert ignored.returncode == 0, f"{out} is not ignored by .gitignore"
+
+
+def test_every_default_row_has_its_line_under_the_table():
+    """If this fails, the demo prints a row that no line under its table explains, or a
+    group's line for rows it did not run."""
+    from fieldlearn.device.demo import DEMO_CONFIG, default_rows, legend
+    from fieldlearn.device.protocol import default_row
+
+    rows = default_rows(DEMO_CONFIG)
+    assert rows[:4] == ["ncm", "analytic", "lda", default_row(DEMO_CONFIG)] and "lwm" in rows and "lwm+lda" in rows
+    lines = legend(rows, default_row(DEMO_CONFIG))
+    assert len(lines) == 4
+    named = [n for line in lines for n in line.partition(":")[0].split(", ")]
+    assert sorted(named) == sorted(rows)
+    assert legend(["ncm", "lwm"], default_row(DEMO_CONFIG)) == [lines[0].replace("ncm, analytic, lda", "ncm"),
+                                                              lines[3]]
