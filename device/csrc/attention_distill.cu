@@ -162,6 +162,22 @@ __device__ __forceinline__ float fl_block_sum(float v, float* red) {
 
 // ---------------------------------------------------------------------------- forward
 
+// The (b, s) block a thread is in and its place there (layout above): channels
+// [k_begin, k_end) of sample b, position tj, channel lane tk of KR.
+struct FlTile {
+    int b, s, k_begin, k_end, TJ, KR, tj, tk;
+    bool lane_ok;
+};
+
+__device__ __forceinline__ FlTile fl_tile(int C, int HW, int nsplit, int cpb) {
+    const int b = blockIdx.x / nsplit, s = blockIdx.x - b * nsplit;
+    const int k_begin = s * cpb;
+    const int TJ = HW < FL_BLOCK ? HW : FL_BLOCK;
+    const int KR = FL_BLOCK / TJ;
+    const int tj = threadIdx.x % TJ, tk = threadIdx.x / TJ;
+    return FlTile{b, s, k_begin, min(C, k_begin + cpb), TJ, KR, tj, tk, tk < KR};
+}
+
 template <typename TF, typename TW>
 __device__ __forceinline__ void fl_fwd_partial(const TF* __restrict__ feat, const TW* __restrict__ w,
                                                float* __restrict__ part, int C, int HW, int nsplit, int cpb) {
@@ -169,13 +185,7 @@ __device__ __forceinline__ void fl_fwd_partial(const TF* __restrict__ feat, cons
     __shared__ float red[FL_BLOCK];
 
     const int tid = threadIdx.x;
-    const int b = blockIdx.x / nsplit, s = blockIdx.x - b * nsplit;
-    const int k_begin = s * cpb;
-    const int k_end = min(C, k_begin + cpb);
-    const int TJ = HW < FL_BLOCK ? HW : FL_BLOCK;
-    const int KR = FL_BLOCK / TJ;
-    const int tj = tid % TJ, tk = tid / TJ;
-    const bool lane_ok = tk < KR;
+    const auto [b, s, k_begin, k_end, TJ, KR, tj, tk, lane_ok] = fl_tile(C, HW, nsplit, cpb);
 
     const TF* A = feat + (long long)b * C * HW;       // [C, HW]
     const TW* wb = w + (long long)b * C;              // [C]
@@ -275,13 +285,7 @@ __device__ __forceinline__ void fl_bwd(const TF* __restrict__ feat, const TW* __
     __shared__ float red[ITEMS * FL_BLOCK];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int b = blockIdx.x / nsplit, s = blockIdx.x - b * nsplit;
-    const int k_begin = s * cpb;
-    const int k_end = min(C, k_begin + cpb);
-    const int TJ = HW < FL_BLOCK ? HW : FL_BLOCK;
-    const int KR = FL_BLOCK / TJ;
-    const int tj = tid % TJ, tk = tid / TJ;
-    const bool lane_ok = tk < KR;
+    const auto [b, s, k_begin, k_end, TJ, KR, tj, tk, lane_ok] = fl_tile(C, HW, nsplit, cpb);
 
     const long long boff = (long long)b * C * HW;
     const TF* A = feat + boff;
