@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fieldlearn.device.store import class_name_problem
+from fieldlearn.device.names import class_name_problem
 from fieldlearn.runtime.atomic import atomic_write_bytes
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import DONE
@@ -69,7 +69,7 @@ def open_camera(cv2, camera: str, width: int, height: int):
 
 
 def check_label(label: str) -> None:
-    """The class-name rule (fieldlearn.device.store.class_name_problem), and no leading '.'
+    """The class-name rule (fieldlearn.device.names.class_name_problem), and no leading '.'
     (watch does not take hidden folders)."""
     why = class_name_problem(label) or ("starts with '.' (a hidden folder)" if label.startswith(".") else None)
     if why:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fieldlearn.device.store import check_class_names
+from fieldlearn.device.names import check_class_names
 from fieldlearn.device.classifier import MIN_IMAGES  # noqa: F401  (re-exported: a class is learned from at least this many images)
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import why_not_regular

@@ -38,7 +38,7 @@ from fieldlearn.device.learner import (classifier_features, evaluate, fold_in, l
 from fieldlearn.device.model import build_student
 from fieldlearn.device.publish import publish
 from fieldlearn.device.state import LoadedState, load_state
-from fieldlearn.device.store import check_new_class_names
+from fieldlearn.device.names import check_new_class_names
 from fieldlearn.device.validate import ConfigOverrides, check_field
 from fieldlearn.export.deploy import export_writer
 from fieldlearn.runtime.errors import UserError

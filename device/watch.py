@@ -603,7 +603,8 @@ class Watcher:
     # ------------------------------------------------------------------ parts of a step
 
     def _claim(self) -> Claim | None:
-        from fieldlearn.device.store import check_new_class_names, read_meta  # noqa: PLC0415
+        from fieldlearn.device.names import check_new_class_names  # noqa: PLC0415
+        from fieldlearn.device.store import read_meta  # noqa: PLC0415
 
         ready = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds).ready
         if not ready:

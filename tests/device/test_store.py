@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from fieldlearn.cli.main import main
+from fieldlearn.device import names as naming
 from fieldlearn.device import store
 from fieldlearn.device.model import build_student
 from fieldlearn.device.state import load_state, save_version
@@ -361,21 +362,21 @@ def test_a_read_only_state_dir_is_one_line(state, capsys, monkeypatch):
 @pytest.mark.parametrize("name, why", [
     ("", "blank"), ("   ", "blank"), (" cat", "leading or trailing"), ("cat ", "leading or trailing"),
     (".", "relative path"), ("..", "relative path"), ("a/b", "separator"), ("a\\b", "separator"),
-    ("x" * (store.MAX_CLASS_NAME + 1), "longer than"), ("bell\x07", "U+0007"), ("rtl\u202eexe", "U+202E"),
+    ("x" * (naming.MAX_CLASS_NAME + 1), "longer than"), ("bell\x07", "U+0007"), ("rtl\u202eexe", "U+202E"),
     ("line\u2028sep", "U+2028"), ("bad\udcffbyte", "U+DCFF"), ("priv\ue000", "U+E000"), (3, "not text")])
 def test_each_kind_of_bad_class_name_is_named(name, why):
     """If this fails, a class name that could act as a path, hide text (bidi controls, line
     separators), stand for undecodable bytes or carry edge spaces gets into labels.txt."""
-    assert why in store.class_name_problem(name)
+    assert why in naming.class_name_problem(name)
     with pytest.raises(UserError, match=f"^here: class name .*{re.escape(why)}"):
-        store.check_class_names(["ok", name], "here")
+        naming.check_class_names(["ok", name], "here")
 
 
-@pytest.mark.parametrize("name", ["café", "猫", "🐱 cat", "tulip-red_2", "x" * store.MAX_CLASS_NAME, "a.b"])
+@pytest.mark.parametrize("name", ["café", "猫", "🐱 cat", "tulip-red_2", "x" * naming.MAX_CLASS_NAME, "a.b"])
 def test_ordinary_unicode_class_names_pass(name):
     """If this fails, names a user can type are refused."""
-    assert store.class_name_problem(name) is None
-    store.check_class_names([name, "other"], "here")
+    assert naming.class_name_problem(name) is None
+    naming.check_class_names([name, "other"], "here")
 
 
 @pytest.mark.parametrize("names, says", [(["a", "b", "a"], "'a' appears twice$"),
@@ -383,7 +384,7 @@ def test_ordinary_unicode_class_names_pass(name):
 def test_a_class_name_given_twice_is_refused(names, says):
     """If this fails, one class becomes two head rows that print the same."""
     with pytest.raises(UserError, match=says):
-        store.check_class_names(names, "here")
+        naming.check_class_names(names, "here")
 
 
 @pytest.mark.parametrize("damage, says", [

@@ -360,7 +360,7 @@ def test_an_unreadable_image_sorting_first_costs_only_itself(base_state, tmp_pat
 def test_a_folder_that_breaks_the_class_name_rule_is_set_aside_before_learning(base_state, tmp_path, gen_train):
     """If this fails, the daemon learns a class whose name the state's own meta.json check then
     refuses (a bidi override hides the real text), and the state no longer loads. learn and
-    watch apply the one class-name rule (fieldlearn.device.store.check_new_class_names)."""
+    watch apply the one class-name rule (fieldlearn.device.names.check_new_class_names)."""
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     write_image_folder(inbox, gen_train, [NEW[0]], W.MIN_IMAGES)
