@@ -25,8 +25,8 @@ import torch
 from fieldlearn.device.config import ModelConfig, RunConfig
 from fieldlearn.device.learner import StepReport
 from fieldlearn.device.model import build_student
-from fieldlearn.device.publish import publish
-from fieldlearn.device.state import load_state
+from fieldlearn.store.publish import publish
+from fieldlearn.store.state import load_state
 from fieldlearn.fleet.base import base_hash
 from fieldlearn.fleet.contribution import BASE_REF, Contribution
 from fieldlearn.fleet.merge import merge_round

@@ -68,8 +68,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                  "device/methods/none.py"],
                 ["tests/device/test_losses.py", "tests/device/test_learner.py"]),
     # save_version's permissions, leftovers and disk-full paths are tested in test_store.py
-    "state": (["device/state.py"], ["tests/device/test_state.py", "tests/device/test_store.py"]),
-    "store": (["device/store.py"], ["tests/device/test_store.py", "tests/device/test_state.py"]),
+    "state": (["store/state.py"], ["tests/store/test_state.py", "tests/store/test_store.py"]),
+    "store": (["store/versions.py"], ["tests/store/test_store.py", "tests/store/test_state.py"]),
     "onnx": (["export/onnx.py"], ["tests/export/test_onnx.py"]),
     # test_learner.py checks the gradients of a training step; what learner.py also does (the
     # statistics, drift, evaluation, learn's increment) is tested in these
@@ -88,11 +88,11 @@ AUDIT = ("test_no_training_pixels_or_features_are_ever_written",
 DESELECT = {
     # 104 s: the privacy audit of a whole learn run, and its two positive controls (they test
     # the audit, on CIFAR images, not the state's code); 34 s: two CLI processes racing for the lock
-    "state": [f"tests/device/test_state.py::{t}" for t in AUDIT]
-    + ["tests/device/test_store.py::test_concurrent_cli_runs_are_refused_and_a_killed_owner_is_recovered"],
+    "state": [f"tests/store/test_state.py::{t}" for t in AUDIT]
+    + ["tests/store/test_store.py::test_concurrent_cli_runs_are_refused_and_a_killed_owner_is_recovered"],
     # the same, and 34 s: two CLI processes racing for the lock
-    "store": [f"tests/device/test_state.py::{t}" for t in AUDIT]
-    + ["tests/device/test_store.py::test_concurrent_cli_runs_are_refused_and_a_killed_owner_is_recovered"],
+    "store": [f"tests/store/test_state.py::{t}" for t in AUDIT]
+    + ["tests/store/test_store.py::test_concurrent_cli_runs_are_refused_and_a_killed_owner_is_recovered"],
     # 69 s: two class orders of the demo protocol, the accuracy claim (more than the rest together)
     "learner": ["tests/device/test_protocol.py::test_the_default_learner_clearly_beats_not_learning"],
 }

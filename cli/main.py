@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("fieldlearn.device.commands.doctor", "what this device has and what fieldlearn will use; how to fix what is missing"),
 }
 
-# Commands that write a state dir run holding STATE/lock (fieldlearn.device.store.state_lock).
+# Commands that write a state dir run holding STATE/lock (fieldlearn.store.versions.state_lock).
 LOCKED = {"init", "learn", "export", "rollback", "prune"}
 
 
@@ -48,7 +48,7 @@ def _state_lock(name: str, args: argparse.Namespace):
         world = world_from_env()
         if world is not None and not world.main:
             return contextlib.nullcontext()
-    from fieldlearn.device.store import state_lock  # noqa: PLC0415 - classify must not import device
+    from fieldlearn.store.versions import state_lock  # noqa: PLC0415 - classify must not import device
 
     return state_lock(args.state, f"fieldlearn {name}", create=name == "init")
 

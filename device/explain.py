@@ -15,7 +15,7 @@ import torch
 
 from fieldlearn.device.attention import gradcam
 from fieldlearn.device.data import to_input, try_read
-from fieldlearn.device.state import load_state, load_version
+from fieldlearn.store.state import load_state, load_version
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import version_dir, version_names
 

@@ -11,7 +11,7 @@ call here and nothing else.
     learn_folder(state_dir, folder, overrides) the same, from an ImageFolder (fieldlearn learn)
     evaluate_version(state_dir, data)          accuracy of the current version on the classes it knows
 
-Every version is published through fieldlearn.device.publish (the gate), together with its
+Every version is published through fieldlearn.store.publish (the gate), together with its
 checked model.onnx (fieldlearn.export.deploy) unless the caller turns the export off.
 Images are only read into memory; nothing of them is written to the state.
 """
@@ -36,8 +36,8 @@ from fieldlearn.device.distributed import DdpStep, barrier, process_group, world
 from fieldlearn.device.learner import (classifier_features, evaluate, fold_in, learn_increment, predict_logits,
                                        setup_torch, train_base)
 from fieldlearn.device.model import build_student
-from fieldlearn.device.publish import publish
-from fieldlearn.device.state import LoadedState, load_state
+from fieldlearn.store.publish import publish
+from fieldlearn.store.state import LoadedState, load_state
 from fieldlearn.device.names import check_new_class_names
 from fieldlearn.device.validate import ConfigOverrides, check_field
 from fieldlearn.export.deploy import export_writer

@@ -53,7 +53,7 @@ class StepReport:
     seconds: dict[str, float] = field(default_factory=dict)      # per phase
     teacher_backend: str = ""
     classifier: dict[str, float] = field(default_factory=dict)    # e.g. the ridge value the head was solved with
-    optimizer_steps: list[int] = field(default_factory=list)   # per epoch (fieldlearn.device.publish checks it)
+    optimizer_steps: list[int] = field(default_factory=list)   # per epoch (fieldlearn.store.publish checks it)
     # True when the step learns by class statistics alone, by design (method "none", or a
     # classifier that reads only the frozen ImageNet top): no optimiser step is expected.
     statistics_only: bool = False

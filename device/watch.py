@@ -7,7 +7,7 @@
       .rejected/apple/    a folder that could not be learned (or the files of a learned class
                           that could not be read), with a `.reason` file
     STATE/
-      current, versions/  the learner's state (fieldlearn.device.state); never any image
+      current, versions/  the learner's state (fieldlearn.store.state); never any image
       watch-journal.json  the increment in progress: class folder and file NAMES, no data
       watch-status.json   what the daemon is doing (JSON; --status puts it elsewhere)
       .watch.lock         one daemon per state (flock; released when the process dies)
@@ -239,7 +239,7 @@ def is_environment(e: BaseException) -> bool:
     disk, the state lock held by another command, an OS error (permissions, a read-only or
     vanished inbox or state, I/O), memory. Image files that cannot be read never get here:
     the reader skips and reports them."""
-    from fieldlearn.device.store import DiskFull, StateLocked  # noqa: PLC0415
+    from fieldlearn.store.versions import DiskFull, StateLocked  # noqa: PLC0415
 
     return isinstance(e, (DiskFull, StateLocked, NotTheData, OSError, MemoryError))
 
@@ -334,7 +334,7 @@ class Watcher:
         The config is checked as an increment will make it (increment.step_config)."""
         from fieldlearn.device.config import RunConfig  # noqa: PLC0415
         from fieldlearn.device.increment import step_config  # noqa: PLC0415
-        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+        from fieldlearn.store.versions import read_meta  # noqa: PLC0415
 
         vdir = current_version_dir(self.state_dir)
         meta = read_meta(vdir)
@@ -393,7 +393,7 @@ class Watcher:
         a Jetson's eMMC should not be written every few seconds for nothing)."""
         try:
             name = current_version_name(self.state_dir)
-            from fieldlearn.device.store import read_meta  # noqa: PLC0415
+            from fieldlearn.store.versions import read_meta  # noqa: PLC0415
 
             classes = list(read_meta(version_dir(self.state_dir, name)).get("classes", []))
         except (UserError, OSError):
@@ -427,7 +427,7 @@ class Watcher:
     def _finish_published(self, claim: Claim) -> bool:
         """A previous run was stopped after publishing `claim` (its classes are in the current
         model): only the clean-up is left. Returns False when the increment must be redone."""
-        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+        from fieldlearn.store.versions import read_meta  # noqa: PLC0415
 
         current = current_version_name(self.state_dir)
         known = read_meta(version_dir(self.state_dir, current)).get("classes", [])
@@ -443,9 +443,9 @@ class Watcher:
         return True
 
     def _state_lock(self):
-        """STATE/lock (fieldlearn.device.store) for one increment, so that learn, export,
+        """STATE/lock (fieldlearn.store.versions) for one increment, so that learn, export,
         rollback and prune never interleave with it; not held while idle."""
-        from fieldlearn.device.store import state_lock  # noqa: PLC0415
+        from fieldlearn.store.versions import state_lock  # noqa: PLC0415
 
         return state_lock(self.state_dir, "fieldlearn watch")
 
@@ -604,7 +604,7 @@ class Watcher:
 
     def _claim(self) -> Claim | None:
         from fieldlearn.device.names import check_new_class_names  # noqa: PLC0415
-        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+        from fieldlearn.store.versions import read_meta  # noqa: PLC0415
 
         ready = scan_inbox(self.inbox, self.quiet_seconds, self.settle_seconds).ready
         if not ready:

@@ -58,7 +58,7 @@ def export_state(state: Any, out_dir: str | Path | None = None, **kwargs: Any) -
 
 
 def export_writer(student, classes: list[str], step: int, **kwargs: Any) -> Callable[[Path], ExportReport]:
-    """f(version_dir) for a version's writers (fieldlearn.device.state.save_version): the
+    """f(version_dir) for a version's writers (fieldlearn.store.state.save_version): the
     version is then published with its checked model.onnx, or not at all."""
     return lambda version_dir: export_student(student, classes, step, version_dir, **kwargs)
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from fieldlearn.device.classifier import MIN_IMAGES
-from fieldlearn.device.state import LoadedState, load_state, load_version
+from fieldlearn.store.state import LoadedState, load_state, load_version
 from fieldlearn.device.names import class_name_problem
-from fieldlearn.device.store import read_meta
+from fieldlearn.store.versions import read_meta
 from fieldlearn.fleet.base import base_hash, moved_features
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import version_names, versions_dir

@@ -29,7 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fieldlearn.device.store import state_lock
+from fieldlearn.store.versions import state_lock
 from fieldlearn.runtime.atomic import write_text
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import FLEET_STATUS

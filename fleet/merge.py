@@ -28,8 +28,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from fieldlearn.device.learner import StepReport
-from fieldlearn.device.publish import publish
-from fieldlearn.device.state import LoadedState, load_state
+from fieldlearn.store.publish import publish
+from fieldlearn.store.state import LoadedState, load_state
 from fieldlearn.export.deploy import export_writer
 from fieldlearn.fleet.assemble import model_from_stats
 from fieldlearn.fleet.base import base_hash

@@ -6,7 +6,7 @@
         version 2: M + own's uncounted part  (only when there is one: classes it learned
                                               after it sent, or a contribution the hub refused)
 
-Both are published through the device's own store (fieldlearn.device.publish: atomic,
+Both are published through the device's own store (fieldlearn.store.publish: atomic,
 history, rollback), under the device's state lock held by the caller. A device's own
 classes are never dropped: they are either in M (counted) or put back on top of it.
 """
@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from fieldlearn.device.learner import StepReport
-from fieldlearn.device.publish import publish
-from fieldlearn.device.state import load_state
+from fieldlearn.store.publish import publish
+from fieldlearn.store.state import load_state
 from fieldlearn.export.deploy import export_writer
 from fieldlearn.fleet.assemble import model_from_stats
 from fieldlearn.fleet.base import base_hash

@@ -5,7 +5,7 @@ and the default places of the state, the inbox and the cache.
     STATE/
       current                 text: the name of the served version, e.g. "0003"
       .current.*.tmp          a pointer being replaced (removed on the next start)
-      lock                    who writes the state now (fieldlearn.device.store.state_lock)
+      lock                    who writes the state now (fieldlearn.store.versions.state_lock)
       versions/0003/          one immutable version
         model.safetensors     weights
         meta.json             classes in order, config, step, history, metrics, versions

@@ -38,7 +38,7 @@ from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.learner import train_base
 from fieldlearn.device.model import build_student
-from fieldlearn.device.state import save_version
+from fieldlearn.store.state import save_version
 
 rng = np.random.default_rng(0)
 def images(k, n):

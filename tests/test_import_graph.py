@@ -127,9 +127,10 @@ def room(module: str) -> str:
 # room -> rooms it must never import
 FORBIDDEN = {
     "cli": {"tools"},
-    "device": {"commands", "cli", "tools", "fleet"},
-    "export": {"device", "commands", "cli", "tools", "fleet"},
-    "runtime": {"device", "commands", "cli", "tools", "fleet"},
+    "device": {"commands", "cli", "tools", "fleet"},   # + store once the field apps leave device/
+    "store": {"commands", "cli", "tools", "fleet"},
+    "export": {"device", "store", "commands", "cli", "tools", "fleet"},
+    "runtime": {"device", "store", "commands", "cli", "tools", "fleet"},
     "fleet": {"commands", "cli", "tools"},
     "tools": {"commands", "cli"},
     "commands": {"cli"},

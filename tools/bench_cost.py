@@ -168,7 +168,7 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
     from fieldlearn.device import increment as learn_cmd  # noqa: PLC0415
     from fieldlearn.device.data import load_image_folder  # noqa: PLC0415
     from fieldlearn.device.model import build_student  # noqa: PLC0415
-    from fieldlearn.device.state import load_state, save_version  # noqa: PLC0415
+    from fieldlearn.store.state import load_state, save_version  # noqa: PLC0415
 
     torch.manual_seed(0)
     base = build_student(cfg.model, n_base)

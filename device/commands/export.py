@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from fieldlearn.device.config import Valid
-from fieldlearn.device.state import load_state
+from fieldlearn.store.state import load_state
 from fieldlearn.device.cli_config import option
 from fieldlearn.export.deploy import export_state
 from fieldlearn.runtime.engines import ParityError

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fieldlearn.device.store import history
+from fieldlearn.store.versions import history
 from fieldlearn.runtime.errors import UserError
 
 

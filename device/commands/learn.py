@@ -15,7 +15,7 @@ from fieldlearn.device.cli_config import add_option, SECTIONS, add_config_argume
 from fieldlearn.device.config import RunConfig, StepOptions, Valid
 from fieldlearn.device.increment import learn_folder
 from fieldlearn.device.protocol import ignored_in_increment
-from fieldlearn.device.store import config_of, read_meta
+from fieldlearn.store.versions import config_of, read_meta
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import current_version_dir
 

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget)
     n_old, fixed_arch = args.old_classes, args.state is not None
     if args.state is not None:
-        from fieldlearn.device.state import load_state  # noqa: PLC0415
+        from fieldlearn.store.state import load_state  # noqa: PLC0415
 
         state = load_state(args.state)
         cfg = config_from_args(args, base=state.config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.store import prune
+from fieldlearn.store.versions import prune
 from fieldlearn.device.cli_config import option
 from fieldlearn.device.config import Valid
 

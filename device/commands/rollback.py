@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.store import read_meta, rollback
+from fieldlearn.store.versions import read_meta, rollback
 from fieldlearn.runtime.layout import versions_dir
 
 

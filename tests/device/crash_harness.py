@@ -127,7 +127,7 @@ class FsEvents:
             self.event(filename, "save_file done")
             return out
 
-        for owner in [st] + [m for m in (sys.modules.get("fieldlearn.device.state"),) if m is not None]:
+        for owner in [st] + [m for m in (sys.modules.get("fieldlearn.store.state"),) if m is not None]:
             self._saved.append((owner, "save_file", getattr(owner, "save_file")))
             owner.save_file = save_file
         return self
@@ -163,7 +163,7 @@ def _sha(path: Path) -> str:
 
 def snapshot_versions(state: Path) -> dict[str, dict[str, str]]:
     """version -> {file: sha256} of every complete published version."""
-    from fieldlearn.device.store import version_problem  # noqa: PLC0415
+    from fieldlearn.store.versions import version_problem  # noqa: PLC0415
     from fieldlearn.runtime.layout import version_names  # noqa: PLC0415
 
     out = {}
@@ -191,7 +191,7 @@ class Before:
 
     @classmethod
     def of(cls, state: Path) -> "Before":
-        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+        from fieldlearn.store.versions import read_meta  # noqa: PLC0415
         from fieldlearn.runtime.layout import current_version_name  # noqa: PLC0415
 
         cur = current_version_name(state)
@@ -202,8 +202,8 @@ class Before:
 def check_state(state: Path, before: Before, new_classes: list[str]) -> tuple[list[str], list[str], str]:
     """(corrupt, lost, outcome) after a run that started from `before` and would add
     `new_classes` (none for export). outcome: "old" or "new" (which version is current)."""
-    from fieldlearn.device.state import load_state  # noqa: PLC0415
-    from fieldlearn.device.store import version_problem  # noqa: PLC0415
+    from fieldlearn.store.state import load_state  # noqa: PLC0415
+    from fieldlearn.store.versions import version_problem  # noqa: PLC0415
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
     from fieldlearn.runtime.metadata import read_labels, read_metadata  # noqa: PLC0415
 
@@ -397,7 +397,7 @@ class Harness:
         left = leftovers(self.state)
         tally.leftovers_seen += bool(left)
         # The next start: what every writing command does first (stale lock, leftovers).
-        from fieldlearn.device.store import state_lock  # noqa: PLC0415
+        from fieldlearn.store.versions import state_lock  # noqa: PLC0415
 
         with state_lock(self.state, "crash harness"):
             pass
@@ -423,7 +423,7 @@ class Harness:
     def check_watch(self, before: "Before", new: list[str], where: str, tally: Tally) -> None:
         """After a killed `watch --once` and its next start: the class learned exactly once,
         its images gone from the inbox, nothing rejected, no journal."""
-        from fieldlearn.device.store import read_meta  # noqa: PLC0415
+        from fieldlearn.store.versions import read_meta  # noqa: PLC0415
         from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
 
         meta = read_meta(current_version_dir(self.state))

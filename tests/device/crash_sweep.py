@@ -219,7 +219,7 @@ class EventCopies(FsEvents):
             self._saved.append((owner, name, getattr(owner, name)))
             setattr(owner, name, new)
         st = sys.modules.get("safetensors.torch")
-        for owner in [m for m in (st, sys.modules.get("fieldlearn.device.state")) if m is not None]:
+        for owner in [m for m in (st, sys.modules.get("fieldlearn.store.state")) if m is not None]:
             inner = owner.save_file
 
             def save_file(tensors, filename, *a, _inner=inner, **k):
@@ -306,7 +306,7 @@ def add_versions(state: Path) -> Path:
     current one as an increment writes them, without an export: 0003 is current and not
     exported, so that export has something to add, rollback somewhere to go and prune
     --keep 1 two versions to remove."""
-    from fieldlearn.device.state import load_state, save_version  # noqa: PLC0415
+    from fieldlearn.store.state import load_state, save_version  # noqa: PLC0415
 
     st = load_state(state)
     for step in (1, 2):
@@ -335,8 +335,8 @@ def run_child(state: Path, out: Path, argv: list[str], env: dict[str, str]) -> d
 
 def _reader_problems(copy: Path) -> list[str]:
     """What a reader that takes no lock (classify, history) would trip over right after the kill."""
-    from fieldlearn.device.state import load_state  # noqa: PLC0415
-    from fieldlearn.device.store import version_problem  # noqa: PLC0415
+    from fieldlearn.store.state import load_state  # noqa: PLC0415
+    from fieldlearn.store.versions import version_problem  # noqa: PLC0415
     from fieldlearn.runtime.errors import UserError  # noqa: PLC0415
     from fieldlearn.runtime.layout import version_names  # noqa: PLC0415
     from fieldlearn.runtime.metadata import read_labels, read_metadata  # noqa: PLC0415
@@ -366,7 +366,7 @@ def _reader_problems(copy: Path) -> list[str]:
 def next_start(copy: Path) -> None:
     """What every writing command does first: take the state lock (a dead owner's lock and the
     leftovers of an interrupted run are removed), then release it."""
-    from fieldlearn.device.store import state_lock  # noqa: PLC0415
+    from fieldlearn.store.versions import state_lock  # noqa: PLC0415
 
     with state_lock(copy, "crash sweep"):
         pass
@@ -535,7 +535,7 @@ def real_kills(command: str, state: Path, argv: list[str], work: Path, env: dict
 
 
 def load_meta_classes(state: Path) -> list[str]:
-    from fieldlearn.device.store import read_meta  # noqa: PLC0415
+    from fieldlearn.store.versions import read_meta  # noqa: PLC0415
     from fieldlearn.runtime.layout import current_version_dir  # noqa: PLC0415
 
     return read_meta(current_version_dir(state))["classes"]

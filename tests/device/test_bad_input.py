@@ -29,7 +29,7 @@ from PIL import Image
 from fieldlearn.cli.main import main
 from fieldlearn.device.data import MIN_IMAGES, SkippedInput
 from fieldlearn.device.model import build_student
-from fieldlearn.device.state import load_state, save_version
+from fieldlearn.store.state import load_state, save_version
 from tests.conftest import ROOT, tiny_config, write_image_folder
 
 LEARN = ["--no-progress", "--epochs", "1", "--batch-size", "8", "--teacher-backend", "torch", "--no-export",

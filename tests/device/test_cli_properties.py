@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from fieldlearn.cli.main import COMMANDS, OneLineParser, main
 from fieldlearn.device.data import SkippedInput
 from fieldlearn.device.model import build_student
-from fieldlearn.device.state import save_version
+from fieldlearn.store.state import save_version
 from tests.conftest import tiny_config, write_image_folder
 from tests.device.test_bad_input import tree_hash
 

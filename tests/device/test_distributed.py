@@ -29,7 +29,7 @@ import torch
 from fieldlearn.cli.main import main
 from fieldlearn.device.data import MIN_IMAGES
 from fieldlearn.device.distributed import world_from_env
-from fieldlearn.device.state import load_state
+from fieldlearn.store.state import load_state
 from fieldlearn.runtime.layout import META, current_version_dir, version_names
 
 from ..conftest import ROOT, write_image_folder

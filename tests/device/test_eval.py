@@ -8,7 +8,7 @@ import torch
 
 from fieldlearn.cli.main import main
 from fieldlearn.device.model import build_student
-from fieldlearn.device.state import save_version
+from fieldlearn.store.state import save_version
 from tests.conftest import tiny_config, write_image_folder
 
 

@@ -1,4 +1,4 @@
-"""The one validator (fieldlearn.device.validate) and the publish gate (fieldlearn.device.publish).
+"""The one validator (fieldlearn.device.validate) and the publish gate (fieldlearn.store.publish).
 
 Every config field declares what it accepts; each declared bound is enforced on the command
 line and in a saved state's meta.json; a step that did not train is never published.
@@ -17,8 +17,8 @@ from fieldlearn.cli.main import main
 from fieldlearn.device.config import VALID, LossConfig, ModelConfig, RunConfig, TrainConfig
 from fieldlearn.device.learner import StepReport
 from fieldlearn.device.model import build_student
-from fieldlearn.device.publish import NotTrained, check_trained, publish
-from fieldlearn.device.state import save_version
+from fieldlearn.store.publish import NotTrained, check_trained, publish
+from fieldlearn.store.state import save_version
 from fieldlearn.device.validate import check_field, undeclared_fields, validate_config
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import current_version_name
@@ -185,13 +185,13 @@ def test_product_code_saves_versions_only_through_the_gate():
     can publish a step the gate would refuse. (bench cost writes an untrained base state to
     time an increment on: a benchmark tool in fieldlearn.tools, outside the product.)"""
     callers = []
-    for folder in ("cli", "device", "export", "runtime"):
+    for folder in ("cli", "device", "store", "export", "runtime"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
                 if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "save_version":
                     callers.append(str(path.relative_to(ROOT)))
-    assert callers == ["device/publish.py"], callers
+    assert callers == ["store/publish.py"], callers
 
 
 def test_init_refuses_a_state_with_versions_and_learn_points_at_rollback(state, tmp_path, new_folder, capsys):

@@ -42,7 +42,7 @@ def base_state(tmp_path_factory, gen_train):
     """A state dir with version 0001: the tiny net trained on 3 classes."""
     from fieldlearn.device.learner import train_base
     from fieldlearn.device.model import build_student
-    from fieldlearn.device.state import save_version
+    from fieldlearn.store.state import save_version
 
     torch.set_num_threads(1)
     cfg = tiny_config()
@@ -295,7 +295,7 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, g
     """If this fails, three power cuts, SIGTERMs or full disks during learning reject good
     data (docs/FIELD.md: stopping is safe at any moment and the next start redoes the
     increment). The journal's count of failed tries must stay 0, however many times."""
-    from fieldlearn.device.store import DiskFull, StateLocked
+    from fieldlearn.store.versions import DiskFull, StateLocked
 
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"

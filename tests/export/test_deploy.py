@@ -23,7 +23,7 @@ CLASSES = ["apple", "pear", "plum"]
 
 
 def loaded_state(version_dir) -> SimpleNamespace:
-    """What fieldlearn.device.state.load_state returns (the fields export relies on)."""
+    """What fieldlearn.store.state.load_state returns (the fields export relies on)."""
     cfg = RunConfig(model=ModelConfig(pretrained=False, width=0.5, input_size=64, freeze_blocks=14, classifier="linear"))
     torch.manual_seed(0)
     student = Student(cfg.model, len(CLASSES))
@@ -90,7 +90,7 @@ def test_forced_engine_without_tensorrt_is_a_user_error(tmp_path):
 def test_cli_export_then_classify(tmp_path, capsys):
     """If this fails, the two commands do not fit together on a real state dir: export
     into the current version, classify --state finds and runs it."""
-    from fieldlearn.device.state import save_version
+    from fieldlearn.store.state import save_version
 
     state = loaded_state(tmp_path / "scratch")
     vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=2, history=[])
@@ -106,7 +106,7 @@ def test_cli_export_then_classify(tmp_path, capsys):
 def test_save_version_publishes_with_its_export(tmp_path):
     """If this fails, the learner cannot publish a version together with its checked ONNX
     (save_version's writers run in the unpublished temp dir)."""
-    from fieldlearn.device.state import load_state, save_version
+    from fieldlearn.store.state import load_state, save_version
 
     state = loaded_state(tmp_path / "scratch")
     vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=5, history=[],
@@ -122,7 +122,7 @@ def test_meta_json_and_model_onnx_name_the_same_fieldlearn_version(tmp_path):
     import json
     from importlib.metadata import version
 
-    from fieldlearn.device.state import save_version
+    from fieldlearn.store.state import save_version
 
     state = loaded_state(tmp_path / "scratch")
     vdir = save_version(tmp_path / "state", state.student, CLASSES, state.config, step=1, history=[],

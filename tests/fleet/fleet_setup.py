@@ -54,7 +54,7 @@ def make_base(state_dir: Path, data, cfg=None, seed: int = 0) -> Path:
     """The hub's base version (step 0) from the base classes."""
     from fieldlearn.device.learner import train_base
     from fieldlearn.device.model import build_student
-    from fieldlearn.device.publish import publish
+    from fieldlearn.store.publish import publish
 
     cfg = cfg or fleet_config()
     base = class_images(data, {c: slice(0, PER_CLASS) for c in BASE_CLASSES})
@@ -70,7 +70,7 @@ def learn(state_dir: Path, new, method: str | None = None) -> Path:
     """One increment of `new` on the device, as `fieldlearn learn` runs it (no held-out share,
     no export; `method`: another learner than the state's)."""
     from fieldlearn.device.increment import learn_new_classes
-    from fieldlearn.device.state import load_state
+    from fieldlearn.store.state import load_state
 
     state = load_state(state_dir)
     cfg = dataclasses.replace(state.config, method=method) if method else state.config

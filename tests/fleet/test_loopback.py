@@ -25,7 +25,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from fieldlearn.device.state import load_state  # noqa: E402
+from fieldlearn.store.state import load_state  # noqa: E402
 from fieldlearn.fleet.processes import free_port  # noqa: E402
 from fieldlearn.runtime.layout import current_version_name  # noqa: E402
 from tests.fleet.fleet_setup import class_images, learn  # noqa: E402

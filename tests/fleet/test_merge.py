@@ -11,7 +11,7 @@ import torch
 
 from fieldlearn.device.classifier import solve_head
 from fieldlearn.device.learner import classifier_features
-from fieldlearn.device.state import load_state, load_version
+from fieldlearn.store.state import load_state, load_version
 from fieldlearn.fleet.contribution import make_contribution
 from fieldlearn.fleet.merge import merge_round, read_ledger
 from fieldlearn.runtime.layout import version_names
@@ -213,7 +213,7 @@ def test_a_device_whose_features_moved_is_refused(fleet, data, tmp_path):
 def test_the_hub_publishes_through_the_store_and_rolls_back(fleet):
     """If this fails, the merged version is not a version like any other (no history entry,
     no rollback to the base)."""
-    from fieldlearn.device.store import rollback
+    from fieldlearn.store.versions import rollback
 
     dirs, pristine, _, _ = fleet
     hub = dirs["hub"]
@@ -231,7 +231,7 @@ def test_a_merge_interrupted_while_publishing_publishes_nothing(fleet, tmp_path,
     """If this fails, a hub killed in the middle of writing a merged version leaves half of it
     current (a model without its ledger, or a ledger without its model)."""
     import fieldlearn.fleet.merge as merge
-    from fieldlearn.device.store import clean_leftovers
+    from fieldlearn.store.versions import clean_leftovers
 
     _, _, sent, _ = fleet
     hub = fresh_hub(fleet, tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fieldlearn.device.state import load_state  # noqa: E402
+from fieldlearn.store.state import load_state  # noqa: E402
 from fieldlearn.fleet.processes import free_port  # noqa: E402
 from fieldlearn.runtime.layout import current_version_name  # noqa: E402
 from tests.fleet.credentials import node_key, tls  # noqa: E402

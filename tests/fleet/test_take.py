@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from fieldlearn.device.state import load_state
-from fieldlearn.device.store import rollback
+from fieldlearn.store.state import load_state
+from fieldlearn.store.versions import rollback
 from fieldlearn.fleet.contribution import make_contribution
 from fieldlearn.fleet.take import take
 from fieldlearn.runtime.errors import UserError

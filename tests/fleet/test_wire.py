@@ -9,11 +9,11 @@ pytest.importorskip("flwr")
 
 from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
-from fieldlearn.device.state import load_state  # noqa: E402
+from fieldlearn.store.state import load_state  # noqa: E402
 from fieldlearn.fleet.contribution import Refused, from_upper, upper  # noqa: E402
 from fieldlearn.fleet.wire import (contribution_from_record, contribution_to_record, model_from_record,  # noqa: E402
                                    model_to_record)
-from tests.device.privacy_audit import Pattern, feature_patterns, pixel_patterns, scan  # noqa: E402
+from tests.store.privacy_audit import Pattern, feature_patterns, pixel_patterns, scan  # noqa: E402
 from tests.fleet.fleet_setup import DEVICES, class_images  # noqa: E402
 
 

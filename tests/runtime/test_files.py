@@ -87,7 +87,7 @@ def test_a_state_whose_files_are_fifos_is_one_line_not_a_hang(tmp_path, capsys):
 
     from fieldlearn.cli.main import main
     from fieldlearn.device.model import build_student
-    from fieldlearn.device.state import save_version
+    from fieldlearn.store.state import save_version
     from tests.conftest import tiny_config
 
     cfg = tiny_config()

@@ -70,7 +70,7 @@ def _warm_up(device) -> None:
     import onnxruntime  # noqa: F401, PLC0415
     import fieldlearn.device.engine_teacher  # noqa: F401, PLC0415
     import fieldlearn.device.learner  # noqa: F401, PLC0415
-    import fieldlearn.device.state  # noqa: F401, PLC0415
+    import fieldlearn.store.state  # noqa: F401, PLC0415
     import fieldlearn.export.onnx  # noqa: F401, PLC0415
 
 

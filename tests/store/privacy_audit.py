@@ -173,7 +173,7 @@ class Plants:
 
     def install(self) -> None:
         import fieldlearn.device.increment as inc  # noqa: PLC0415
-        import fieldlearn.device.state as state  # noqa: PLC0415
+        import fieldlearn.store.state as state  # noqa: PLC0415
 
         real_load, real_save = inc.load_image_folder, state.save_file
 
@@ -260,7 +260,7 @@ def child_main() -> None:
     sys.exit(rc)
 
 
-CHILD = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.device.privacy_audit import child_main; child_main()"
+CHILD = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.store.privacy_audit import child_main; child_main()"
 
 
 def run_child(work: Path, commands: list[list[str]], plant: bool = False, timeout: int = 600):

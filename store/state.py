@@ -2,7 +2,7 @@
 
 What a version holds: weights (safetensors), class names in order, the config, the step
 that produced it, the step history and metrics, the fieldlearn version. What it never
-holds: any image, pixel tensor or feature of a training sample (tests/device/test_state.py
+holds: any image, pixel tensor or feature of a training sample (tests/store/test_state.py
 audits every byte written). Loading reads only safetensors and JSON: nothing executes.
 
 Writing a version: everything goes to versions/.tmp-XXXX, is fsynced, renamed to
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
-from fieldlearn.device.store import FORMAT, DiskFull, clean_leftovers, config_of, disk_full_reason, read_meta
+from fieldlearn.store.versions import FORMAT, DiskFull, clean_leftovers, config_of, disk_full_reason, read_meta
 from fieldlearn.runtime.atomic import fsync_dir, fsync_tree
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.files import read_bytes
@@ -35,7 +35,7 @@ from fieldlearn.runtime.metadata import fieldlearn_version
 from fieldlearn.runtime.layout import (META, TMP_PREFIX, WEIGHTS, current_file, current_version_dir,
                                        next_version_name, switch_current, versions_dir)
 
-# FORMAT, read_meta and clean_leftovers live in fieldlearn.device.store (no torch) so that
+# FORMAT, read_meta and clean_leftovers live in fieldlearn.store.versions (no torch) so that
 # history/rollback/prune and the lock stay light; the file names in fieldlearn.runtime.layout.
 
 

@@ -20,9 +20,9 @@ import torch
 
 from fieldlearn.cli.main import main
 from fieldlearn.device import names as naming
-from fieldlearn.device import store
+from fieldlearn.store import versions as store
 from fieldlearn.device.model import build_student
-from fieldlearn.device.state import load_state, save_version
+from fieldlearn.store.state import load_state, save_version
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import version_names
 from tests.conftest import ROOT, tiny_config, write_image_folder
@@ -313,7 +313,7 @@ def test_only_init_creates_a_state_dir_and_an_unused_one_goes_again(tmp_path):
 
 def test_disk_full_while_switching_current_unpublishes_the_version(state, monkeypatch):
     """If this fails, a version that never became current stays behind looking like one that did."""
-    import fieldlearn.device.state as st_mod
+    import fieldlearn.store.state as st_mod
 
     def full(*_a, **_k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

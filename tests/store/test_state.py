@@ -1,7 +1,7 @@
 """The state: atomic and durable versions (fsync before every publishing rename), class
 order kept end to end, and the promise that no training data is ever stored.
 
-The privacy audit (tests/device/privacy_audit.py) runs real `fieldlearn init`, `learn` and
+The privacy audit (tests/store/privacy_audit.py) runs real `fieldlearn init`, `learn` and
 `export` in a child process whose HOME, TMPDIR, XDG_CACHE_HOME and FIELDLEARN_CACHE are
 inside the test's folder, captures every byte the child destroys (deleted, renamed over,
 truncated, rewritten) or passes to os.write, and searches those bytes and everything left
@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from fieldlearn.device.data import load_image_folder, to_input
 from fieldlearn.device.model import build_student
-from fieldlearn.device.state import load_state, load_version, save_version
+from fieldlearn.store.state import load_state, load_version, save_version
 from tests.conftest import tiny_config, write_image_folder
-from tests.device.privacy_audit import (captured, feature_patterns, on_disk, pixel_patterns, run_child,
+from tests.store.privacy_audit import (captured, feature_patterns, on_disk, pixel_patterns, run_child,
                                         scan)
 
 
@@ -111,7 +111,7 @@ def _warmed_student(cfg, images):
     return s.eval()
 
 
-# Where each planted leak (tests/device/privacy_audit.py, Plants) must be found: pattern,
+# Where each planted leak (tests/store/privacy_audit.py, Plants) must be found: pattern,
 # image, and the start of the place's label (relative to the run folder).
 PLANTED = [
     ("uint8 HWC row", 0, "on disk: {home}/.leak-hwc"),
@@ -205,7 +205,7 @@ def test_feature_audit_would_catch_a_stored_image_feature(tmp_path, gen_test):
     cfg.model.classifier, cfg.model.features = "analytic", "concat"
     from fieldlearn.device.data import ImageSet
     from fieldlearn.device.learner import fit_classifier
-    from fieldlearn.device.state import LoadedState
+    from fieldlearn.store.state import LoadedState
 
     s = build_student(cfg.model, 2).eval()
     images = gen_test.images[:12]
@@ -390,7 +390,7 @@ def test_rollback_and_prune_make_their_changes_durable(tmp_path, monkeypatch):
     """If this fails, a power cut after `rollback` can bring the old `current` back, or after
     `prune` a half-deleted version back into versions/ (the pointer's file or directory
     fsync, or the versions directory's fsync after the rename out, went missing)."""
-    from fieldlearn.device.store import prune, rollback
+    from fieldlearn.store.versions import prune, rollback
 
     cfg = _linear_cfg()
     s = build_student(cfg.model, 2)
@@ -567,8 +567,8 @@ def test_a_failed_write_or_switch_is_reported_and_publishes_nothing(tmp_path, mo
     it was saved."""
     import errno
 
-    from fieldlearn.device import state as state_mod
-    from fieldlearn.device.store import DiskFull
+    from fieldlearn.store import state as state_mod
+    from fieldlearn.store.versions import DiskFull
 
     cfg = tiny_config()
     s = build_student(cfg.model, 2)

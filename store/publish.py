@@ -12,7 +12,7 @@ inside save_version, as before, or the version is not published.
 
 The PENDING marker makes "renamed into versions/ but never made current" visible: a run
 killed between the version's rename and the `current` switch leaves a marked version, which
-`history` does not list and the next writer removes (fieldlearn.device.store.clean_leftovers),
+`history` does not list and the next writer removes (fieldlearn.store.versions.clean_leftovers),
 so a redone increment never shows up twice.
 """
 
@@ -27,7 +27,7 @@ import torch
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.learner import StepReport
 from fieldlearn.device.model import Student
-from fieldlearn.device.state import save_version
+from fieldlearn.store.state import save_version
 from fieldlearn.runtime.atomic import fsync_dir
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import PENDING
