@@ -6,7 +6,7 @@
 Each kill is a real SIGKILL of a child process running the ordinary CLI on a tiny config
 (CIFAR-100 test images written as ImageFolders or inbox folders, one new class per
 increment), at a random file-system event of the write path, between a version's rename and
-the `current` switch, or at a random time (tests/device/crash_harness.py says how). After
+the `current` switch, or at a random time (tests/store/crash_harness.py says how). After
 each kill: the state must load, `current` must name a complete version (the old one or the
 run's new one), no earlier version may change, the next start must clean the leftovers and
 stale lock (and a never-switched version), a re-run must succeed, and a killed daemon's next
@@ -15,7 +15,7 @@ Takes about 5 s per kill on 2 cores (each child imports torch).
 
 --every-event: no sample. For each of learn, export, prune and rollback, every file-system
 event of the uninterrupted run (copies of the disk at each event, torn ones too, and the
-fsync order: tests/device/crash_sweep.py, what tests/device/test_crash.py runs), then, as a
+fsync order: tests/store/crash_sweep.py, what tests/store/test_crash.py runs), then, as a
 cross-check of those copies, a real child SIGKILLed at each event in turn, each on a fresh
 copy of the state (one process per event: minutes). Prints one tally line per command and
 per kind, e.g. "learn: 84 events (31 distinct disks), outcomes {'old': 82, 'new': 8}, ...".
@@ -56,7 +56,7 @@ def main() -> int:
     import io
 
     from tests.conftest import CIFAR_DIR
-    from tests.device.crash_harness import run, summary
+    from tests.store.crash_harness import run, summary
 
     from fieldlearn.device.data import load_cifar100
 
@@ -86,8 +86,8 @@ def every_event(args) -> int:
     import shutil
 
     from tests.conftest import CIFAR_DIR, write_image_folder
-    from tests.device.crash_harness import Harness
-    from tests.device.crash_sweep import add_versions, argv_of, real_kills, sweep
+    from tests.store.crash_harness import Harness
+    from tests.store.crash_sweep import add_versions, argv_of, real_kills, sweep
 
     from fieldlearn.device.data import load_cifar100
 

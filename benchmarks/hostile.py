@@ -20,7 +20,7 @@ a fresh interpreter per case instead (slower: torch is imported every time). The
 cases run `fieldlearn watch` for real and poke at its inbox while it runs; after each, the
 daemon must still be running and must not have rejected a good class.
 
---properties N also runs the property-based CLI tests (tests/device/test_cli_properties.py)
+--properties N also runs the property-based CLI tests (tests/cli/test_cli_properties.py)
 with N examples each. Exit status 0 only when every verdict is `clean error` or `accepted`.
 """
 
@@ -729,7 +729,7 @@ def main() -> int:
     if not args.spawn:     # what the forked children need, imported once
         import fieldlearn.cli.main  # noqa: F401
         import fieldlearn.device.increment  # noqa: F401
-        import fieldlearn.device.commands.watch  # noqa: F401
+        import fieldlearn.cli.commands.watch  # noqa: F401
         import fieldlearn.runtime.classify  # noqa: F401
     t0 = time.perf_counter()
     rows = []
@@ -789,7 +789,7 @@ def main() -> int:
     ok = all(r["verdict"] in GOOD_VERDICTS | {"skipped"} for r in rows)
     if args.properties:
         env = {**os.environ, "FIELDLEARN_PROPERTY_EXAMPLES": str(args.properties)}
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/device/test_cli_properties.py",
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/cli/test_cli_properties.py",
                             "--hypothesis-show-statistics"], cwd=ROOT, env=env)
         print(f"property-based CLI tests with {args.properties} examples each: "
               f"{'passed' if r.returncode == 0 else 'FAILED'}")

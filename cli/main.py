@@ -17,22 +17,22 @@ from fieldlearn.runtime.errors import UserError
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("fieldlearn.device.commands.demo", "short class-incremental run on real data: LwM next to fine-tuning"),
-    "init": ("fieldlearn.device.commands.init", "train the base model (step 0) from a dataset into a state dir"),
-    "learn": ("fieldlearn.device.commands.learn", "add the classes of an ImageFolder directory to a state (one increment)"),
-    "eval": ("fieldlearn.device.commands.evaluate", "evaluate a state on a dataset's classes"),
-    "explain": ("fieldlearn.device.commands.explain", "PNG of teacher vs student attention maps for some images"),
-    "export": ("fieldlearn.device.commands.export", "write the current version as ONNX (+ labels, + TensorRT engine) and check parity"),
-    "bench": ("fieldlearn.device.commands.bench", "benchmarks: accuracy (LwM vs baselines vs joint upper bound on a class-incremental protocol)"),
-    "history": ("fieldlearn.device.commands.history", "list a state's versions with class counts and accuracies"),
-    "rollback": ("fieldlearn.device.commands.rollback", "make an earlier version current again (atomic)"),
-    "prune": ("fieldlearn.device.commands.prune", "delete all but the newest K versions (never the current one)"),
-    "profile": ("fieldlearn.device.commands.profile", "measure an increment's peak memory and plan a config that fits a budget (SIZE or Jetson preset)"),
+    "demo": ("fieldlearn.cli.commands.demo", "short class-incremental run on real data: LwM next to fine-tuning"),
+    "init": ("fieldlearn.cli.commands.init", "train the base model (step 0) from a dataset into a state dir"),
+    "learn": ("fieldlearn.cli.commands.learn", "add the classes of an ImageFolder directory to a state (one increment)"),
+    "eval": ("fieldlearn.cli.commands.evaluate", "evaluate a state on a dataset's classes"),
+    "explain": ("fieldlearn.cli.commands.explain", "PNG of teacher vs student attention maps for some images"),
+    "export": ("fieldlearn.cli.commands.export", "write the current version as ONNX (+ labels, + TensorRT engine) and check parity"),
+    "bench": ("fieldlearn.cli.commands.bench", "benchmarks: accuracy (LwM vs baselines vs joint upper bound on a class-incremental protocol)"),
+    "history": ("fieldlearn.cli.commands.history", "list a state's versions with class counts and accuracies"),
+    "rollback": ("fieldlearn.cli.commands.rollback", "make an earlier version current again (atomic)"),
+    "prune": ("fieldlearn.cli.commands.prune", "delete all but the newest K versions (never the current one)"),
+    "profile": ("fieldlearn.cli.commands.profile", "measure an increment's peak memory and plan a config that fits a budget (SIZE or Jetson preset)"),
     "classify": ("fieldlearn.runtime.classify", "top-k labels for images from an exported model (no training code needed)"),
-    "watch": ("fieldlearn.device.commands.watch", "daemon: learn class folders that arrive in an inbox, serve the new model"),
-    "capture": ("fieldlearn.device.commands.capture", "grab N camera frames into INBOX/LABEL/ for watch"),
+    "watch": ("fieldlearn.cli.commands.watch", "daemon: learn class folders that arrive in an inbox, serve the new model"),
+    "capture": ("fieldlearn.cli.commands.capture", "grab N camera frames into INBOX/LABEL/ for watch"),
     "fleet": ("fieldlearn.fleet.command", "fleet serve (the hub) / fleet join (a device): merge what many devices learned, exactly, over Flower"),
-    "doctor": ("fieldlearn.device.commands.doctor", "what this device has and what fieldlearn will use; how to fix what is missing"),
+    "doctor": ("fieldlearn.cli.commands.doctor", "what this device has and what fieldlearn will use; how to fix what is missing"),
 }
 
 # Commands that write a state dir run holding STATE/lock (fieldlearn.store.versions.state_lock).

@@ -3,7 +3,7 @@
 Each field declares, in one place, its default, what it accepts and its help
 (`knob(default, help, valid)`: a dataclass field with metadata). The validator
 (fieldlearn.device.validate, through VALID below) and the command line
-(fieldlearn.device.cli_config: `--field-name`, its help and default) are built from these
+(fieldlearn.cli.flags: `--field-name`, its help and default) are built from these
 declarations; benchmark presets, per-row choices (fieldlearn.device.protocol.CHOSEN) and
 sweep grids (fieldlearn.tools.bench_accuracy.SWEEP_STAGES) name a field, they do not
 restate it. A default's comment says why it is the default; the scores behind a choice are

@@ -173,7 +173,7 @@ def undeclared_fields() -> list[str]:
 class ConfigOverrides:
     """Config fields a caller sets on top of a base config (a version's saved config, a
     preset, or the defaults): dotted field paths ("train.epochs", "loss.beta", "method") to
-    values. The command line is one source (fieldlearn.device.cli_config.overrides_from_args);
+    values. The command line is one source (fieldlearn.cli.flags.overrides_from_args);
     the daemon, the benchmarks and tests build one directly."""
     values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

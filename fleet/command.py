@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from fieldlearn.device.config import Valid
-from fieldlearn.device.cli_config import option
+from fieldlearn.cli.flags import option
 from fieldlearn.fleet.processes import JoinConfig, ServeConfig, Tls, join, serve, split_address
 from fieldlearn.runtime.errors import UserError
 

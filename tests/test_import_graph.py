@@ -5,12 +5,12 @@ as a process, `[python, "-m", module]`, is not an import).
 
 If a test here fails, the rooms of the house leak into each other:
 - a cycle: two modules need each other, so neither can be read, tested or moved alone;
-- library code imports a command (fieldlearn.device.commands): the pipeline lives in a
+- library code imports a command (fieldlearn.cli.commands): the pipeline lives in a
   command file again instead of the library;
 - fieldlearn.runtime or fieldlearn.export imports fieldlearn.device: an inference-only
   device needs the training code;
 - the product imports fieldlearn.tools: a benchmark or the self-check becomes part of what
-  ships. Only the thin command files (fieldlearn.device.commands) may reach into tools;
+  ships. Only the thin command files (fieldlearn.cli.commands) may reach into tools;
 - fieldlearn.device imports fieldlearn.fleet: a single device would need Flower. The fleet
   is a thin room over the library, never the other way round.
 """
@@ -118,22 +118,33 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def room(module: str) -> str:
-    """cli, commands, tools, device, export or runtime."""
-    if module.startswith("fieldlearn.device.commands"):
+    """The floor a module lives on: cli (the dispatcher), commands, flags (the command line's
+    flag builder, fieldlearn.cli.flags), device (the learning core), store, field, export,
+    runtime, fleet or tools."""
+    if module.startswith("fieldlearn.cli.commands"):
         return "commands"
+    if module == "fieldlearn.cli.flags":
+        return "flags"
     return module.split(".")[1]
 
+
+# The floors, bottom up: runtime and export (inference, no training code); device (the
+# learning core); store (a version from staging to publish to rollback); field (the apps and
+# the step pipeline); then the thin rooms on top: commands, flags, fleet, tools, cli.
+ABOVE_THE_CORE = {"store", "field", "commands", "flags", "cli", "tools", "fleet"}
 
 # room -> rooms it must never import
 FORBIDDEN = {
     "cli": {"tools"},
-    "device": {"commands", "cli", "tools", "fleet"},   # + store once the field apps leave device/
-    "store": {"commands", "cli", "tools", "fleet"},
-    "export": {"device", "store", "commands", "cli", "tools", "fleet"},
-    "runtime": {"device", "store", "commands", "cli", "tools", "fleet"},
+    "commands": {"cli"},
+    "flags": {"store", "field", "commands", "cli", "tools", "fleet"},
+    "device": ABOVE_THE_CORE - {"store"},   # until the field apps leave device/
+    "store": ABOVE_THE_CORE - {"store"},
+    "field": {"commands", "flags", "cli", "tools", "fleet"},
+    "export": {"device"} | ABOVE_THE_CORE,
+    "runtime": {"device"} | ABOVE_THE_CORE,
     "fleet": {"commands", "cli", "tools"},
     "tools": {"commands", "cli"},
-    "commands": {"cli"},
 }
 
 
@@ -159,9 +170,9 @@ def test_the_graph_sees_lazy_and_by_name_imports():
     assert {"fieldlearn.device", "fieldlearn.export", "fieldlearn.fleet", "fieldlearn.runtime",
             "fieldlearn.tools"} <= set(graph)
     assert "fieldlearn.runtime.metadata" in graph["fieldlearn.cli.main"]                 # inside main()
-    assert "fieldlearn.device.commands.learn" in graph["fieldlearn.cli.main"]            # COMMANDS table
-    assert "fieldlearn.tools.bench_accuracy" in graph["fieldlearn.device.commands.bench"]
-    assert "fieldlearn.device.increment" in graph["fieldlearn.device.commands.learn"]
+    assert "fieldlearn.cli.commands.learn" in graph["fieldlearn.cli.main"]            # COMMANDS table
+    assert "fieldlearn.tools.bench_accuracy" in graph["fieldlearn.cli.commands.bench"]
+    assert "fieldlearn.device.increment" in graph["fieldlearn.cli.commands.learn"]
 
 
 # ---------------------------------------------------------------------------- the detector
@@ -173,7 +184,7 @@ def synthetic(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
     return import_graph({"fieldlearn.device": tmp_path / "device", "fieldlearn.runtime": tmp_path / "runtime",
-                         "fieldlearn.tools": tmp_path / "tools"})
+                         "fieldlearn.tools": tmp_path / "tools", "fieldlearn.cli": tmp_path / "cli"})
 
 
 def test_the_detector_flags_a_cycle_through_a_lazy_import(tmp_path):
@@ -190,8 +201,8 @@ def test_the_detector_flags_a_cycle_through_a_lazy_import(tmp_path):
 def test_the_detector_flags_upward_imports(tmp_path):
     graph = synthetic(tmp_path, {
         "device/__init__.py": "",
-        "device/commands/__init__.py": "",
-        "device/commands/learn.py": "import fieldlearn.tools.bench\n",       # allowed: a command
+        "cli/commands/__init__.py": "",
+        "cli/commands/learn.py": "import fieldlearn.tools.bench\n",       # allowed: a command
         "device/lib.py": "def g():\n    import importlib\n    return importlib.import_module('fieldlearn.tools.bench')\n",
         "runtime/__init__.py": "",
         "runtime/engines.py": "from fieldlearn.device import lib\n",

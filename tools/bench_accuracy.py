@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
+from fieldlearn.cli.flags import add_config_arguments, config_from_args, option
 from fieldlearn.device.config import LossConfig, ModelConfig, RunConfig, TrainConfig, Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES, ImageSet, class_order, incremental_split, open_dataset
 from fieldlearn.device.classifier import ClassStats

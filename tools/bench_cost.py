@@ -342,7 +342,7 @@ def format_markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------- CLI
 
 def add_arguments(p) -> None:
-    from fieldlearn.device.cli_config import add_config_arguments  # noqa: PLC0415
+    from fieldlearn.cli.flags import add_config_arguments  # noqa: PLC0415
 
     p.add_argument("--out", type=Path, default=Path("fieldlearn-bench-cost"), help="cost.json and cost.md go here")
     p.add_argument("--methods", default=",".join(STEP_METHODS + ["lwm_torch_teacher"]),
@@ -350,7 +350,7 @@ def add_arguments(p) -> None:
                         "--teacher-backend torch)")
     from fieldlearn.device.config import Valid  # noqa: PLC0415
     from fieldlearn.device.data import MIN_IMAGES  # noqa: PLC0415
-    from fieldlearn.device.cli_config import option  # noqa: PLC0415
+    from fieldlearn.cli.flags import option  # noqa: PLC0415
 
     p.add_argument("--repeats", type=option(int, Valid(1, 100_000)), default=20, help="timed steps per method (default 20)")
     p.add_argument("--warmup", type=option(int, Valid(0, 100_000)), default=3,
@@ -376,7 +376,7 @@ def run(args) -> int:
     import tempfile  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fieldlearn.device.cli_config import config_from_args  # noqa: PLC0415
+    from fieldlearn.cli.flags import config_from_args  # noqa: PLC0415
     from fieldlearn.device.learner import setup_torch  # noqa: PLC0415
     from fieldlearn.runtime.atomic import write_json  # noqa: PLC0415
     from fieldlearn.tools.profile.measure import measure_in_subprocess  # noqa: PLC0415

@@ -1,4 +1,4 @@
-"""fieldlearn demo (fieldlearn.device.demo, device/commands/demo.py): what a new user's first
+"""fieldlearn demo (fieldlearn.device.demo, cli/commands/demo.py): what a new user's first
 command prints and where it writes."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_the_default_output_folder_is_ignored_and_holds_no_tracked_file(command)
     import importlib
 
     p = argparse.ArgumentParser()
-    importlib.import_module(f"fieldlearn.device.commands.{command}").add_arguments(p)
+    importlib.import_module(f"fieldlearn.cli.commands.{command}").add_arguments(p)
     out = p.parse_args(["--budget", "1GiB"] if command == "profile" else []).out
     assert not out.is_absolute()
     assert git(ROOT, "ls-files", "--", str(out)) == "", out

@@ -11,7 +11,7 @@ from fieldlearn.device.classifier import MIN_IMAGES
 from fieldlearn.device.increment import hold_out
 from fieldlearn.device.data import ImageSet
 from fieldlearn.store.state import load_state
-from tests.device.test_bad_input import LEARN, base_state, good_folder, refused, run, state, tree_hash  # noqa: F401
+from tests.cli.test_bad_input import LEARN, base_state, good_folder, refused, run, state, tree_hash  # noqa: F401
 
 
 def test_hold_out_never_leaves_a_class_fewer_than_min_images_to_learn_from():

@@ -16,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = ["device", "runtime", "export", "cli", "tools", "benchmarks", "scripts"]
+SCANNED = ["device", "store", "field", "runtime", "export", "cli", "tools", "benchmarks", "scripts"]
 PICKLE_FAMILY = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
 ALLOWED_PICKLE = {("device/data.py", "pickle.Unpickler"), ("device/data.py", "pickle.UnpicklingError")}
 # the same pretrained weights package, read by the outside reference that must not use fieldlearn

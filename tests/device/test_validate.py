@@ -23,7 +23,7 @@ from fieldlearn.device.validate import check_field, undeclared_fields, validate_
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import current_version_name
 from tests.conftest import ROOT, tiny_config, write_image_folder
-from tests.device.test_bad_input import refused, tree_hash
+from tests.cli.test_bad_input import refused, tree_hash
 
 SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 LEARN = ["--no-progress", "--epochs", "1", "--batch-size", "8", "--teacher-backend", "torch", "--no-export",
@@ -223,7 +223,7 @@ def test_each_knob_declares_its_help_and_range_in_one_place():
     import argparse
     import dataclasses
 
-    from fieldlearn.device.cli_config import add_config_arguments
+    from fieldlearn.cli.flags import add_config_arguments
     from fieldlearn.device.config import StepOptions, help_of
 
     for klass in (ModelConfig, LossConfig, TrainConfig, RunConfig, StepOptions):

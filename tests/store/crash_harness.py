@@ -1,6 +1,6 @@
 """Kill `fieldlearn learn` / `export` / `watch --once` with SIGKILL at random points, check the state.
 
-Used by tests/device/test_crash.py (6 kills) and benchmarks/crash.py (50 kills).
+Used by tests/store/test_crash.py (6 kills) and benchmarks/crash.py (50 kills).
 
 Three kinds of kill point, all a real SIGKILL of a real child process:
   - "event": the child runs the ordinary CLI with file-system hooks installed (os.open,
@@ -152,7 +152,7 @@ def child_main() -> None:
     sys.exit(main(argv))
 
 
-CHILD = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.device.crash_harness import child_main; child_main()"
+CHILD = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.store.crash_harness import child_main; child_main()"
 
 
 # ---------------------------------------------------------------------------- checks

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
+from fieldlearn.cli.flags import add_config_arguments, config_from_args, option
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MIN_IMAGES
 from fieldlearn.device.increment import learn_base

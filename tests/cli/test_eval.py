@@ -1,4 +1,4 @@
-"""fieldlearn eval (fieldlearn.device.commands.evaluate): what it prints for a state's steps."""
+"""fieldlearn eval (fieldlearn.cli.commands.evaluate): what it prints for a state's steps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""fieldlearn.device.commands: one module per `fieldlearn` command, each with
+"""fieldlearn.cli.commands: one module per `fieldlearn` command, each with
 `add_arguments(parser)` and `run(args) -> int`. A command parses its options, calls one
 library function (fieldlearn.device.*, fieldlearn.export.*, fieldlearn.tools.*) and prints;
 it holds no pipeline. Nothing in the library imports a command, and these modules are the

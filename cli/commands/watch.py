@@ -24,7 +24,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_option, add_config_arguments, option, overrides_from_args
+from fieldlearn.cli.flags import add_option, add_config_arguments, option, overrides_from_args
 from fieldlearn.device.config import StepOptions, Valid
 from fieldlearn.device.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
 

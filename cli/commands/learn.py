@@ -11,7 +11,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_option, SECTIONS, add_config_arguments, config_from_args, option, overrides_from_args
+from fieldlearn.cli.flags import add_option, SECTIONS, add_config_arguments, config_from_args, option, overrides_from_args
 from fieldlearn.device.config import RunConfig, StepOptions, Valid
 from fieldlearn.device.increment import learn_folder
 from fieldlearn.device.protocol import ignored_in_increment

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.cli_config import add_config_arguments, config_from_args, option
-from fieldlearn.device.commands.common import log
+from fieldlearn.cli.flags import add_config_arguments, config_from_args, option
+from fieldlearn.cli.commands.common import log
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES
 from fieldlearn.device.demo import DEMO_CONFIG, run_demo

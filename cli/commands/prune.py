@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from fieldlearn.store.versions import prune
-from fieldlearn.device.cli_config import option
+from fieldlearn.cli.flags import option
 from fieldlearn.device.config import Valid
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fieldlearn.device.capture import capture
 from fieldlearn.device.config import Valid
-from fieldlearn.device.cli_config import option
+from fieldlearn.cli.flags import option
 from fieldlearn.runtime.layout import DONE, default_place
 
 

@@ -12,7 +12,7 @@ import sys
 
 from fieldlearn.device.config import Valid
 from fieldlearn.store.state import load_state
-from fieldlearn.device.cli_config import option
+from fieldlearn.cli.flags import option
 from fieldlearn.export.deploy import export_state
 from fieldlearn.runtime.engines import ParityError
 

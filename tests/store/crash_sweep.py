@@ -1,6 +1,6 @@
 """Kill `fieldlearn learn` / `export` / `prune` / `rollback` at every file-system event, not a sample.
 
-Used by tests/device/test_crash.py (every event of each command) and benchmarks/crash.py
+Used by tests/store/test_crash.py (every event of each command) and benchmarks/crash.py
 (`--every-event`: the same, plus a real SIGKILLed child per event as a cross-check).
 
 How one child gives every kill. A SIGKILL at event K leaves on disk exactly what the run had
@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.device.crash_harness import ROOT, FsEvents
+from tests.store.crash_harness import ROOT, FsEvents
 
 SWEPT = ("learn", "export", "prune", "rollback")
 TEMP_MARKS = (".tmp-", ".export-")
@@ -255,7 +255,7 @@ def child_main() -> None:
     sys.exit(result["rc"])
 
 
-CHILD = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.device.crash_sweep import child_main; child_main()"
+CHILD = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.store.crash_sweep import child_main; child_main()"
 
 
 # ---------------------------------------------------------------------------- the parent's side
@@ -316,7 +316,7 @@ def add_versions(state: Path) -> Path:
 
 def argv_of(command: str, state: Path, new_folder: Path | None = None) -> list[str]:
     """The swept command line (LEARN_ARGS: the crash harness's tiny increment, with its export)."""
-    from tests.device.crash_harness import LEARN_ARGS  # noqa: PLC0415
+    from tests.store.crash_harness import LEARN_ARGS  # noqa: PLC0415
 
     head = {"learn": ["learn", str(new_folder), *LEARN_ARGS], "export": ["export", "--no-engine"],
             "prune": ["prune", "--keep", "1"], "rollback": ["rollback"]}[command]
@@ -499,8 +499,8 @@ def real_kills(command: str, state: Path, argv: list[str], work: Path, env: dict
     leaving nothing behind."""
     import signal  # noqa: PLC0415
 
-    from tests.device.crash_harness import CHILD as KILLED_CHILD  # noqa: PLC0415
-    from tests.device.crash_harness import Before, check_state, leftovers  # noqa: PLC0415
+    from tests.store.crash_harness import CHILD as KILLED_CHILD  # noqa: PLC0415
+    from tests.store.crash_harness import Before, check_state, leftovers  # noqa: PLC0415
 
     res = Sweep(command, events=events)
     old = tree(state)

@@ -1,8 +1,8 @@
 """Crash safety: SIGKILL `fieldlearn learn`, `export` and the `watch` daemon at random points.
 
-The harness (tests/device/crash_harness.py) kills real child processes, at random
+The harness (tests/store/crash_harness.py) kills real child processes, at random
 file-system events of the write path and at random times; benchmarks/crash.py runs the
-same with 50 kills. tests/device/crash_sweep.py kills learn, export, prune and rollback at
+same with 50 kills. tests/store/crash_sweep.py kills learn, export, prune and rollback at
 every file-system event (copies of the disk at each event of one run) and checks the fsync
 order of what they publish. Disk full is provoked with RLIMIT_FSIZE (and a small tmpfs where this
 machine lets us mount one).
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_image_folder
-from tests.device.crash_harness import LEARN_ARGS, ROOT, Harness, leftovers, run, summary
-from tests.device.crash_sweep import SWEPT, add_versions, argv_of, sweep
+from tests.store.crash_harness import LEARN_ARGS, ROOT, Harness, leftovers, run, summary
+from tests.store.crash_sweep import SWEPT, add_versions, argv_of, sweep
 
 
 def tree_hash(root: Path) -> str:
@@ -148,7 +148,7 @@ def test_a_kill_at_every_file_system_event_leaves_the_old_or_the_new_state(tmp_p
     published, a leftover the next start misses, an old version changed. Or a publishing
     rename, or `current`'s replace, is not preceded by an fsync of what it moves and followed
     by one of its directory (a power cut could publish what never reached the disk; no kill
-    can show it). Every event is checked, not a sample (tests/device/crash_sweep.py)."""
+    can show it). Every event is checked, not a sample (tests/store/crash_sweep.py)."""
     folder = write_image_folder(tmp_path / "new", gen_test, [60], 10) if command == "learn" else None
     res = sweep(command, three_versions, argv_of(command, three_versions, folder), tmp_path / "sweep",
                 exportable_state.env)

@@ -34,7 +34,7 @@ from fieldlearn.device.data import SkippedInput
 from fieldlearn.device.model import build_student
 from fieldlearn.store.state import save_version
 from tests.conftest import tiny_config, write_image_folder
-from tests.device.test_bad_input import tree_hash
+from tests.cli.test_bad_input import tree_hash
 
 EXAMPLES = int(os.environ.get("FIELDLEARN_PROPERTY_EXAMPLES", "20"))
 TIMEOUT = 120            # seconds per example: a hang fails it
