@@ -728,7 +728,7 @@ def main() -> int:
 
     if not args.spawn:     # what the forked children need, imported once
         import fieldlearn.cli.main  # noqa: F401
-        import fieldlearn.device.increment  # noqa: F401
+        import fieldlearn.field.increment  # noqa: F401
         import fieldlearn.cli.commands.watch  # noqa: F401
         import fieldlearn.runtime.classify  # noqa: F401
     t0 = time.perf_counter()

@@ -73,7 +73,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "onnx": (["export/onnx.py"], ["tests/export/test_onnx.py"]),
     # test_learner.py checks the gradients of a training step; what learner.py also does (the
     # statistics, drift, evaluation, learn's increment) is tested in these
-    "learner": (["device/learner.py"], ["tests/device/test_learner.py", "tests/device/test_learn.py",
+    "learner": (["device/learner.py"], ["tests/device/test_learner.py", "tests/field/test_learn.py",
                                         "tests/device/test_classifier.py", "tests/device/test_determinism.py",
                                         "tests/device/test_protocol.py"]),
 }

@@ -22,7 +22,7 @@ What the training does not touch runs on every rank over all the images, as in o
 (fieldlearn.device.learner.train_base): the frozen trunk's pass and the class statistics
 with their calibration, so the statistics count every base image once. Only rank 0
 evaluates and publishes the version (same format, same store); the others wait for it at a
-barrier (fieldlearn.device.increment.learn_base).
+barrier (fieldlearn.field.increment.learn_base).
 
 torch.distributed is imported only here and only when torchrun asked for it: a Jetson
 build of torch without it runs init as before.

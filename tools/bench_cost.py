@@ -165,7 +165,7 @@ def time_to_learn(cfg: RunConfig, image_dir, state_dir, *, n_base: int, log=lamb
     import contextlib  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from fieldlearn.device import increment as learn_cmd  # noqa: PLC0415
+    from fieldlearn.field import increment as learn_cmd  # noqa: PLC0415
     from fieldlearn.device.data import load_image_folder  # noqa: PLC0415
     from fieldlearn.device.model import build_student  # noqa: PLC0415
     from fieldlearn.store.state import load_state, save_version  # noqa: PLC0415

@@ -1,5 +1,5 @@
 """fieldlearn capture --label NAME --count N: camera frames into INBOX/NAME/ for `fieldlearn watch`
-(fieldlearn.device.capture).
+(fieldlearn.field.capture).
 
     fieldlearn capture --label forklift --count 200                  # /dev/video0 (USB camera)
     fieldlearn capture --label forklift --count 200 --camera csi     # Jetson CSI camera (GStreamer)
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.capture import capture
+from fieldlearn.field.capture import capture
 from fieldlearn.device.config import Valid
 from fieldlearn.cli.flags import option
 from fieldlearn.runtime.layout import DONE, default_place

@@ -1,5 +1,5 @@
 """fieldlearn demo: a short class-incremental run on real data, LwM next to fine-tuning and
-what not learning gives (fieldlearn.device.demo). Prints the table; writes results.json,
+what not learning gives (fieldlearn.field.demo). Prints the table; writes results.json,
 results.md and accuracy.png into --out.
 """
 
@@ -12,7 +12,7 @@ from fieldlearn.cli.flags import add_config_arguments, config_from_args, option
 from fieldlearn.cli.commands.common import log
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MAX_IMAGES, MIN_IMAGES
-from fieldlearn.device.demo import DEMO_CONFIG, run_demo
+from fieldlearn.field.demo import DEMO_CONFIG, run_demo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """fieldlearn doctor: one screen on what this device has and what fieldlearn will use
-(the probes: fieldlearn.device.doctor). Exit status 1 when a required package is missing.
+(the probes: fieldlearn.field.doctor). Exit status 1 when a required package is missing.
 
     fieldlearn doctor [--state DIR] [--json]
 """
@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from fieldlearn.device.doctor import collect, render
+from fieldlearn.field.doctor import collect, render
 from fieldlearn.runtime.layout import default_place
 
 

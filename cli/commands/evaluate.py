@@ -1,5 +1,5 @@
 """fieldlearn eval: accuracy of a state on a labelled dataset's classes that it knows
-(fieldlearn.device.increment.evaluate_version)."""
+(fieldlearn.field.increment.evaluate_version)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from fieldlearn.device.increment import evaluate_version
+from fieldlearn.field.increment import evaluate_version
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

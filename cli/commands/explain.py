@@ -1,11 +1,11 @@
-"""fieldlearn explain: teacher vs student attention maps as a PNG (fieldlearn.device.explain)."""
+"""fieldlearn explain: teacher vs student attention maps as a PNG (fieldlearn.field.explain)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fieldlearn.device.explain import attention_figure
+from fieldlearn.field.explain import attention_figure
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """fieldlearn init: train the base model (step 0) from a dataset into a new state dir
-(fieldlearn.device.increment.learn_base)."""
+(fieldlearn.field.increment.learn_base)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from fieldlearn.cli.flags import add_config_arguments, config_from_args, option
 from fieldlearn.device.config import Valid
 from fieldlearn.device.data import MIN_IMAGES
-from fieldlearn.device.increment import learn_base
+from fieldlearn.field.increment import learn_base
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 Only the new classes' images are read; the state holds no data of the classes it knows.
 The new version is written completely and then made current; on any error the current
-model is untouched. The increment itself is fieldlearn.device.increment.learn_folder.
+model is untouched. The increment itself is fieldlearn.field.increment.learn_folder.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fieldlearn.cli.flags import add_option, SECTIONS, add_config_arguments, config_from_args, option, overrides_from_args
 from fieldlearn.device.config import RunConfig, StepOptions, Valid
-from fieldlearn.device.increment import learn_folder
+from fieldlearn.field.increment import learn_folder
 from fieldlearn.device.protocol import ignored_in_increment
 from fieldlearn.store.versions import config_of, read_meta
 from fieldlearn.runtime.errors import UserError

@@ -6,7 +6,7 @@ nothing in it changed for N seconds; and in both cases only once it has been qui
 --settle-seconds and holds at least 5 images. Everything ready is learned as one LwM increment,
 evaluated on held-out images of the new classes, exported to ONNX (checked against torch)
 and published as the state's new current version; then the learned images are deleted
-(or moved to --keep-images DIR/<version>/<class>/). See fieldlearn.device.watch for what
+(or moved to --keep-images DIR/<version>/<class>/). See fieldlearn.field.watch for what
 happens when the daemon is stopped mid-increment.
 
     fieldlearn watch ~/inbox --state ~/fieldlearn-state
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fieldlearn.cli.flags import add_option, add_config_arguments, option, overrides_from_args
 from fieldlearn.device.config import StepOptions, Valid
-from fieldlearn.device.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
+from fieldlearn.field.watch import SETTLE_SECONDS, STATUS, Stopped, Watcher, systemd_unit
 
 SECONDS = Valid(0.0, 7 * 86400.0)
 

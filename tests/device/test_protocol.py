@@ -4,7 +4,7 @@ and the accuracy benchmark run, and the product's central promise, that learning
 import pytest
 import torch
 
-from fieldlearn.device.demo import DEMO_CONFIG
+from fieldlearn.field.demo import DEMO_CONFIG
 from fieldlearn.device.data import class_order, incremental_split
 from fieldlearn.device.protocol import Order, default_row, parse_row
 

@@ -47,7 +47,7 @@ def test_shipped_configs_are_valid():
     """If this fails, a default, the demo's config, a benchmark preset or a method's shipped
     settings would be refused by the validator (or never were checked)."""
     from fieldlearn.tools.bench_accuracy import PRESETS, SWEEP_STAGES
-    from fieldlearn.device.demo import DEMO_CONFIG
+    from fieldlearn.field.demo import DEMO_CONFIG
     from fieldlearn.device.protocol import CHOSEN, apply_settings
 
     validate_config(RunConfig())
@@ -185,7 +185,7 @@ def test_product_code_saves_versions_only_through_the_gate():
     can publish a step the gate would refuse. (bench cost writes an untrained base state to
     time an increment on: a benchmark tool in fieldlearn.tools, outside the product.)"""
     callers = []
-    for folder in ("cli", "device", "store", "export", "runtime"):
+    for folder in ("cli", "device", "store", "field", "export", "runtime"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):

@@ -69,7 +69,7 @@ def make_base(state_dir: Path, data, cfg=None, seed: int = 0) -> Path:
 def learn(state_dir: Path, new, method: str | None = None) -> Path:
     """One increment of `new` on the device, as `fieldlearn learn` runs it (no held-out share,
     no export; `method`: another learner than the state's)."""
-    from fieldlearn.device.increment import learn_new_classes
+    from fieldlearn.field.increment import learn_new_classes
     from fieldlearn.store.state import load_state
 
     state = load_state(state_dir)

@@ -172,7 +172,7 @@ class Plants:
         self.images = None
 
     def install(self) -> None:
-        import fieldlearn.device.increment as inc  # noqa: PLC0415
+        import fieldlearn.field.increment as inc  # noqa: PLC0415
         import fieldlearn.store.state as state  # noqa: PLC0415
 
         real_load, real_save = inc.load_image_folder, state.save_file

@@ -10,7 +10,7 @@ import pytest
 
 from fieldlearn.cli.main import main
 from fieldlearn.device.data import read_image
-from fieldlearn.device.watch import scan
+from fieldlearn.field.watch import scan
 
 cv2 = pytest.importorskip("cv2", reason="OpenCV not installed (pip install opencv-python-headless)")
 

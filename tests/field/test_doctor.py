@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from fieldlearn.cli.main import main
-from fieldlearn.device import doctor
+from fieldlearn.field import doctor
 
 
 def fake_state(root, classes=("apple", "pear"), step=1, onnx=True):

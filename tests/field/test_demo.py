@@ -1,4 +1,4 @@
-"""fieldlearn demo (fieldlearn.device.demo, cli/commands/demo.py): what a new user's first
+"""fieldlearn demo (fieldlearn.field.demo, cli/commands/demo.py): what a new user's first
 command prints and where it writes."""
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_the_default_output_folder_is_ignored_and_holds_no_tracked_file(command)
 def test_every_default_row_has_its_line_under_the_table():
     """If this fails, the demo prints a row that no line under its table explains, or a
     group's line for rows it did not run."""
-    from fieldlearn.device.demo import DEMO_CONFIG, default_rows, legend
+    from fieldlearn.field.demo import DEMO_CONFIG, default_rows, legend
     from fieldlearn.device.protocol import default_row
 
     rows = default_rows(DEMO_CONFIG)

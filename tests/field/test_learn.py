@@ -8,7 +8,7 @@ import json
 import torch
 
 from fieldlearn.device.classifier import MIN_IMAGES
-from fieldlearn.device.increment import hold_out
+from fieldlearn.field.increment import hold_out
 from fieldlearn.device.data import ImageSet
 from fieldlearn.store.state import load_state
 from tests.cli.test_bad_input import LEARN, base_state, good_folder, refused, run, state, tree_hash  # noqa: F401

@@ -77,7 +77,7 @@ def test_the_step_report_warns_when_the_head_is_far_below_the_nearest_class_mean
     """If this fails, `learn` and `watch` publish a version whose head makes far less of the
     new classes than the nearest class mean does on the same held-out images, without a word
     (what the ridge head did next to a big base: 50 % on 8 held-out images, said nothing)."""
-    from fieldlearn.device.increment import BELOW_NCM_MARGIN, NewClassCheck
+    from fieldlearn.field.increment import BELOW_NCM_MARGIN, NewClassCheck
 
     bad = NewClassCheck(accuracy=0.5, taken_for_old=0.5, n_images=8, chance=0.2, ncm_accuracy=0.875)
     assert bad.below_ncm and any("nearest class mean gets 87.5%" in w for w in bad.warnings())

@@ -333,7 +333,7 @@ class Watcher:
         a GPU, rather than on every increment (which would end with the folders set aside).
         The config is checked as an increment will make it (increment.step_config)."""
         from fieldlearn.device.config import RunConfig  # noqa: PLC0415
-        from fieldlearn.device.increment import step_config  # noqa: PLC0415
+        from fieldlearn.field.increment import step_config  # noqa: PLC0415
         from fieldlearn.store.versions import read_meta  # noqa: PLC0415
 
         vdir = current_version_dir(self.state_dir)
@@ -678,7 +678,7 @@ class Watcher:
         return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long), names), good
 
     def _learn(self, claim: Claim) -> bool:
-        from fieldlearn.device import increment  # noqa: PLC0415 - torch: only once something is learned
+        from fieldlearn.field import increment  # noqa: PLC0415 - torch: only once something is learned
 
         t0 = time.perf_counter()
         try:

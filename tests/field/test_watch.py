@@ -24,7 +24,7 @@ import torch.nn as nn
 from PIL import Image
 
 from fieldlearn.cli.main import main
-from fieldlearn.device import watch as W
+from fieldlearn.field import watch as W
 from fieldlearn.device.data import to_input
 from fieldlearn.runtime.errors import UserError
 from fieldlearn.runtime.layout import current_version_dir, current_version_name
@@ -269,7 +269,7 @@ def test_a_class_that_fails_alone_is_set_aside_and_the_others_are_learned(base_s
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     bad, good = fill_inbox(inbox, gen_train)
-    import fieldlearn.device.increment as learn_mod
+    import fieldlearn.field.increment as learn_mod
 
     real = learn_mod.learn_new_classes
 
@@ -300,7 +300,7 @@ def test_interruptions_are_never_counted_as_failed_tries(base_state, tmp_path, g
     state = fresh_state(base_state, tmp_path)
     inbox = tmp_path / "inbox"
     new = fill_inbox(inbox, gen_train)
-    import fieldlearn.device.increment as learn_mod
+    import fieldlearn.field.increment as learn_mod
 
     real = learn_mod.learn_new_classes
     calls = []
