@@ -12,7 +12,15 @@ If a test here fails, the rooms of the house leak into each other:
 - the product imports fieldlearn.tools: a benchmark or the self-check becomes part of what
   ships. Only the thin command files (fieldlearn.cli.commands) may reach into tools;
 - fieldlearn.device imports fieldlearn.fleet: a single device would need Flower. The fleet
-  is a thin room over the library, never the other way round.
+  is a thin room over the library, never the other way round;
+- the floors leak downward (FORBIDDEN below): the learning core (fieldlearn.device) imports
+  the version store (fieldlearn.store), the field apps (fieldlearn.field) or the command
+  line; the store imports the field apps; a library module imports the flag builder
+  (fieldlearn.cli.flags) and so parses arguments again;
+- something outside fieldlearn.store moves `current`: a version becomes current without
+  the store (publish gate, lock, rollback bookkeeping);
+- one folder holds more than a third of the product's lines: a floor has grown into a
+  house of its own and wants splitting again (issue 24).
 """
 
 from __future__ import annotations
@@ -173,6 +181,47 @@ def test_the_graph_sees_lazy_and_by_name_imports():
     assert "fieldlearn.cli.commands.learn" in graph["fieldlearn.cli.main"]            # COMMANDS table
     assert "fieldlearn.tools.bench_accuracy" in graph["fieldlearn.cli.commands.bench"]
     assert "fieldlearn.field.increment" in graph["fieldlearn.cli.commands.learn"]
+    assert "fieldlearn.store.publish" in graph["fieldlearn.field.increment"]
+    assert "fieldlearn.store.versions" in graph["fieldlearn.field.watch"]                 # inside a method
+    assert "fieldlearn.cli.flags" in graph["fieldlearn.fleet.command"]
+
+
+def uses_name(source: str, name: str) -> bool:
+    """Whether a module imports, calls or otherwise names `name` (a bare or dotted use)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.alias) and node.name.rpartition(".")[2] == name:
+            return True
+        if (isinstance(node, ast.Name) and node.id == name) or (isinstance(node, ast.Attribute) and node.attr == name):
+            return True
+    return False
+
+
+def test_only_the_store_moves_current():
+    """If this fails, a module outside fieldlearn.store moves the `current` pointer through
+    its one writer (fieldlearn.runtime.layout.switch_current): a version can become current
+    past the publish gate, the state lock and rollback's bookkeeping. Following a version
+    from `learn` to `current` must stay inside the store package."""
+    files = module_files(package_dirs())
+    movers = sorted(m for m, f in files.items()
+                    if m != "fieldlearn.runtime.layout" and uses_name(f.read_text(), "switch_current"))
+    assert movers, "switch_current is called nowhere: this test no longer sees the writer"
+    assert [m for m in movers if room(m) != "store"] == [], movers
+
+
+def product_lines(dirs: dict[str, Path]) -> dict[str, int]:
+    """{package: non-blank lines of every .py under its folder} for each package-dir entry."""
+    return {pkg: sum(1 for f in folder.rglob("*.py") for line in f.read_text().splitlines() if line.strip())
+            for pkg, folder in dirs.items()}
+
+
+def test_no_folder_holds_more_than_a_third_of_the_product():
+    """If this fails, one folder has grown past a third of everything installed as
+    fieldlearn.* (non-blank lines): split it along its floors, as issue 24 split device/.
+    The message lists every folder's lines."""
+    lines = product_lines(package_dirs())
+    total = sum(lines.values())
+    report = ", ".join(f"{pkg.removeprefix('fieldlearn.')} {n}" for pkg, n in sorted(lines.items(), key=lambda kv: -kv[1]))
+    assert [pkg for pkg, n in lines.items() if 3 * n > total] == [], f"of {total} lines: {report}"
 
 
 # ---------------------------------------------------------------------------- the detector
@@ -184,7 +233,8 @@ def synthetic(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
     return import_graph({"fieldlearn.device": tmp_path / "device", "fieldlearn.runtime": tmp_path / "runtime",
-                         "fieldlearn.tools": tmp_path / "tools", "fieldlearn.cli": tmp_path / "cli"})
+                         "fieldlearn.tools": tmp_path / "tools", "fieldlearn.cli": tmp_path / "cli",
+                         "fieldlearn.store": tmp_path / "store", "fieldlearn.fleet": tmp_path / "fleet"})
 
 
 def test_the_detector_flags_a_cycle_through_a_lazy_import(tmp_path):
@@ -211,3 +261,31 @@ def test_the_detector_flags_upward_imports(tmp_path):
     })
     assert upward_imports(graph) == ["fieldlearn.device.lib -> fieldlearn.tools.bench",
                                      "fieldlearn.runtime.engines -> fieldlearn.device.lib"]
+
+
+def test_the_detector_knows_the_floors(tmp_path):
+    graph = synthetic(tmp_path, {
+        "device/__init__.py": "",
+        "device/learner.py": "from fieldlearn.store import state\n",              # the core reaches up
+        "store/__init__.py": "",
+        "store/state.py": "from fieldlearn.device import learner\n",              # allowed: the store uses the core
+        "store/publish.py": "def f():\n    from fieldlearn.cli.flags import option\n",   # the store parses flags
+        "cli/__init__.py": "",
+        "cli/main.py": "",
+        "cli/flags.py": "from fieldlearn.device import learner\n",
+        "fleet/__init__.py": "",
+        "fleet/command.py": "from fieldlearn.cli.flags import option\nfrom fieldlearn.cli import main\n",
+    })
+    assert room("fieldlearn.cli.flags") == "flags" and room("fieldlearn.cli.commands.learn") == "commands"
+    assert upward_imports(graph) == ["fieldlearn.device.learner -> fieldlearn.store.state",
+                                     "fieldlearn.fleet.command -> fieldlearn.cli.main",
+                                     "fieldlearn.store.publish -> fieldlearn.cli.flags"]
+
+
+def test_the_line_count_reads_every_folder(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x.py").write_text("x = 1\n\n\ny = 2\n")
+    (tmp_path / "a" / "sub" / "z.py").write_text("   \nz = 3\n")
+    (tmp_path / "b" / "w.py").write_text("w = 4\n")
+    assert product_lines({"p.a": tmp_path / "a", "p.b": tmp_path / "b"}) == {"p.a": 3, "p.b": 1}

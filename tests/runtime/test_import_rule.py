@@ -1,5 +1,6 @@
-"""Imports go one way: export/ and runtime/ never import fieldlearn.device, and runtime
-imports torch only inside the functions that need it (an inference-only device has none)."""
+"""Imports go one way: export/ and runtime/ never import the training side (fieldlearn.device,
+fieldlearn.store, fieldlearn.field), and runtime imports torch only inside the functions that
+need it (an inference-only device has none)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICE_IMPORT = re.compile(r"^\s*(from\s+fieldlearn\.device\b|import\s+fieldlearn\.device\b"
-                           r"|from\s+fieldlearn\s+import\s+(\([^)]*|[^\n]*)\bdevice\b)"
-                           r"|import_module\(\s*[\"']fieldlearn\.device\b", re.M)
+TRAINING = r"(device|store|field)"
+DEVICE_IMPORT = re.compile(rf"^\s*(from\s+fieldlearn\.{TRAINING}\b|import\s+fieldlearn\.{TRAINING}\b"
+                           rf"|from\s+fieldlearn\s+import\s+(\([^)]*|[^\n]*)\b{TRAINING}\b)"
+                           rf"|import_module\(\s*[\"']fieldlearn\.{TRAINING}\b", re.M)
 
 
 def sources(*folders: str) -> list[Path]:
@@ -52,7 +54,7 @@ def test_importing_the_runtime_side_loads_no_torch():
     code = ("import sys, fieldlearn.runtime.classify, fieldlearn.runtime.engines, fieldlearn.runtime.layout, "
             "fieldlearn.runtime.metadata, fieldlearn.runtime.cuda, fieldlearn.runtime.atomic, fieldlearn.export.tensorrt, "
             "fieldlearn.cli.main; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.startswith('fieldlearn.device')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m.split('.')[:2] in (['fieldlearn', 'device'], ['fieldlearn', 'store'], ['fieldlearn', 'field'])))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
