@@ -332,11 +332,6 @@ class LdaParts:
         return logits.scatter(1, labels[:, None], own[:, None])
 
 
-def solve_lda(stats: ClassStats, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (W [K, D], b [K]) of the shrunk LDA head with equal priors (module docstring)."""
-    return LdaParts(stats, shrink).head()
-
-
 def choose_ridge(path: RidgePath, ridge: float) -> float:
     """ridge > 0: that value; 0: the RIDGE_GRID value with the lowest GCV."""
     if ridge > 0:
@@ -345,9 +340,10 @@ def choose_ridge(path: RidgePath, ridge: float) -> float:
 
 
 def solve_head(stats: ClassStats, kind: str, ridge: float = 0.0,
-               shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, float]:
+               shrink: float = 0.5, parts: LdaParts | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """-> (W [K, D], b [K], the relative ridge used (0 for ncm and lda)) of the `kind` head,
-    uncalibrated (T = 1)."""
+    uncalibrated (T = 1). parts: lda's pieces of these statistics at this shrink, when the
+    caller has them (one Cholesky factorisation for the head and its temperature)."""
     if kind == "ncm":
         return F.normalize(stats.means(), dim=1), stats.sums.new_zeros(stats.sums.shape[0]), 0.0
     if kind == "analytic":
@@ -357,7 +353,7 @@ def solve_head(stats: ClassStats, kind: str, ridge: float = 0.0,
         lam = choose_ridge(path, ridge)
         return (*path.solve(lam), lam)
     if kind == "lda":
-        return (*solve_lda(stats, shrink), 0.0)
+        return (*(parts or LdaParts(stats, shrink)).head(), 0.0)
     raise ValueError(f"classifier must be 'ncm', 'analytic' or 'lda', got {kind!r}")
 
 
@@ -380,7 +376,8 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor, kind: str, ridge: float,
-                         shrink: float, folds: int = CALIB_FOLDS, seed: int = 0) -> float | None:
+                         shrink: float, folds: int = CALIB_FOLDS, seed: int = 0,
+                         parts: LdaParts | None = None) -> float | None:
     """The temperature that calibrates the head on images it was not solved from.
 
     x [N, D] phi, labels [N]: images the last `stats.add` folded in (still in memory), all
@@ -393,7 +390,7 @@ def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tenso
     without it (a relative ridge > 0 is kept fixed: GCV per fold would cost an
     eigendecomposition each).
     None when a class would be left under 2 images (these statistics are in memory only,
-    so MIN_IMAGES does not bind them).
+    so MIN_IMAGES does not bind them). parts: as in solve_head.
     """
     counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
     present = counts > 0
@@ -401,7 +398,7 @@ def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tenso
         if not present.any() or bool((stats.counts[present] < 2).any()):
             return None
         keep = stats._keep[:-1] if stats._keep is not None else None
-        logits = LdaParts(stats, shrink).loo_logits(x.to(stats.gram.device), labels.to(stats.gram.device), keep)
+        logits = (parts or LdaParts(stats, shrink)).loo_logits(x.to(stats.gram.device), labels.to(stats.gram.device), keep)
         return fit_temperature(logits.cpu(), labels.cpu())
     if not present.any() or bool((stats.counts[present] - (counts[present] + folds - 1) // folds < 2).any()):
         return None

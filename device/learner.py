@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from fieldlearn.device.classifier import TooFewImages, check_counts, crossfit_temperature, fit_drift, phi, solve_head
+from fieldlearn.device.classifier import (LdaParts, TooFewImages, check_counts, crossfit_temperature, fit_drift, phi,
+                                         solve_head)
 from fieldlearn.device.config import RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.engine_teacher import make_teacher
@@ -319,10 +320,11 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     x, y = classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev)   # [N, D], [N]
     student.stats.add(x, y)
     m = cfg.model
-    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink)   # calibrating leaves the statistics as they are
+    parts = LdaParts(student.stats, m.shrink) if m.classifier == "lda" else None   # one factorisation for both
+    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink, parts)   # calibrating leaves the statistics as they are
     rows = calib.to(dev) if calib is not None else torch.ones(len(y), dtype=torch.bool, device=dev)
-    t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, m.shrink, seed=cfg.train.seed)
-             if rows.any() else None)
+    t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, m.shrink, seed=cfg.train.seed,
+                                  parts=parts) if rows.any() else None)
     if t_hat is not None:          # the step's own images, scored by heads solved without them
         student.stats.calibrate(t_hat, weight=len(classes))
     del x

@@ -278,3 +278,27 @@ def test_each_optimiser_step_uses_only_its_own_batchs_gradient(increment, monkey
     grads = [g for _, g in steps]
     assert len(grads) == 2 and grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+def test_an_lda_step_factorises_its_covariance_once(monkeypatch):
+    """If this fails, a step with the lda head builds its Cholesky factor twice (once for the
+    head, once for the leave-one-out temperature): seconds per step at D = 2560, and two
+    copies of one solve that could drift apart. The head must still equal solve_head's."""
+    from fieldlearn.device import classifier
+
+    cfg = tiny_config(trunk_backend="torch")
+    cfg.model = dataclasses.replace(cfg.model, classifier="lda")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(3).repeat_interleave(8)
+    torch.manual_seed(0)
+    student = build_student(cfg.model, 3)
+    built = []
+    real = classifier.LdaParts.__init__
+    monkeypatch.setattr(classifier.LdaParts, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
+    train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
+    assert len(built) == 1
+    assert student.stats.temperature != 1.0                                   # the temperature was fitted
+    w, b, _ = classifier.solve_head(student.stats, "lda", shrink=cfg.model.shrink)
+    t = student.stats.temperature
+    assert torch.allclose(student.classifier.weight.double(), w / t, rtol=1e-4, atol=1e-6)
