@@ -107,6 +107,28 @@ CHOSEN: dict[str, dict[str, dict]] = {
         "lwm+analytic": {"increment_blocks": 1, "drift_shrink": 0.1, "gamma": 2.0},
         "joint": {"lr": 0.01},
     },
+    # CIFAR-100 10 x 10 at 128 px: the issue's plain-PyTorch reimplementation's settings
+    # (15 base epochs, lr 0.01, LC over the new classes, BatchNorm in train mode, torch's init
+    # for new rows, no clipping, KD T = 2), then lr and beta (and gamma) swept on validation
+    # (order 1993; benchmarks/results/cifar128-linear-sweep-*)
+    "cifar128": {
+        "lwm": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "ld": "kd", "beta": 0.5,
+                "gamma": 1.0, "temperature": 2.0, "lr": 0.01, "freeze_bn_in_increments": False,
+                "new_head_init": "default", "max_grad_norm": 0.0},
+        "lwf_mc": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "ld": "kd", "beta": 2.0,
+                   "temperature": 2.0, "lr": 0.003, "freeze_bn_in_increments": False,
+                   "new_head_init": "default", "max_grad_norm": 0.0},
+        "finetune": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "lr": 0.01,
+                     "freeze_bn_in_increments": False, "new_head_init": "default", "max_grad_norm": 0.0},
+    },
+    # the demo's protocol: the linear rows, staged sweeps on validation (order 1993): LC over
+    # the new classes, a small lr, torch's init for the new rows, a light KD (and LAD)
+    # (benchmarks/results/fmnist-demo-linear-sweep*; benchmarks/README.md#the-papers-lwm-with-its-linear-head-issue-22)
+    "fmnist-demo": {
+        "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 0.5, "lr": 0.001, "new_head_init": "default"},
+        "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.001, "new_head_init": "default"},
+        "finetune": {"lc_span": "new", "lr": 0.0003, "new_head_init": "default"},
+    },
 }
 
 
