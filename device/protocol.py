@@ -129,6 +129,11 @@ CHOSEN: dict[str, dict[str, dict]] = {
         "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.001, "new_head_init": "default"},
         "finetune": {"lc_span": "new", "lr": 0.0003, "new_head_init": "default"},
     },
+    # field-sized Fashion-MNIST: linear LwM only, lr then beta and gamma and the LC span
+    # around the demo's choice (benchmarks/results/fmnist-field-linear-sweep)
+    "fmnist-field": {
+        "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 0.5, "lr": 0.003, "new_head_init": "default"},
+    },
 }
 
 
