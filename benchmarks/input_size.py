@@ -9,6 +9,9 @@ frozen top), timed in the same run for every size, as a ratio to 128 px.
 
     python benchmarks/input_size.py --data cifar100:PATH [--sizes 128,160,224] [--new-per-class 25]
 
+--flip also folds each training image's horizontal mirror into the statistics (twice the
+images per class, the same classes; validation and test are not mirrored) and reports both.
+
 Prints one table; --out writes it with the run's numbers as JSON. Nothing here trains.
 """
 
@@ -23,7 +26,7 @@ import torch
 
 from fieldlearn.device.classifier import ClassStats, crossfit_temperature, solve_head
 from fieldlearn.device.config import ModelConfig, RunConfig, TrainConfig
-from fieldlearn.device.data import class_order, open_dataset
+from fieldlearn.device.data import ImageSet, class_order, open_dataset
 from fieldlearn.device.learner import classifier_features
 from fieldlearn.device.metrics import AccuracyMatrix, expected_calibration_error
 from fieldlearn.device.model import build_student
@@ -79,6 +82,7 @@ def main() -> int:
     p.add_argument("--order-seed", type=int, default=1993)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timing-images", type=int, default=256)
+    p.add_argument("--flip", action="store_true", help="also fold the training images' mirrors into the statistics")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,22 +107,30 @@ def main() -> int:
         per_image_ms = 1000 * (time.perf_counter() - t0) / len(probe)
         evals = {"val": (feats["val"], train.labels[va]), "test": (feats["test"], test.labels)}
         y = train.labels[tr]
-        by_shrink = {s: run_protocol(feats["train"], y, evals, s) for s in SHRINKS}
-        best = max(SHRINKS, key=lambda s: by_shrink[s]["val"].average_incremental)
-        m = by_shrink[best]["test"]
-        rows.append({"size": size, "shrink": best, "val_average_incremental": by_shrink[best]["val"].average_incremental,
-                     "average_incremental": m.average_incremental, "last": m.last, "new_class": m.new_class,
-                     "old_class": m.old_class, "mean_ece": m.mean_ece, "ms_per_image": per_image_ms,
-                     "encode_seconds": encode_s})
-        print(f"{size} px: shrink {best} (validation), test avg incr. {100 * m.average_incremental:.1f}, "
-              f"ECE {100 * m.mean_ece:.1f}, {per_image_ms:.2f} ms/image", flush=True)
+        variants = {"": (feats["train"], y)}
+        if args.flip:
+            sub = train.subset(tr)
+            mirrored = classifier_features(st, ImageSet(sub.images.flip(-1), sub.labels, sub.class_names), cfg)
+            variants["flip"] = (torch.cat([feats["train"], mirrored.float().double()]), torch.cat([y, y]))
+        for flip, (x_train, y_train) in variants.items():
+            by_shrink = {s: run_protocol(x_train, y_train, evals, s) for s in SHRINKS}
+            best = max(SHRINKS, key=lambda s: by_shrink[s]["val"].average_incremental)
+            m = by_shrink[best]["test"]
+            rows.append({"size": size, "flip": bool(flip), "shrink": best,
+                         "val_average_incremental": by_shrink[best]["val"].average_incremental,
+                         "average_incremental": m.average_incremental, "last": m.last, "new_class": m.new_class,
+                         "old_class": m.old_class, "mean_ece": m.mean_ece, "ms_per_image": per_image_ms,
+                         "encode_seconds": encode_s})
+            print(f"{size} px{' + flips' if flip else ''}: shrink {best} (validation), test avg incr. "
+                  f"{100 * m.average_incremental:.1f}, ECE {100 * m.mean_ece:.1f}, {per_image_ms:.2f} ms/image",
+                  flush=True)
     base_ms = rows[0]["ms_per_image"]
     lines = [f"Field protocol, CIFAR-100 order {args.order_seed}: 10 base classes x 490 images, 20 steps x 2 "
              f"classes x {args.new_per_class} images; frozen ImageNet features, lda head; test %",
-             "", "| input | shrink (val) | val avg incr. | avg incr. | last | new | old | ECE | ms / image | x 128 px |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| input | flips | shrink (val) | val avg incr. | avg incr. | last | new | old | ECE | ms / image | x 128 px |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['shrink']} | {100 * r['val_average_incremental']:.1f} | "
+        lines.append(f"| {r['size']} | {'yes' if r['flip'] else 'no'} | {r['shrink']} | {100 * r['val_average_incremental']:.1f} | "
                      f"{100 * r['average_incremental']:.1f} | {100 * r['last']:.1f} | {100 * r['new_class']:.1f} | "
                      f"{100 * r['old_class']:.1f} | {100 * r['mean_ece']:.1f} | {r['ms_per_image']:.2f} | "
                      f"{r['ms_per_image'] / base_ms:.2f} |")
@@ -127,7 +139,8 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.md").write_text(table + f"\n\nCommand: `python benchmarks/input_size.py --data {args.data} "
-                                             f"--sizes {args.sizes} --new-per-class {args.new_per_class}`\n")
+                                             f"--sizes {args.sizes} --new-per-class {args.new_per_class}"
+                                             f"{' --flip' if args.flip else ''}`\n")
         (args.out / "results.json").write_text(json.dumps({"rows": rows, "args": vars(args) | {"out": str(args.out)}},
                                                           indent=1))
     return 0

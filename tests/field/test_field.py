@@ -55,7 +55,8 @@ def test_the_field_user_path(fashion, tmp_path, capsys):
     assert rc == 0
     steps = json.loads(out[out.index("{"):])["per_step"]
     old, new_acc = steps[0]["accuracy"], steps[1]["accuracy"]
-    print(f"the user path: new classes {100 * new_acc:.1f} %, old {100 * old:.1f} % (test split)")   # pytest -s
+    with capsys.disabled():                                   # shown under pytest -s
+        print(f"\nthe user path: new classes {100 * new_acc:.1f} %, old {100 * old:.1f} % (test split)")
     assert new_acc >= 0.95, f"new classes {100 * new_acc:.1f}% (old {100 * old:.1f}%)"
     assert old >= 0.97, f"old classes {100 * old:.1f}% (new {100 * new_acc:.1f}%)"
 
