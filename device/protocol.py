@@ -129,6 +129,13 @@ CHOSEN: dict[str, dict[str, dict]] = {
         "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.001, "new_head_init": "default"},
         "finetune": {"lc_span": "new", "lr": 0.0003, "new_head_init": "default"},
     },
+    # field-sized CIFAR: linear LwM only, lr, BN mode, beta and gamma from CIFAR 10 x 10's choice
+    # (benchmarks/results/cifar128-field-linear-sweep); no setting tried learns the new classes
+    "cifar128-field": {
+        "lwm": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "ld": "kd", "beta": 0.5,
+                "gamma": 1.0, "temperature": 2.0, "lr": 0.001, "freeze_bn_in_increments": True,
+                "new_head_init": "default", "max_grad_norm": 0.0},
+    },
     # field-sized Fashion-MNIST: linear LwM only, lr then beta and gamma and the LC span
     # around the demo's choice (benchmarks/results/fmnist-field-linear-sweep)
     "fmnist-field": {
