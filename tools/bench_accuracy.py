@@ -169,11 +169,14 @@ def parse_grid(spec: str) -> dict[str, list]:
         default = next(getattr(sec(), key) for name, sec in (("model", ModelConfig), ("loss", LossConfig),
                                                                ("train", TrainConfig)) if key in _FIELDS[name])
         kind = type(default)
+        bools = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
         try:
-            vals = [(v.strip().lower() in ("1", "true", "yes")) if kind is bool else kind(v.strip())
+            vals = [bools[v.strip().lower()] if kind is bool else kind(v.strip())
                     for v in values.split(",") if v.strip()]
             for v in vals:
                 validate_config(apply_settings(RunConfig(), {key: v}))
+        except KeyError as e:
+            raise UserError(f"--sweep-grid {part!r}: {e} is not true or false") from None
         except (TypeError, ValueError, UserError) as e:
             raise UserError(f"--sweep-grid {part!r}: {e}") from None
         if not vals:
@@ -471,9 +474,9 @@ def run(args: argparse.Namespace) -> int:
         if keys - SETTING_KEYS:
             raise UserError(f"--sweep-keys: unknown {', '.join(sorted(keys - SETTING_KEYS))} "
                             f"(choose from {', '.join(sorted(SETTING_KEYS))})")
-    stages = with_grid(parse_grid(args.sweep_grid)) if args.sweep_grid else SWEEP_STAGES
     if args.sweep_grid and not args.sweep:
         raise UserError("--sweep-grid: changes nothing without --sweep")
+    stages = with_grid(parse_grid(args.sweep_grid)) if args.sweep_grid else SWEEP_STAGES
     chosen_from_file = {}
     if args.settings is not None:
         try:

@@ -138,7 +138,7 @@ def test_sweep_grid_replaces_a_keys_values_and_refuses_what_the_config_would():
     lr_stage = next(s for s in stages if "lr" in s)
     assert lr_stage["lr"] == [0.003, 0.03] and lr_stage["increment_blocks"] == [1, 2, -1]
     assert [list(s) for s in stages] == [list(s) for s in SWEEP_STAGES]      # each key keeps its stage
-    for bad in ("lrate=0.1", "lr=-1", "lr=", "epochs=2.5", "shrink"):
+    for bad in ("lrate=0.1", "lr=-1", "lr=", "epochs=2.5", "shrink", "freeze_bn_in_increments=maybe"):
         with pytest.raises(UserError, match="--sweep-grid"):
             parse_grid(bad)
 
