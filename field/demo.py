@@ -84,8 +84,7 @@ def format_table(groups: list[list[int]], runs: dict) -> str:
 def run_demo(cfg: RunConfig, data: str | None, out: Path, *, base: int = 4, steps: int = 3, per_class: int = 200,
              test_per_class: int = 200, order_seed: int = 1993, methods: str | None = None,
              log: Callable[[str], None] = functools.partial(print, flush=True)) -> tuple[str, float]:
-    """The rows (`methods`, comma-separated; default: ncm, analytic, the default learner, lwm,
-    lwf_mc, finetune) from one shared base network through the same increments of dataset
+    """The rows (`methods`, comma-separated; default: default_rows(cfg)) from one shared base network through the same increments of dataset
     `data` (default: Fashion-MNIST where installed), each evaluated on all classes seen so far.
     Writes OUT/results.json, results.md and accuracy.png; returns (the table, seconds)."""
     setup_torch(cfg)
@@ -106,8 +105,8 @@ def run_demo(cfg: RunConfig, data: str | None, out: Path, *, base: int = 4, step
     t0 = time.perf_counter()
     o = Order(cfg, train, None, test, groups, log=log)
     runs = {}
+    protocol = DEMO_PROTOCOL if spec == "fashion-mnist" else None   # its chosen settings are for that data
     for row in rows:
-        protocol = DEMO_PROTOCOL if spec == "fashion-mnist" else None
         runs[row.name] = res = o.run(row, {} if row.name == default_row(cfg) else row_settings(row, protocol))
         log(f"{row.name}: average incremental accuracy {100 * res.test.average_incremental:.1f}%, "
             f"last {100 * res.test.last:.1f}% [{res.seconds:.0f} s]")
