@@ -4,8 +4,8 @@ for 2, 4, 8 simulated devices and 10 / 100 new classes, at the default feature w
     .venv/bin/python benchmarks/fleet_cost.py [--out benchmarks/results/fleet-cost]
 
 Each device's contribution is real in form (what fieldlearn.fleet.contribution makes: the
-statistics of its share of the new classes, 20 images each, as float64, the Gram as its upper
-triangle) with random features, serialised exactly as Flower sends it (fleet.wire, then
+statistics of its share of the new classes, 20 images each, as float64, the Gram and the
+scatter as their upper triangles) with random features, serialised exactly as Flower sends it (fleet.wire, then
 Flower's protobuf). The merge is fieldlearn.fleet.merge.merge_round on a hub whose base has
 the default config (MobileNetV2, features "concat": D = 2560, lda head), without the ONNX
 export; it includes solving the head once and publishing the version.
@@ -34,22 +34,26 @@ from fieldlearn.fleet.merge import merge_round
 PER_CLASS = 20
 
 
-def stats_of(n_classes: int, dim: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums [k, D+1], gram [D+1, D+1]) of PER_CLASS random unit vectors per class."""
+def stats_of(n_classes: int, dim: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sums [k, D+1], gram [D+1, D+1], scatter [D+1, D+1]) of PER_CLASS random unit vectors per class."""
     x = torch.nn.functional.normalize(torch.randn(n_classes * PER_CLASS, dim, generator=g, dtype=torch.float64), dim=1)
     xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
     labels = torch.arange(n_classes).repeat_interleave(PER_CLASS)
     sums = torch.zeros(n_classes, dim + 1, dtype=torch.float64).index_add_(0, labels, xa)
-    return sums, xa.T @ xa
+    d = (xa.view(n_classes, PER_CLASS, dim + 1) - (sums / PER_CLASS)[:, None]).reshape(-1, dim + 1)   # last column 0
+    scatter = d.T @ d / (PER_CLASS - 1)                                    # each class's covariance, summed
+    scatter[-1, -1] = n_classes                                             # the class tally
+    return sums, xa.T @ xa, scatter
 
 
 def make_hub(root: Path) -> Path:
     cfg = RunConfig(model=ModelConfig(pretrained=False))
     student = build_student(cfg.model, 10)
-    sums, gram = stats_of(10, student.stats.dim, torch.Generator().manual_seed(0))
+    sums, gram, scatter = stats_of(10, student.stats.dim, torch.Generator().manual_seed(0))
     with torch.no_grad():
         student.stats.sums.copy_(sums)
         student.stats.gram.copy_(gram)
+        student.stats.scatter.copy_(scatter)
     hub = root / "hub"
     publish(hub, student, [f"base{i}" for i in range(10)], cfg, step=0,
             history=[{"step": 0, "method": "base", "new_classes": [f"base{i}" for i in range(10)]}],
@@ -78,11 +82,11 @@ def main() -> None:
                 share = [classes // devices + (i < classes % devices) for i in range(devices)]
                 contribs, sizes = [], []
                 for i, k in enumerate(share):
-                    sums, gram = stats_of(k, dim, g)
+                    sums, gram, scatter = stats_of(k, dim, g)
                     c = Contribution(device=f"d{i}", base=base, ref=BASE_REF,
                                      classes=[f"c{classes}-{i}-{j}" for j in range(k)], sums=sums, gram=gram,
                                      calib=torch.tensor([k * 0.5, float(k)], dtype=torch.float64),
-                                     seen=sums[:, -1:].expand(-1, dim).contiguous())
+                                     seen=sums[:, -1:].expand(-1, dim).contiguous(), scatter=scatter)
                     contribs.append((c, c.id))
                     sizes.append(len(recorddict_to_proto(contribution_to_record(c)).SerializeToString()))
                 hub = root / f"hub-{classes}-{devices}"

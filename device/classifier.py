@@ -9,6 +9,10 @@ model of that step (at least MIN_IMAGES of them), then the images go:
 
     sums [K, D + 1]      per class, the sum of phi_aug = [phi, 1] (its last entry counts images)
     gram [D + 1, D + 1]  the sum of phi_aug phi_aug^T over every image learned so far
+    scatter [D + 1, D + 1]
+                         per class, its images' scatter about their mean divided by its
+                         count less one (its covariance), summed over classes; the last
+                         diagonal entry (where a centred phi_aug is 0) counts the classes
     seen [K, D]          per class and dimension, the images folded in with that dimension
                          kept (shared_dims leaves a dimension out of a small step's sums)
 
@@ -23,12 +27,17 @@ row (docs/GUARANTEES.md). Three heads are solved from them, each a plain linear 
               It weighs every image equally: classes with thousands of images pull the
               solution, so a class learned from a few dozen is rarely predicted.
     lda       linear discriminant analysis, equal priors: class means and the pooled
-              within-class covariance (shrunk towards a scaled identity by ModelConfig.shrink),
+              within-class covariance scatter / classes, each class's covariance weighing
+              once (shrunk towards a scaled identity by ModelConfig.shrink),
               W[c] = P mu_c, b[c] = -mu_c^T P mu_c / 2 + tr(P S) / (2 n_c) with P the inverse
               of the shrunk covariance S_a and S the unshrunk one. The last term removes the
               bias of the estimated mean's norm (E|mu^_c|^2_P = |mu_c|^2_P + tr(P S) / n_c),
               which would otherwise penalise a class the fewer images it has. Each class
-              counts once, however many images it had: balanced by construction.
+              counts once, however many images it had, in its mean and in the covariance:
+              balanced by construction. (Pooled over images, the covariance was the base
+              classes' when the base had 490 images a class and a new class 25, and the
+              new classes, whose images spread differently under a top trained on the
+              base, lost 2-3 points: benchmarks/README.md.)
 
 ncm and lda read a class's mean over the images that kept each dimension (`means`). A
 dimension no image of the class kept (a sparse feature that fewer than MIN_IMAGES images of
@@ -115,6 +124,7 @@ class ClassStats(nn.Module):
         # (sum over steps of k_s log T^_s, sum of k_s): the calibration temperature's evidence
         self.register_buffer("calib", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("seen", torch.zeros(num_classes, dim, dtype=torch.float64))
+        self.register_buffer("scatter", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
         self.masked_dims = 0           # dimensions the last add left out (shared_dims); not saved
         self._keep: torch.Tensor | None = None   # the last add's kept dimensions [D+1] (in memory)
 
@@ -141,6 +151,22 @@ class ClassStats(nn.Module):
             self.sums.index_add_(0, labels, xa)                                # [K, D+1]
             self.gram += xa.T @ xa                                             # [D+1, D+1]
             self.seen.index_add_(0, labels, keep[:-1].double().expand(len(labels), -1))   # [K, D]
+            self._add_scatter(xa, labels)
+
+    def _add_scatter(self, xa: torch.Tensor, labels: torch.Tensor) -> None:
+        """Each class's images of this fold (xa [n, D+1], already in the counts): their scatter
+        about their own mean over the class's count less one, and n - 1 over it in the class
+        tally. A class learned in one fold adds its covariance and 1; images folded into a
+        known class later (fold_in) add their share of it."""
+        for c in labels.unique().tolist():
+            xc = xa[labels == c]                                              # [n, D+1]
+            n = float(xc[:, -1].sum())          # the images counted (a fold under MIN_IMAGES counts none)
+            if n < 2:
+                continue
+            d = xc - xc.mean(0)                                               # [n, D+1], last column 0
+            w = 1.0 / float(self.counts[c] - 1)
+            self.scatter += w * (d.T @ d)
+            self.scatter[-1, -1] += w * (n - 1)
 
     def check(self, classes: list[int]) -> None:
         """TooFewImages unless every class of `classes` is summarised over >= MIN_IMAGES images."""
@@ -167,10 +193,16 @@ class ClassStats(nn.Module):
             self.seen.copy_(self.counts[:, None].expand_as(self.seen))
             self.gram.copy_(t @ self.gram @ t.T)
             self.sums.copy_(self.sums @ t.T)
+            tally = self.scatter[-1, -1].clone()   # centred images have no bias entry: T's linear part moves them
+            self.scatter[-1, -1] = 0.0
+            self.scatter.copy_(t @ self.scatter @ t.T)
+            self.scatter[-1, -1] = tally
 
     def without(self, x: torch.Tensor, labels: torch.Tensor) -> "ClassStats":
         """A copy that lacks images the last `add` folded in (x [n, D] their phi, labels [n]),
-        folded out as they were folded in (the same kept dimensions): cross-fitting."""
+        folded out as they were folded in (the same kept dimensions): cross-fitting. The
+        scatter stays as is: its one reader, the lda head, leaves an image out in closed
+        form (LdaParts.loo_logits) instead."""
         keep = self._keep if self._keep is not None else torch.ones(self.dim + 1, dtype=torch.bool,
                                                                     device=self.gram.device)
         xa = augment(x) * keep                                                 # [n, D+1]
@@ -179,6 +211,7 @@ class ClassStats(nn.Module):
             out.sums.copy_(self.sums.index_add(0, labels, xa, alpha=-1))
             out.gram.copy_(self.gram - xa.T @ xa)
             out.seen.copy_(self.seen.index_add(0, labels, keep[:-1].double().expand(len(labels), -1), alpha=-1))
+            out.scatter.copy_(self.scatter)
         return out
 
     @property
@@ -240,6 +273,21 @@ class ClassStats(nn.Module):
         return self.ridge_path().gcv(lam_rel)
 
 
+def pooled_scatter(gram: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+    """The `scatter` of statistics saved before it existed: gram [D+1, D+1], sums [K, D+1] ->
+    [D+1, D+1] whose class tally is the classes learned (K') and whose mean class covariance
+    is the pooled within-class covariance over images (G - sum_c s_c s_c^T / n_c) / (N - K'),
+    so that such a state's lda head is the one it saved until it learns again."""
+    counts = sums[:, -1]
+    k = int((counts > 0).sum())
+    n = float(gram[-1, -1])
+    raw = sums[:, :-1] / counts.clamp_min(1)[:, None]                          # [K, D]
+    out = torch.zeros_like(gram)
+    out[:-1, :-1] = (gram[:-1, :-1] - sums[:, :-1].T @ raw) * (k / max(n - k, 1.0))
+    out[-1, -1] = k
+    return out
+
+
 class RidgePath:
     """Ridge regression onto one-hot targets from centred statistics, Gc = Q diag(ev) Q^T:
     W(lam) = Q diag(1 / (ev + lam)) Q^T Sc, for every lam at the cost of one eigendecomposition.
@@ -276,9 +324,9 @@ class LdaParts:
     def __init__(self, stats: ClassStats, shrink: float):
         self.stats = stats
         self.n = stats.counts.clamp_min(1)                                       # [K]
-        self.dof = dof = (stats.gram[-1, -1] - (stats.counts > 0).sum()).clamp_min(1)   # N - K
+        self.classes = stats.scatter[-1, -1].clamp_min(1e-12)                    # the class tally
         self.shrink_keep = 1 - shrink
-        sw = (stats.gram[:-1, :-1] - stats.sums[:, :-1].T @ stats.raw_means()) / dof   # [D, D] pooled within-class
+        sw = stats.scatter[:-1, :-1] / self.classes                               # [D, D] mean class covariance
         self.mu = stats.means()                                                   # [K, D]
         scale = torch.diagonal(sw).mean().clamp_min(1e-12)
         ridge = (shrink + 1e-9) * scale
@@ -298,36 +346,63 @@ class LdaParts:
         return w, -0.5 * (w * self.mu).sum(1) + 0.5 * self.tr / self.n
 
     def loo_logits(self, x: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Leave-one-out logits: x [N, D] phi of images folded into these parts' statistics, labels [N] -> [N, K], each row the head solved without that image scoring
-        it, as a new image of the field is scored. Closed form, no re-solve: the image leaves
-        its class mean (mu' = (n mu - x_k) / (n - 1), per dimension over the images that kept
-        it: `seen`), and the pooled scatter,
-        S_a' = S_a - a u u^T with u = x_k - mu_raw, a = (1 - shrink) n / ((n - 1) dof)
-        (Sherman-Morrison for P'); x_k is x on the dimensions the fold kept (keep [D]). The
-        degrees of freedom, the shrink target's scale and tr(P S) are kept: each moves by
-        O(1 / N). Needs n >= 2 per class."""
+        """Leave-one-out logits: x [N, D] phi of images folded into these parts' statistics,
+        labels [N] -> [N, K], each row the head solved without that image scoring it, as a new
+        image of the field is scored. Closed form, no re-solve: the image leaves its class
+        mean (mu' = (n mu - x_k) / (n - 1), per dimension over the images that kept it:
+        `seen`) and its class's covariance, which the pooled one holds over the class tally:
+        with u = x_k - mu_raw and Dc [n, D] the class's images less their mean,
+
+            S_a' = S_a + b Dc^T Dc - a u u^T,   b = (1 - shrink) / (classes (n - 1) (n - 2)),
+                                                a = (1 - shrink) n / (classes (n - 1) (n - 2))
+
+        (the class's scatter, less the image's share, now over n - 2): Woodbury for the class
+        term (one n x n factorisation per class), Sherman-Morrison for the image's. A class
+        whose images x does not all hold (the base step scores only its calibration rows)
+        keeps its divisor: b = 0, a over (n - 1)^2, an O(1 / n) difference. x_k is x on the
+        dimensions the fold kept (keep [D]). The shrink target's scale and tr(P S) are kept.
+        Needs n >= 3 per class."""
         stats = self.stats
         x = x.double()
         xk = x * keep.to(x.dtype) if keep is not None else x                      # [N, D]
         n = self.n[labels]                                                         # [N]
         u = xk - stats.raw_means()[labels]                                         # [N, D]
-        a = self.shrink_keep * n / ((n - 1) * self.dof)                            # [N]
         solve = lambda t: torch.linalg.solve_triangular(self.chol, t.T, upper=False)   # L^-1 t^T
-        v, q, m = solve(x), solve(u), solve(self.mu)                             # [D, N] x2, [D, K]
-        den = 1 - a * q.square().sum(0)                                            # [N]
-        vq = (v * q).sum(0)                                                        # [N] x P u
-
-        qm = q.T @ m                                                               # [N, K] u P mu_k
-        xm = v.T @ m                                                               # [N, K] x P mu_k
-        pm = m.square().sum(0).expand_as(xm)                                       # [N, K] mu_k P mu_k
-        logits = (xm + (a * vq / den)[:, None] * qm
-                  - 0.5 * (pm + (a / den)[:, None] * qm.square()) + 0.5 * self.tr / self.n)
+        v, q, m = solve(x), solve(u), solve(self.mu)                               # [D, N] x2, [D, K]
         seen = stats.seen[labels]                                                  # [N, D]
         k = keep.to(x.dtype) if keep is not None else torch.ones_like(seen[0])
         left = seen - k                                                            # [N, D]
         mu1 = torch.where(left > 0, (seen * self.mu[labels] - xk) / left.clamp_min(1), self.mu[labels])
         mc = solve(mu1)                                                            # [D, N] L^-1 mu_c'
+        # whitened inner products under P = S_a^-1, then each class's Woodbury correction
+        xm, qm = v.T @ m, q.T @ m                                                  # [N, K] x P mu_j, u P mu_j
+        pm = m.square().sum(0).expand_as(xm).clone()                               # [N, K] mu_j P mu_j
+        vq, qq = (v * q).sum(0), q.square().sum(0)                                 # [N]
         qc, xc, pc = (q * mc).sum(0), (v * mc).sum(0), mc.square().sum(0)          # [N]
+        whole = torch.zeros_like(n, dtype=torch.bool)                              # [N] class term applied
+        for c in labels.unique().tolist():
+            rows = (labels == c).nonzero().flatten()
+            nc = float(self.n[c])
+            if len(rows) != nc or nc < 3:
+                continue
+            whole[rows] = True
+            b = self.shrink_keep / (float(self.classes) * (nc - 1) * (nc - 2))
+            ut = math.sqrt(b) * q[:, rows]                                         # [D, n] L^-1 sqrt(b) Dc^T
+            r = torch.linalg.cholesky(torch.eye(len(rows), dtype=x.dtype, device=x.device) + ut.T @ ut)
+            proj = lambda t: torch.linalg.solve_triangular(r, ut.T @ t, upper=False)   # [n, .]
+            pv, pq, pmu, pmc = proj(v[:, rows]), proj(q[:, rows]), proj(m), proj(mc[:, rows])
+            xm[rows] -= pv.T @ pmu
+            qm[rows] -= pq.T @ pmu
+            pm[rows] -= pmu.square().sum(0)
+            vq[rows] -= (pv * pq).sum(0)
+            qq[rows] -= pq.square().sum(0)
+            qc[rows] -= (pq * pmc).sum(0)
+            xc[rows] -= (pv * pmc).sum(0)
+            pc[rows] -= pmc.square().sum(0)
+        a = self.shrink_keep * n / (self.classes * (n - 1) * torch.where(whole, n - 2, n - 1))   # [N]
+        den = 1 - a * qq                                                           # [N]
+        logits = (xm + (a * vq / den)[:, None] * qm
+                  - 0.5 * (pm + (a / den)[:, None] * qm.square()) + 0.5 * self.tr / self.n)
         own = xc + a * vq * qc / den - 0.5 * (pc + a * qc.square() / den) + 0.5 * self.tr / (n - 1)
         return logits.scatter(1, labels[:, None], own[:, None])
 

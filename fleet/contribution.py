@@ -4,6 +4,8 @@
         sums  [k, D+1]   per-class sums of phi_aug (last entry: images) of the k classes
                          it changed (the new ones; known ones only where it added images)
         gram  [D+1, D+1] the sum of phi_aug phi_aug^T over those images
+        scatter [D+1, D+1] the classes' covariances it added, and their tally in [-1, -1]
+                         (ClassStats.scatter: additive like the Gram)
         seen  [k, D]     per class and dimension, the images that kept it (ClassStats.seen)
         calib [2]        its steps' temperature evidence (sum k_s log T_s, sum k_s)
 
@@ -56,6 +58,7 @@ class Contribution:
     gram: torch.Tensor         # [D+1, D+1] float64, symmetric
     calib: torch.Tensor        # [2] float64
     seen: torch.Tensor         # [k, D] float64, the rows of ClassStats.seen of `classes`
+    scatter: torch.Tensor      # [D+1, D+1] float64, symmetric: ClassStats.scatter's difference
     moved: str | None = None   # why the device's features moved (its history), or None
 
     @property
@@ -72,10 +75,10 @@ class Contribution:
 
 
 def contribution_id(c: Contribution) -> str:
-    """sha256 over everything a contribution says (the Gram by its upper triangle)."""
+    """sha256 over everything a contribution says (the Gram and the scatter by their upper triangles)."""
     h = hashlib.sha256()
     h.update(json.dumps([c.device, c.base, c.ref, c.classes, c.moved]).encode())
-    for t in (c.sums, upper(c.gram), c.calib, c.seen):
+    for t in (c.sums, upper(c.gram), c.calib, c.seen, upper(c.scatter)):
         t = t.detach().to(torch.float64).cpu().contiguous()
         h.update(f"{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
@@ -139,7 +142,8 @@ def make_contribution(state_dir: Path, device: str) -> Contribution:
     return Contribution(device=device, base=base_hash(state.student), ref=ref_name,
                         classes=[state.classes[i] for i in changed], sums=sums[changed],
                         gram=stats.gram - ref.student.stats.gram, calib=stats.calib - ref.student.stats.calib,
-                        seen=seen[changed], moved=moved_features(state.history))
+                        seen=seen[changed], scatter=stats.scatter - ref.student.stats.scatter,
+                        moved=moved_features(state.history))
 
 
 # ---------------------------------------------------------------------------- the hub side
@@ -162,14 +166,17 @@ def check_contribution(c: Contribution, base: str, dim: int, sent_id: str | None
                       "only devices on the fleet's base version (with --method none) merge exactly")
     n = dim + 1
     if (c.gram.shape != (n, n) or c.sums.ndim != 2 or c.sums.shape[1] != n or c.calib.shape != (2,)
-            or c.seen.shape != (c.sums.shape[0], dim)):
+            or c.seen.shape != (c.sums.shape[0], dim) or c.scatter.shape != (n, n)):
         raise Refused(f"{who}: wrong shapes (Gram {tuple(c.gram.shape)}, sums {tuple(c.sums.shape)}, calibration "
-                      f"{tuple(c.calib.shape)}, seen {tuple(c.seen.shape)}); the fleet's features need a {n} x {n} "
-                      "Gram matrix")
+                      f"{tuple(c.calib.shape)}, seen {tuple(c.seen.shape)}, scatter {tuple(c.scatter.shape)}); "
+                      f"the fleet's features need a {n} x {n} Gram matrix and scatter")
     if len(c.classes) != c.sums.shape[0]:
         raise Refused(f"{who}: {len(c.classes)} class names for {c.sums.shape[0]} rows of class sums")
-    if not all(bool(torch.isfinite(t).all()) for t in (c.sums, c.gram, c.calib, c.seen)):
+    if not all(bool(torch.isfinite(t).all()) for t in (c.sums, c.gram, c.calib, c.seen, c.scatter)):
         raise Refused(f"{who}: non-finite statistics")
+    if float(c.scatter[-1, -1]) < 0:
+        raise Refused(f"{who}: its scatter counts {float(c.scatter[-1, -1]):g} classes; a class tally is never "
+                      "negative")
     keys: dict[str, str] = {}
     for name in c.classes:
         why = class_name_problem(name)

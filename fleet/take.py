@@ -39,7 +39,8 @@ def minus(own: Contribution, sent: Contribution) -> Contribution:
     return Contribution(device=own.device, base=own.base, ref=own.ref, classes=keep,
                         sums=torch.stack([rows[n][0] for n in keep]) if keep else own.sums[:0],
                         gram=own.gram - sent.gram, calib=own.calib - sent.calib,
-                        seen=torch.stack([rows[n][1] for n in keep]) if keep else own.seen[:0])
+                        seen=torch.stack([rows[n][1] for n in keep]) if keep else own.seen[:0],
+                        scatter=own.scatter - sent.scatter)
 
 
 def uncounted(own: Contribution, model: FleetModel, sent: Contribution | None) -> Contribution | None:
@@ -74,7 +75,7 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
         log(f"already holds the fleet's version {model.hub_version}")
         return state.version_dir
     cfg = state.config
-    student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib, model.seen)
+    student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib, model.seen, model.scatter)
     step = state.step + 1
     new = [n for n in model.classes if n not in state.classes]
     entry = {"step": step, "method": FLEET_METHOD, "new_classes": new, "n_images": 0,
@@ -101,7 +102,8 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
             seen = torch.cat([seen, seen.new_zeros(1, seen.shape[1])])
         sums[classes.index(n)] += row
         seen[classes.index(n)] += srow
-    student = model_from_stats(state.student, cfg, sums, model.gram + rest.gram, model.calib + rest.calib, seen)
+    student = model_from_stats(state.student, cfg, sums, model.gram + rest.gram, model.calib + rest.calib, seen,
+                               model.scatter + rest.scatter)
     kept = classes[len(model.classes):]
     entry2 = {"step": step + 1, "method": "none", "new_classes": kept, "n_images": 0,
               "fleet": {"kept": rest.classes}}

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from fieldlearn.device.classifier import pooled_scatter
 from fieldlearn.device.config import RunConfig
 from fieldlearn.device.model import Student, build_student
 from fieldlearn.store.versions import FORMAT, DiskFull, clean_leftovers, config_of, disk_full_reason, read_meta
@@ -166,6 +167,9 @@ def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
     if "stats.seen" in expected and "stats.seen" not in tensors and "stats.sums" in tensors:
         sums = tensors["stats.sums"]                       # saved before `seen`: every dimension read as
         tensors["stats.seen"] = sums[:, -1:].expand(-1, sums.shape[1] - 1).contiguous()   # seen, as it predicted
+    if "stats.scatter" in expected and "stats.scatter" not in tensors and "stats.gram" in tensors:
+        # saved before the class-balanced covariance: its lda head, as it predicted, until it learns again
+        tensors["stats.scatter"] = pooled_scatter(tensors["stats.gram"], tensors["stats.sums"])
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

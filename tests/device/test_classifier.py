@@ -90,6 +90,25 @@ def test_transform_equals_statistics_of_the_transformed_features():
     moved = (augment(x) @ t.T)[:, :-1]
     ref = _stats(moved, labels, [[0, 1, 2, 3]])
     assert torch.allclose(s.gram, ref.gram, atol=1e-9) and torch.allclose(s.sums, ref.sums, atol=1e-9)
+    assert torch.allclose(s.scatter, ref.scatter, atol=1e-9)     # the class covariances move too
+
+
+def test_the_class_tally_counts_each_class_once_and_a_later_fold_by_its_share():
+    """If this fails, the lda covariance does not weigh each class once: a class's scatter
+    must enter over its count less one and add 1 to the tally (grouping into steps changes
+    nothing), and images folded into a known class later add their share, not a class."""
+    x, labels = _data(shift=10.0)
+    one = _stats(x, labels, [[0, 1, 2, 3]])
+    steps = _stats(x, labels, [[0, 1], [2], [3]])
+    assert float(one.scatter[-1, -1]) == pytest.approx(4.0) and torch.allclose(one.scatter, steps.scatter)
+    expect = sum(torch.cov(x[labels == c].T) for c in range(4))
+    assert torch.allclose(one.scatter[:-1, :-1], expect, atol=1e-9)
+    more = torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 10.0
+    one.add(more, torch.zeros(5, dtype=torch.long))                     # 7 images of class 0, then 5 more
+    assert float(one.scatter[-1, -1]) == pytest.approx(4.0 + 4 / 11)
+    before = one.scatter.clone()
+    one.add(more[:3], torch.zeros(3, dtype=torch.long))                 # under MIN_IMAGES: counted nowhere
+    assert torch.equal(one.scatter, before)
 
 
 def test_fit_drift_recovers_an_affine_map_and_shrinks_towards_identity():
@@ -300,12 +319,12 @@ def test_lda_bias_corrects_the_norm_of_a_mean_from_few_images():
 
 
 def test_lda_is_fisher_lda_on_the_joint_data():
-    """If this fails, the lda head is not LDA: W = P mu_c with P the inverse of the shrunk
-    pooled within-class covariance of all the images, computed here from the images."""
+    """If this fails, the lda head is not LDA with each class weighing once: W = P mu_c with P
+    the inverse of the shrunk mean of the class covariances, computed here from the images."""
     x, labels = _data(shift=10.0)
     s = _stats(x, labels, [[0, 1], [2], [3]], masked=0)
     mus = torch.stack([x[labels == c].mean(0) for c in range(4)])
-    within = sum((x[labels == c] - mus[c]).T @ (x[labels == c] - mus[c]) for c in range(4)) / (len(x) - 4)
+    within = sum(torch.cov(x[labels == c].T) for c in range(4)) / 4
     shrunk = 0.7 * within + 0.3 * within.diagonal().mean() * torch.eye(5, dtype=torch.float64)
     w, b, _ = solve_head(s, "lda", shrink=0.3)
     assert torch.allclose(w, torch.linalg.solve(shrunk, mus.T).T, atol=1e-6)
@@ -353,28 +372,47 @@ def test_crossfit_temperature_calibrates_held_out_images():
 def test_lda_leave_one_out_logits_equal_the_head_solved_without_the_image():
     """If this fails, the closed-form leave-one-out logits that fit the lda head's
     temperature are not the head solved without the image scoring it (its class mean and
-    the pooled covariance both lose it): the temperature is then fitted on scores that are
-    not what a new image of the field gets. Solved again per image here, with dimension 5
-    left out of the step (the fold leaves it out of the class mean too)."""
+    its class's covariance both lose it): the temperature is then fitted on scores that are
+    not what a new image of the field gets. The statistics are folded again without the
+    image here, with dimension 5 left out of the step (the fold leaves it out of the class
+    mean too). Exact with the shrink target's scale and tr(P S) held (the closed form keeps
+    them); re-solved in full, still far closer than the head that saw the image."""
     from fieldlearn.device.classifier import LdaParts
 
-    s, _, _ = _sparse_step(n_base=3000)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(16, 6, generator=g, dtype=torch.float64) + 5.0
+    g = torch.Generator().manual_seed(4)
+    centres = torch.randn(4, 6, generator=g, dtype=torch.float64) + 5.0
+    yb = torch.tensor([0] * 3000 + [1] * 3000)
+    xb = centres[yb] + 0.6 * torch.randn(len(yb), 6, generator=g, dtype=torch.float64)
     y = torch.tensor([2] * 8 + [3] * 8)
+    x = centres[y] + 0.6 * torch.randn(16, 6, generator=g, dtype=torch.float64)
     x[:, 5] = 0.0
     x[2, 5] = 4.0
-    s.add(x, y)
-    keep = s._keep[:-1]
-    lo = LdaParts(s, 0.3).loo_logits(x, y, keep)
-    w, b, _ = solve_head(s, "lda", shrink=0.3)
+
+    def folded(xs, ys):
+        st = ClassStats(6, 2)
+        st.add(xb, yb)
+        st.widen(2)
+        st.add(xs, ys)
+        return st
+
+    s, shrink = folded(x, y), 0.3
+    assert s.masked_dims == 1
+    parts = LdaParts(s, shrink)
+    lo = parts.loo_logits(x, y, s._keep[:-1])
+    w, b, _ = solve_head(s, "lda", shrink=shrink)
+    scale = torch.diagonal(s.scatter[:-1, :-1]).mean() / s.scatter[-1, -1]
+    gap = lambda t: t - t.mean()                      # what softmax sees
     for i in (0, 2, 11):
-        wi, bi, _ = solve_head(s.without(x[i:i + 1], y[i:i + 1]), "lda", shrink=0.3)
+        si = folded(x[torch.arange(16) != i], y[torch.arange(16) != i])
+        assert si.masked_dims == 1
+        sa = (1 - shrink) * si.scatter[:-1, :-1] / si.scatter[-1, -1] + shrink * scale * torch.eye(6, dtype=torch.float64)
+        wh = torch.linalg.solve(sa, si.means().T).T
+        held = x[i] @ wh.T - 0.5 * (wh * si.means()).sum(1) + 0.5 * parts.tr / si.counts
+        assert float((gap(lo[i]) - gap(held)).abs().max()) < 1e-6, i
+        wi, bi, _ = solve_head(si, "lda", shrink=shrink)
         exact, plain = x[i] @ wi.T + bi, x[i] @ w.T + b
-        gap = lambda t: t - t.mean()                  # what softmax sees
-        # dof, the shrink target's scale and tr(P S) are kept: O(1/N) of the base's 6000 images
         err, plain_err = (float((gap(t) - gap(exact)).abs().max()) for t in (lo[i], plain))
-        assert err < 0.01 < 0.1 < plain_err, (i, err, plain_err)
+        assert err < 0.4 * plain_err, (i, err, plain_err)
 
 
 def test_calibration_is_a_class_weighted_mean_of_the_steps():

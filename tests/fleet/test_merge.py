@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import struct
 import unicodedata
 
 import pytest
@@ -58,6 +60,16 @@ def test_merged_model_equals_one_state_that_learned_the_union(fleet, data):
     assert torch.allclose(m.gram, ref.gram, rtol=1e-6, atol=1e-6)
     assert torch.equal(m.seen, ref.seen)
     assert m.counts[4] == 20                                                   # 10 from a + 10 from c
+    # The scatter adds exactly too, but kiwi0's two halves were each learned as a class of
+    # their own (a covariance over 10 images and 1 in the class tally, on a and on c), where
+    # one state folds c's half into a known class (its share of a 20-image covariance): the
+    # union's scatter is not the fleet's for a class two devices learned. It is where the
+    # devices learned disjoint classes (test_the_merge_carries_the_class_scatter).
+    want_scatter = load_state(dirs["hub"] / ".." / "hub-base").student.stats.scatter + sum(
+        sent[d].scatter for d in DEVICES)
+    assert torch.allclose(m.scatter, want_scatter, rtol=1e-12, atol=1e-12)
+    assert float(m.scatter[-1, -1]) == 3 + 2 + 2 + 2                          # kiwi0 counted by a and by c
+    ref.scatter.copy_(m.scatter)
     # logits of the published head = the union's head (with the fleet's temperature)
     test = data.subset(data.labels < 8)
     x = classifier_features(merged.student, test, merged.config)
@@ -67,6 +79,67 @@ def test_merged_model_equals_one_state_that_learned_the_union(fleet, data):
     want = (x @ w.T + b) / m.temperature
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
     assert float((got.argmax(1) == test.labels).float().mean()) > 0.5
+
+
+def test_the_merge_carries_the_class_scatter(fleet, data, tmp_path):
+    """If this fails, the fleet drops or miscounts ClassStats.scatter (the lda head's
+    class-balanced covariance): the merged model's covariance is not the one of all the
+    devices' classes, and its lda head predicts otherwise than one state that learned them.
+    Devices a and b learn disjoint classes, so one state folding in both increments is exact."""
+    dirs, pristine, sent, _ = fleet
+    hub = fresh_hub(fleet, tmp_path)
+    r = merge_round(hub, [(sent[d], sent[d].id) for d in ("a", "b")], export=False, log=lambda s: None)
+    assert r.published and r.merged == ["a", "b"]
+    merged = load_state(hub)
+    m = merged.student.stats
+    base = load_state(pristine)
+    s = base.student.stats
+    # additive: the base's scatter, plus each device's own minus the base (counted once)
+    devs = [load_state(dirs[d]).student.stats.scatter for d in ("a", "b")]
+    assert torch.allclose(m.scatter, devs[0] + devs[1] - s.scatter, rtol=1e-12, atol=1e-12)
+    assert float(m.scatter[-1, -1]) == len(merged.classes) == 7               # 3 base + 2 from a + 2 from b
+    # equal to one state that folded in both devices' images
+    s.widen(len(merged.classes) - s.sums.shape[0])
+    for d in ("a", "b"):
+        new = class_images(data, DEVICES[d])
+        x = classifier_features(base.student, new, base.config)
+        s.add(x, torch.tensor([merged.classes.index(new.class_names[int(i)]) for i in new.labels]))
+    assert torch.allclose(m.scatter, s.scatter, rtol=1e-6, atol=1e-6)
+    # the published lda head is the head solved from those statistics
+    cfg = merged.config.model
+    assert cfg.classifier == "lda"
+    w, b, _ = solve_head(s, cfg.classifier, cfg.ridge, cfg.shrink)
+    test = data.subset(data.labels < 7)
+    x = classifier_features(merged.student, test, merged.config)
+    got = merged.student.classifier(x.float()).double()
+    want = (x @ w.T + b) / m.temperature
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
+    # what the devices take carries it too
+    assert torch.equal(r.model.scatter, m.scatter)
+
+
+def test_a_ledger_written_before_the_scatter_still_reads(fleet, tmp_path):
+    """If this fails, a hub whose last version was merged before ClassStats.scatter existed
+    cannot run its next round (its ledger lacks the contributions' scatters)."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    from fieldlearn.device.classifier import pooled_scatter
+    from fieldlearn.runtime.layout import FLEET_LEDGER
+
+    dirs, _, _, _ = fleet
+    vd = tmp_path / "old"
+    shutil.copytree(load_state(dirs["hub"]).version_dir, vd)
+    raw = (vd / FLEET_LEDGER).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8: 8 + n])["__metadata__"]
+    tensors = {k: v for k, v in load_st(raw).items() if not k.endswith(".scatter")}
+    (vd / FLEET_LEDGER).write_bytes(save_st(tensors, metadata=meta))
+    new, old = read_ledger(load_state(dirs["hub"]).version_dir), read_ledger(vd)
+    assert sorted(old) == sorted(new) == ["a", "b", "c"]
+    for d, e in old.items():
+        c = e.contribution
+        assert torch.equal(c.scatter, pooled_scatter(c.gram, c.sums)) and e.id == new[d].id
 
 
 def test_a_contribution_sent_again_is_counted_once(fleet, tmp_path):
@@ -104,6 +177,9 @@ def _bad(c, **changes):
 @pytest.mark.parametrize("how, message", [
     ("few", "needs at least 5"),
     ("gram", "wrong shapes"),
+    ("scatter", "wrong shapes"),
+    ("tally", "a class tally is never negative"),
+    ("nan", "non-finite statistics"),
     ("tampered", "does not match its id"),
     ("case", "differ only by case or Unicode form"),
     ("nfd", "differ only by case or Unicode form"),
@@ -125,6 +201,16 @@ def test_bad_contributions_merge_nothing(fleet, tmp_path, how, message):
         c = _bad(c, sums=sums)
     elif how == "gram":
         c = _bad(c, gram=c.gram[:-1, :-1])
+    elif how == "scatter":
+        c = _bad(c, scatter=c.scatter[:-1, :-1])
+    elif how == "tally":
+        scatter = c.scatter.clone()
+        scatter[-1, -1] = -1.0
+        c = _bad(c, scatter=scatter)
+    elif how == "nan":
+        scatter = c.scatter.clone()
+        scatter[0, 0] = float("nan")
+        c = _bad(c, scatter=scatter)
     elif how == "tampered":
         sums = c.sums.clone()
         sums[0, 0] += 1e-3

@@ -38,6 +38,8 @@ def test_each_device_ends_with_the_fleets_model(fleet, tmp_path):
         assert torch.equal(got.student.classifier.bias, hub.student.classifier.bias)
         nxt = make_contribution(dev, name)
         assert nxt.classes == [] and nxt.ref == hub.version_dir.name and float(nxt.gram.abs().max()) == 0.0
+        assert torch.equal(got.student.stats.scatter, hub.student.stats.scatter)
+        assert float(nxt.scatter.abs().max()) == 0.0
 
 
 def test_a_device_keeps_what_it_learned_after_it_sent(fleet, data, tmp_path):

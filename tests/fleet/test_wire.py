@@ -11,6 +11,7 @@ from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
 from fieldlearn.store.state import load_state  # noqa: E402
 from fieldlearn.fleet.contribution import Refused, from_upper, upper  # noqa: E402
+from fieldlearn.runtime.errors import UserError  # noqa: E402
 from fieldlearn.fleet.wire import (contribution_from_record, contribution_to_record, model_from_record,  # noqa: E402
                                    model_to_record)
 from tests.store.privacy_audit import Pattern, feature_patterns, pixel_patterns, scan  # noqa: E402
@@ -35,9 +36,13 @@ def test_a_contribution_crosses_the_wire_exactly_in_its_smallest_form(fleet):
     # can differ from its own transpose in the last bit, nothing more)
     assert torch.equal(back.gram, from_upper(upper(c.gram), n))
     assert torch.allclose(back.gram, c.gram, rtol=1e-13, atol=1e-15)
-    assert len(wire_bytes(rd)) < 8 * (n * (n + 1) // 2 + c.sums.numel() + c.seen.numel()) + 4096   # the upper triangle, fp64
+    assert torch.equal(back.scatter, from_upper(upper(c.scatter), n))        # the scatter likewise
+    assert torch.allclose(back.scatter, c.scatter, rtol=1e-13, atol=1e-15) and float(back.scatter[-1, -1]) == 2
+    # the two upper triangles, fp64
+    assert len(wire_bytes(rd)) < 8 * (n * (n + 1) + c.sums.numel() + c.seen.numel()) + 4096
     m = model_from_record(model_to_record(result.model))
     assert m.classes == result.model.classes and torch.equal(m.gram, result.model.gram)
+    assert torch.equal(m.scatter, result.model.scatter)
     assert m.counted == result.model.counted
 
 
@@ -48,6 +53,22 @@ def test_a_damaged_message_is_one_line(fleet):
     del rd["stats"]
     with pytest.raises(Refused, match="no readable statistics"):
         contribution_from_record(rd, "node 7")
+
+
+def test_a_message_without_the_scatter_is_one_line(fleet):
+    """If this fails, a contribution or a fleet version from a fieldlearn that sent no class
+    scatter crashes the round (a KeyError), or is read with the scatter left out: its lda head
+    would predict otherwise."""
+    _, _, sent, result = fleet
+    rd = contribution_to_record(sent["b"])
+    del rd["stats"]["scatter"]
+    with pytest.raises(Refused, match=r"^device 'b': the message's statistics lack scatter") as e:
+        contribution_from_record(rd, "node 7")
+    assert "\n" not in str(e.value)
+    rd = model_to_record(result.model)
+    del rd["stats"]["scatter"]
+    with pytest.raises(UserError, match="lack scatter"):
+        model_from_record(rd)
 
 
 def phi_patterns(student, images, cfg, label: str) -> list[Pattern]:

@@ -301,6 +301,36 @@ def test_a_state_saved_before_calibration_and_seen_counts_loads_as_it_predicted(
                                                          solve_head(s.stats, kind, shrink=0.3)[:2]))
 
 
+def test_a_state_saved_before_the_class_covariances_loads_with_the_head_it_saved(tmp_path):
+    """If this fails, a state saved before `stats.scatter` existed is refused, or its lda head
+    changes on loading: until it learns again it must solve the head it saved, from the
+    covariance pooled over images (computed here from the images, classes of 4 and 8 so that
+    pooling over classes would differ)."""
+    from safetensors.torch import save_file
+
+    from fieldlearn.device.classifier import solve_head
+
+    cfg = tiny_config()
+    s = build_student(cfg.model, 2).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(12, s.stats.dim, generator=g, dtype=torch.float64) + 0.5
+    y = torch.tensor([0] * 4 + [1] * 8)
+    s.stats.add(x, y)
+    w = save_version(tmp_path, s, ["a", "b"], cfg, 0, []) / "model.safetensors"
+    tensors = load_file(w)
+    del tensors["stats.scatter"]
+    os.chmod(w, 0o600)
+    save_file(tensors, str(w))
+    st = load_state(tmp_path).student.stats
+    mus = torch.stack([x[y == c].mean(0) for c in (0, 1)])
+    within = sum((x[y == c] - mus[c]).T @ (x[y == c] - mus[c]) for c in (0, 1)) / (12 - 2)
+    eye = torch.eye(len(within), dtype=torch.float64)
+    w_old = torch.linalg.solve(0.7 * within + 0.3 * within.diagonal().mean() * eye, mus.T).T
+    w_new = solve_head(s.stats, "lda", shrink=0.3)[0]
+    assert torch.allclose(solve_head(st, "lda", shrink=0.3)[0], w_old, atol=1e-6)
+    assert not torch.allclose(w_new, w_old, atol=1e-3)          # the two poolings differ on these classes
+
+
 # ---------------------------------------------------------------- durability: fsync before publish
 
 def _linear_cfg():
