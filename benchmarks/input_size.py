@@ -60,7 +60,7 @@ def run_protocol(x, y, xs: dict[str, tuple[torch.Tensor, torch.Tensor]], shrink:
         stats.add(x[m], y[m])
         t_hat = crossfit_temperature(stats, x[m], y[m], "lda", 0.0, shrink)
         if t_hat is not None:
-            stats.calibrate(t_hat, len(g))
+            stats.calibrate(t_hat, len(g), stats.sums.shape[0], ModelConfig.temperature_recency)
         w, b, _ = solve_head(stats, "lda", shrink=shrink)
         seen = [c for gg in groups[: t + 1] for c in gg]
         for name, (xe, ye) in xs.items():

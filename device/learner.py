@@ -326,7 +326,7 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, m.shrink, seed=cfg.train.seed,
                                   parts=parts) if rows.any() else None)
     if t_hat is not None:          # the step's own images, scored by heads solved without them
-        student.stats.calibrate(t_hat, weight=len(classes))
+        student.stats.calibrate(t_hat, len(classes), student.num_classes, m.temperature_recency)
     del x
     _load_head(student, w, b)
     return {"ridge": lam, "masked_dims": student.stats.masked_dims,

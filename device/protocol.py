@@ -85,6 +85,12 @@ def parse_row(spec: str) -> Row:
     return Row(spec if classifier != "linear" else method, method, classifier)
 
 
+# The plain-PyTorch reimplementation's settings for CIFAR's linear rows (issue 22), which each
+# protocol's sweep started from: 15 base epochs at lr 0.01, 6 per increment, LC over the new
+# classes, torch's init for new rows, no clipping (and KD at T = 2 where there is KD).
+_CIFAR_LINEAR = {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "new_head_init": "default",
+                 "max_grad_norm": 0.0}
+
 # Settings each row runs with, on top of the config defaults, unless the benchmark's --sweep
 # chooses them, --settings gives them, or the command line sets one for every row. By
 # protocol (a benchmark preset's name), then row name (a row without an entry takes its
@@ -112,14 +118,13 @@ CHOSEN: dict[str, dict[str, dict]] = {
     # for new rows, no clipping, KD T = 2), then lr and beta (and gamma) swept on validation
     # (order 1993; benchmarks/results/cifar128-linear-sweep-*)
     "cifar128": {
-        "lwm": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "ld": "kd", "beta": 0.5,
-                "gamma": 1.0, "temperature": 2.0, "lr": 0.01, "freeze_bn_in_increments": False,
-                "new_head_init": "default", "max_grad_norm": 0.0},
-        "lwf_mc": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "ld": "kd", "beta": 2.0,
-                   "temperature": 2.0, "lr": 0.003, "freeze_bn_in_increments": False,
-                   "new_head_init": "default", "max_grad_norm": 0.0},
-        "finetune": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "lr": 0.01,
-                     "freeze_bn_in_increments": False, "new_head_init": "default", "max_grad_norm": 0.0},
+        "lwm": {**_CIFAR_LINEAR, "ld": "kd", "temperature": 2.0, "beta": 0.5, "gamma": 1.0, "lr": 0.01,
+                "freeze_bn_in_increments": False},
+        "lwf_mc": {**_CIFAR_LINEAR, "ld": "kd", "temperature": 2.0, "beta": 2.0, "lr": 0.003,
+                   "freeze_bn_in_increments": False},
+        "finetune": {**_CIFAR_LINEAR, "lr": 0.01, "freeze_bn_in_increments": False},
+        # lr only, on one order (0.003 / 0.01; 0.03 stopped after its first increment): cifar128-lclad-sweep
+        "lc_lad": {**_CIFAR_LINEAR, "gamma": 1.0, "lr": 0.01, "freeze_bn_in_increments": False},
     },
     # the demo's protocol: the linear rows, staged sweeps on validation (order 1993): LC over
     # the new classes, a small lr, torch's init for the new rows, a light KD (and LAD)
@@ -129,17 +134,24 @@ CHOSEN: dict[str, dict[str, dict]] = {
         "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.001, "new_head_init": "default"},
         "finetune": {"lc_span": "new", "lr": 0.0003, "new_head_init": "default"},
     },
-    # field-sized CIFAR: linear LwM only, lr, BN mode, beta and gamma from CIFAR 10 x 10's choice
-    # (benchmarks/results/cifar128-field-linear-sweep); no setting tried learns the new classes
+    # field-sized CIFAR: each linear row's lr and BN mode (and beta or gamma) swept from CIFAR
+    # 10 x 10's settings (benchmarks/results/cifar128-field-*-sweep); no setting tried learns
+    # the new classes, so every choice is the one that keeps the old ones
     "cifar128-field": {
-        "lwm": {"base_epochs": 15, "base_lr": 0.01, "epochs": 6, "lc_span": "new", "ld": "kd", "beta": 0.5,
-                "gamma": 1.0, "temperature": 2.0, "lr": 0.001, "freeze_bn_in_increments": True,
-                "new_head_init": "default", "max_grad_norm": 0.0},
+        "lwm": {**_CIFAR_LINEAR, "ld": "kd", "temperature": 2.0, "beta": 0.5, "gamma": 1.0, "lr": 0.001,
+                "freeze_bn_in_increments": True},
+        "lwf_mc": {**_CIFAR_LINEAR, "ld": "kd", "temperature": 2.0, "beta": 2.0, "lr": 0.0003,
+                   "freeze_bn_in_increments": True},
+        "finetune": {**_CIFAR_LINEAR, "lr": 0.0003, "freeze_bn_in_increments": True},
+        "lc_lad": {**_CIFAR_LINEAR, "gamma": 1.0, "lr": 0.0003, "freeze_bn_in_increments": True},
     },
-    # field-sized Fashion-MNIST: linear LwM only, lr then beta and gamma and the LC span
-    # around the demo's choice (benchmarks/results/fmnist-field-linear-sweep)
+    # field-sized Fashion-MNIST: each linear row's lr, then beta / gamma and the LC span, around
+    # the demo's choice (benchmarks/results/fmnist-field-*-sweep)
     "fmnist-field": {
         "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 0.5, "lr": 0.003, "new_head_init": "default"},
+        "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 2.0, "lr": 0.001, "new_head_init": "default"},
+        "finetune": {"lc_span": "new", "lr": 0.001, "new_head_init": "default"},
+        "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.001, "new_head_init": "default"},
     },
 }
 
@@ -179,6 +191,8 @@ def row_uses(row: Row) -> set[str]:
     vary) or only its cost (checkpoint_top, teacher_backend). `learn` names the ones given
     that its row does not read (ignored_in_increment)."""
     head = {"analytic": {"ridge"}, "lda": {"shrink"}}.get(row.classifier, set())
+    if row.kind == "stats":
+        head = head | {"temperature_recency"}
     if row.pretrained_only:
         return head
     keys = set(BASE_KEYS) | set(LOSS_KEYS[row.method])

@@ -417,12 +417,19 @@ def test_lda_leave_one_out_logits_equal_the_head_solved_without_the_image():
 
 def test_calibration_is_a_class_weighted_mean_of_the_steps():
     """If this fails, the stored temperature is not the geometric mean of the steps' fitted
-    temperatures weighted by the classes each step added (2 numbers of model state)."""
+    temperatures weighted by the classes each step added times (classes known after it)^r
+    (2 numbers of model state): r = 0, by classes added alone; r = 2, the later step weighs
+    2 x 12^2 against the base's 10 x 10^2."""
     s = ClassStats(3, 2)
     assert s.temperature == 1.0
-    s.calibrate(2.0, weight=10)
-    s.calibrate(8.0, weight=2)
+    s.calibrate(2.0, 10, 10)
+    s.calibrate(8.0, 2, 12)
     assert abs(s.temperature - 2.0 ** (10 / 12) * 8.0 ** (2 / 12)) < 1e-12
+    r = ClassStats(3, 2)
+    r.calibrate(2.0, 10, 10, recency=2.0)
+    r.calibrate(8.0, 2, 12, recency=2.0)
+    w0, w1 = 10 * 10 ** 2, 2 * 12 ** 2
+    assert abs(r.temperature - 2.0 ** (w0 / (w0 + w1)) * 8.0 ** (w1 / (w0 + w1))) < 1e-12
 
 
 def test_expected_calibration_error_of_known_bins():
