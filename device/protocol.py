@@ -133,6 +133,7 @@ CHOSEN: dict[str, dict[str, dict]] = {
         "lwm": {"lc_span": "new", "ld": "kd", "beta": 0.5, "gamma": 0.5, "lr": 0.001, "new_head_init": "default"},
         "lwf_mc": {"lc_span": "new", "ld": "kd", "beta": 0.5, "lr": 0.001, "new_head_init": "default"},
         "finetune": {"lc_span": "new", "lr": 0.0003, "new_head_init": "default"},
+        "lc_lad": {"lc_span": "new", "gamma": 0.5, "lr": 0.003, "new_head_init": "default"},
     },
     # field-sized CIFAR: each linear row's lr and BN mode (and beta or gamma) swept from CIFAR
     # 10 x 10's settings (benchmarks/results/cifar128-field-*-sweep); no setting tried learns
