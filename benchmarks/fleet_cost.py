@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from fieldlearn.device.classifier import ClassStats
 from fieldlearn.device.config import ModelConfig, RunConfig
 from fieldlearn.device.learner import StepReport
 from fieldlearn.device.model import build_student
@@ -34,26 +35,21 @@ from fieldlearn.fleet.merge import merge_round
 PER_CLASS = 20
 
 
-def stats_of(n_classes: int, dim: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sums [k, D+1], gram [D+1, D+1], scatter [D+1, D+1]) of PER_CLASS random unit vectors per class."""
+def stats_of(n_classes: int, dim: int, g: torch.Generator) -> ClassStats:
+    """The class statistics of PER_CLASS random unit vectors per class, folded as a device folds them."""
     x = torch.nn.functional.normalize(torch.randn(n_classes * PER_CLASS, dim, generator=g, dtype=torch.float64), dim=1)
-    xa = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    labels = torch.arange(n_classes).repeat_interleave(PER_CLASS)
-    sums = torch.zeros(n_classes, dim + 1, dtype=torch.float64).index_add_(0, labels, xa)
-    d = (xa.view(n_classes, PER_CLASS, dim + 1) - (sums / PER_CLASS)[:, None]).reshape(-1, dim + 1)   # last column 0
-    scatter = d.T @ d / (PER_CLASS - 1)                                    # each class's covariance, summed
-    scatter[-1, -1] = n_classes                                             # the class tally
-    return sums, xa.T @ xa, scatter
+    stats = ClassStats(dim, n_classes)
+    stats.add(x, torch.arange(n_classes).repeat_interleave(PER_CLASS))
+    return stats
 
 
 def make_hub(root: Path) -> Path:
     cfg = RunConfig(model=ModelConfig(pretrained=False))
     student = build_student(cfg.model, 10)
-    sums, gram, scatter = stats_of(10, student.stats.dim, torch.Generator().manual_seed(0))
+    folded = stats_of(10, student.stats.dim, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        student.stats.sums.copy_(sums)
-        student.stats.gram.copy_(gram)
-        student.stats.scatter.copy_(scatter)
+        for name in ("sums", "gram", "scatter"):
+            getattr(student.stats, name).copy_(getattr(folded, name))
     hub = root / "hub"
     publish(hub, student, [f"base{i}" for i in range(10)], cfg, step=0,
             history=[{"step": 0, "method": "base", "new_classes": [f"base{i}" for i in range(10)]}],
@@ -82,11 +78,11 @@ def main() -> None:
                 share = [classes // devices + (i < classes % devices) for i in range(devices)]
                 contribs, sizes = [], []
                 for i, k in enumerate(share):
-                    sums, gram, scatter = stats_of(k, dim, g)
+                    st = stats_of(k, dim, g)
                     c = Contribution(device=f"d{i}", base=base, ref=BASE_REF,
-                                     classes=[f"c{classes}-{i}-{j}" for j in range(k)], sums=sums, gram=gram,
+                                     classes=[f"c{classes}-{i}-{j}" for j in range(k)], sums=st.sums, gram=st.gram,
                                      calib=torch.tensor([k * 0.5, float(k)], dtype=torch.float64),
-                                     seen=sums[:, -1:].expand(-1, dim).contiguous(), scatter=scatter)
+                                     seen=st.seen, scatter=st.scatter)
                     contribs.append((c, c.id))
                     sizes.append(len(recorddict_to_proto(contribution_to_record(c)).SerializeToString()))
                 hub = root / f"hub-{classes}-{devices}"

@@ -9,9 +9,9 @@
 
 Every array is float64 (the statistics are sums: float32 would lose the exactness the fleet
 promises) and the Gram matrix and the scatter (both symmetric) travel as their upper
-triangles (contribution.upper), the smallest exact form. Decoding never trusts the sender: a missing or mistyped field is one
-line (Refused / UserError) naming what is wrong, and check_contribution then checks shapes,
-counts, names and the content id.
+triangles (contribution.upper), the smallest exact form. Decoding never trusts the sender:
+a missing or mistyped field is one line (Refused / UserError) naming what is wrong, and
+check_contribution then checks shapes, counts, names and the content id.
 """
 
 from __future__ import annotations
