@@ -367,7 +367,7 @@ class LdaParts:
         whose images x does not all hold (the base step scores only its calibration rows)
         keeps its divisor: b = 0, a over (n - 1)^2, an O(1 / n) difference. x_k is x on the
         dimensions the fold kept (keep [D]). The shrink target's scale and tr(P S) are kept.
-        Needs n >= 3 per class."""
+        Needs n >= 2 per class (the class term, n >= 3)."""
         stats = self.stats
         x = x.double()
         xk = x * keep.to(x.dtype) if keep is not None else x                      # [N, D]

@@ -302,3 +302,25 @@ def test_an_lda_step_factorises_its_covariance_once(monkeypatch):
     w, b, _ = classifier.solve_head(student.stats, "lda", shrink=cfg.model.shrink)
     t = student.stats.temperature
     assert torch.allclose(student.classifier.weight.double(), w / t, rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_weighs_its_temperature_by_the_configured_recency(monkeypatch):
+    """If this fails, a step's fitted temperature is stored without the config's
+    temperature_recency (or with the wrong class counts): the stored temperature falls back
+    to the class-weighted mean that lagged the growing head (benchmarks/README.md)."""
+    from fieldlearn.device import classifier
+
+    cfg = tiny_config(trunk_backend="torch")
+    cfg.model = dataclasses.replace(cfg.model, classifier="lda", temperature_recency=3.5)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.arange(3).repeat_interleave(8)
+    torch.manual_seed(0)
+    student = build_student(cfg.model, 3)
+    calls = []
+    real = classifier.ClassStats.calibrate
+    monkeypatch.setattr(classifier.ClassStats, "calibrate",
+                        lambda self, t, added, known, recency=0.0: (calls.append((added, known, recency)),
+                                                                     real(self, t, added, known, recency))[1])
+    train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
+    assert calls == [(3, 3, 3.5)]
