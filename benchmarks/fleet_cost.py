@@ -82,7 +82,7 @@ def main() -> None:
                     c = Contribution(device=f"d{i}", base=base, ref=BASE_REF,
                                      classes=[f"c{classes}-{i}-{j}" for j in range(k)], sums=st.sums, gram=st.gram,
                                      calib=torch.tensor([k * 0.5, float(k)], dtype=torch.float64),
-                                     seen=st.seen, scatter=st.scatter)
+                                     seen=st.seen, scatter=st.scatter, votes=st.votes)
                     contribs.append((c, c.id))
                     sizes.append(len(recorddict_to_proto(contribution_to_record(c)).SerializeToString()))
                 hub = root / f"hub-{classes}-{devices}"

@@ -46,6 +46,15 @@ it neither speaks for the class nor against it. Read as zero, it spoke against i
 2 x 10 images per step, 100-270 of 1280 dimensions are left out, and LDA's precision
 weighs exactly these low-variance dimensions most.
 
+The lda shrink (ModelConfig.shrink 0, the default) is chosen by the images of every step
+while they are in memory: each SHRINK_GRID value's head scores each of the step's images
+without it (leave-one-out, closed form: LdaParts.loo_logits), and `votes` adds up, per
+value, the images it got right, over every step so far (numbers, no image; they add across
+devices). The head uses the value with the most votes. The best shrink is a property of the
+protocol: a class learned from 25 photos wants a strong one (0.8 on the field protocol's
+validation), a class of 80 a weak one (0.2 on CIFAR-100 10 x 10's), and the votes found
+both (benchmarks/README.md).
+
 Calibration: every head's logits are divided by a temperature T, part of the model (a plain
 linear layer still). Each step fits T^ on its own images by cross-fitting (the head solved
 without one fold of the step's images scores that fold; `crossfit_temperature`), while they
@@ -73,6 +82,7 @@ import torch.nn.functional as F
 
 MIN_IMAGES = 5                              # fewest images a class statistic is formed from
 RIDGE_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)    # relative ridge values GCV chooses among
+SHRINK_GRID = (0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9)   # lda shrinks the leave-one-out votes choose among
 CALIB_FOLDS = 5                             # folds of a step's images that fit its temperature
 
 
@@ -130,6 +140,8 @@ class ClassStats(nn.Module):
         self.register_buffer("calib", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("seen", torch.zeros(num_classes, dim, dtype=torch.float64))
         self.register_buffer("scatter", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
+        # per SHRINK_GRID value, the images its lda head got right left out (vote_shrink)
+        self.register_buffer("votes", torch.zeros(len(SHRINK_GRID), dtype=torch.float64))
         self.masked_dims = 0           # dimensions the last add left out (shared_dims); not saved
         self._keep: torch.Tensor | None = None   # the last add's kept dimensions [D+1] (in memory)
 
@@ -231,6 +243,13 @@ class ClassStats(nn.Module):
         with torch.no_grad():
             self.calib += torch.tensor([weight * math.log(t_hat), weight], dtype=torch.float64,
                                        device=self.calib.device)
+
+    def shrink(self, fixed: float) -> float:
+        """The lda head's shrink: `fixed` when > 0 (ModelConfig.shrink), else the SHRINK_GRID
+        value with the most leave-one-out votes, a tie (no votes yet) to the larger shrink."""
+        if fixed > 0:
+            return fixed
+        return max(zip(self.votes.tolist(), SHRINK_GRID))[1]
 
     def means(self) -> torch.Tensor:
         """[K, D] class means of phi, each dimension over the class's images that kept it; a
@@ -411,6 +430,23 @@ class LdaParts:
                   - 0.5 * (pm + (a / den)[:, None] * qm.square()) + 0.5 * self.tr / self.n)
         own = xc + a * vq * qc / den - 0.5 * (pc + a * qc.square() / den) + 0.5 * self.tr / (n - 1)
         return logits.scatter(1, labels[:, None], own[:, None])
+
+
+def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Add the leave-one-out votes of x [N, D], phi of images the last `stats.add` folded in
+    (all of them or a subset), labels [N]: for each SHRINK_GRID value, how many of them the
+    lda head at that shrink, solved without each image, gets right (module docstring).
+    False (no vote) when a class would be left under 2 images."""
+    counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
+    present = counts > 0
+    if not present.any() or bool((stats.counts[present] < 2).any()):
+        return False
+    keep = stats._keep[:-1] if stats._keep is not None else None
+    x, labels = x.to(stats.gram.device), labels.to(stats.gram.device)
+    right = [float((LdaParts(stats, s).loo_logits(x, labels, keep).argmax(1) == labels).sum()) for s in SHRINK_GRID]
+    with torch.no_grad():
+        stats.votes += torch.tensor(right, dtype=torch.float64, device=stats.votes.device)
+    return True
 
 
 def choose_ridge(path: RidgePath, ridge: float) -> float:

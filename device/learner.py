@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from fieldlearn.device.classifier import (LdaParts, TooFewImages, check_counts, crossfit_temperature, fit_drift, phi,
-                                         solve_head)
+                                         solve_head, vote_shrink)
 from fieldlearn.device.config import RunConfig, TrainConfig
 from fieldlearn.device.data import ImageSet, to_input
 from fieldlearn.device.engine_teacher import make_teacher
@@ -320,16 +320,19 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     x, y = classifier_features(student, data, cfg, z).to(dev), data.labels.to(dev)   # [N, D], [N]
     student.stats.add(x, y)
     m = cfg.model
-    parts = LdaParts(student.stats, m.shrink) if m.classifier == "lda" else None   # one factorisation for both
-    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink, parts)   # calibrating leaves the statistics as they are
     rows = calib.to(dev) if calib is not None else torch.ones(len(y), dtype=torch.bool, device=dev)
-    t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, m.shrink, seed=cfg.train.seed,
+    if m.classifier == "lda" and m.shrink == 0 and rows.any():
+        vote_shrink(student.stats, x[rows], y[rows])       # the shrink: chosen by these images, left out
+    shrink = student.stats.shrink(m.shrink)
+    parts = LdaParts(student.stats, shrink) if m.classifier == "lda" else None   # one factorisation for both
+    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, shrink, parts)   # calibrating leaves the statistics as they are
+    t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, shrink, seed=cfg.train.seed,
                                   parts=parts) if rows.any() else None)
     if t_hat is not None:          # the step's own images, scored by heads solved without them
         student.stats.calibrate(t_hat, len(classes), student.num_classes, m.temperature_recency)
     del x
     _load_head(student, w, b)
-    return {"ridge": lam, "masked_dims": student.stats.masked_dims,
+    return {"ridge": lam, "masked_dims": student.stats.masked_dims, **({"shrink": shrink} if parts else {}),
             "temperature": student.stats.temperature, **({"step_temperature": t_hat} if t_hat is not None else {})}
 
 
@@ -351,7 +354,7 @@ def fold_in(student: Student, data: ImageSet, cfg: RunConfig) -> int | None:
 def solve_classifier(student: Student, cfg: RunConfig) -> float:
     """Solve the statistics head and load it (_load_head). -> the ridge used."""
     m = cfg.model
-    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, m.shrink)
+    w, b, lam = solve_head(student.stats, m.classifier, m.ridge, student.stats.shrink(m.shrink))
     _load_head(student, w, b)
     return lam
 

@@ -19,10 +19,10 @@ from fieldlearn.fleet.base import FEATURE_MODULES
 
 
 def model_from_stats(features: Student, cfg: RunConfig, sums: torch.Tensor, gram: torch.Tensor,
-                     calib: torch.Tensor, seen: torch.Tensor, scatter: torch.Tensor) -> Student:
+                     calib: torch.Tensor, seen: torch.Tensor, scatter: torch.Tensor, votes: torch.Tensor) -> Student:
     """A student with `features`' feature weights and len(sums) classes whose statistics are
-    sums [K, D+1], gram [D+1, D+1], calib [2], seen [K, D], scatter [D+1, D+1], and its head
-    solved from them."""
+    sums [K, D+1], gram [D+1, D+1], calib [2], seen [K, D], scatter [D+1, D+1], votes [G], and
+    its head solved from them (votes first: with ModelConfig.shrink 0 they choose its shrink)."""
     torch.manual_seed(cfg.train.seed)   # the trained head's rows (unused by a statistics classifier)
     out = build_student(dataclasses.replace(cfg.model, pretrained=False), len(sums))
     kept = {k: v for k, v in features.state_dict().items() if k.startswith(FEATURE_MODULES)}
@@ -36,6 +36,7 @@ def model_from_stats(features: Student, cfg: RunConfig, sums: torch.Tensor, gram
         out.stats.calib.copy_(calib)
         out.stats.seen.copy_(seen)
         out.stats.scatter.copy_(scatter)
+        out.stats.votes.copy_(votes)
     solve_classifier(out, cfg)
     return out.eval()
 

@@ -8,6 +8,8 @@
                          (ClassStats.scatter: additive like the Gram)
         seen  [k, D]     per class and dimension, the images that kept it (ClassStats.seen)
         calib [2]        its steps' temperature evidence (sum k_s log T_s, sum k_s)
+        votes [G]        per classifier.SHRINK_GRID value, its images the lda head at that
+                         shrink got right left out (ClassStats.votes: they choose the shrink)
 
 Reference: the device's own version it last synced at. A version the fleet wrote on the
 device carries a history entry {"method": "fleet", "fleet": {"hub_version": ...}}; every
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from fieldlearn.device.classifier import MIN_IMAGES
+from fieldlearn.device.classifier import MIN_IMAGES, SHRINK_GRID
 from fieldlearn.store.state import LoadedState, load_state, load_version
 from fieldlearn.device.names import class_name_problem
 from fieldlearn.store.versions import read_meta
@@ -59,6 +61,7 @@ class Contribution:
     calib: torch.Tensor        # [2] float64
     seen: torch.Tensor         # [k, D] float64, the rows of ClassStats.seen of `classes`
     scatter: torch.Tensor      # [D+1, D+1] float64, symmetric: ClassStats.scatter's difference
+    votes: torch.Tensor        # [G] float64, G = len(SHRINK_GRID): ClassStats.votes's difference
     moved: str | None = None   # why the device's features moved (its history), or None
 
     @property
@@ -78,7 +81,7 @@ def contribution_id(c: Contribution) -> str:
     """sha256 over everything a contribution says (the Gram and the scatter by their upper triangles)."""
     h = hashlib.sha256()
     h.update(json.dumps([c.device, c.base, c.ref, c.classes, c.moved]).encode())
-    for t in (c.sums, upper(c.gram), c.calib, c.seen, upper(c.scatter)):
+    for t in (c.sums, upper(c.gram), c.calib, c.seen, upper(c.scatter), c.votes):
         t = t.detach().to(torch.float64).cpu().contiguous()
         h.update(f"{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
@@ -143,6 +146,7 @@ def make_contribution(state_dir: Path, device: str) -> Contribution:
                         classes=[state.classes[i] for i in changed], sums=sums[changed],
                         gram=stats.gram - ref.student.stats.gram, calib=stats.calib - ref.student.stats.calib,
                         seen=seen[changed], scatter=stats.scatter - ref.student.stats.scatter,
+                        votes=stats.votes - ref.student.stats.votes,
                         moved=moved_features(state.history))
 
 
@@ -166,17 +170,22 @@ def check_contribution(c: Contribution, base: str, dim: int, sent_id: str | None
                       "only devices on the fleet's base version (with --method none) merge exactly")
     n = dim + 1
     if (c.gram.shape != (n, n) or c.sums.ndim != 2 or c.sums.shape[1] != n or c.calib.shape != (2,)
-            or c.seen.shape != (c.sums.shape[0], dim) or c.scatter.shape != (n, n)):
+            or c.seen.shape != (c.sums.shape[0], dim) or c.scatter.shape != (n, n)
+            or c.votes.shape != (len(SHRINK_GRID),)):
         raise Refused(f"{who}: wrong shapes (Gram {tuple(c.gram.shape)}, sums {tuple(c.sums.shape)}, calibration "
-                      f"{tuple(c.calib.shape)}, seen {tuple(c.seen.shape)}, scatter {tuple(c.scatter.shape)}); "
-                      f"the fleet's features need a {n} x {n} Gram matrix and scatter")
+                      f"{tuple(c.calib.shape)}, seen {tuple(c.seen.shape)}, scatter {tuple(c.scatter.shape)}, "
+                      f"votes {tuple(c.votes.shape)}); the fleet's features need a {n} x {n} Gram matrix and "
+                      f"scatter, its {len(SHRINK_GRID)} shrinks a vote each")
     if len(c.classes) != c.sums.shape[0]:
         raise Refused(f"{who}: {len(c.classes)} class names for {c.sums.shape[0]} rows of class sums")
-    if not all(bool(torch.isfinite(t).all()) for t in (c.sums, c.gram, c.calib, c.seen, c.scatter)):
+    if not all(bool(torch.isfinite(t).all()) for t in (c.sums, c.gram, c.calib, c.seen, c.scatter, c.votes)):
         raise Refused(f"{who}: non-finite statistics")
     if float(c.scatter[-1, -1]) < 0:
         raise Refused(f"{who}: its scatter counts {float(c.scatter[-1, -1]):g} classes; a class tally is never "
                       "negative")
+    if bool((c.votes < 0).any()):   # votes only grow: the reference's are part of the device's
+        raise Refused(f"{who}: its shrink votes {[round(v, 6) for v in c.votes.tolist()]} go below zero; a count of "
+                      "images is never negative")
     keys: dict[str, str] = {}
     for name in c.classes:
         why = class_name_problem(name)

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fieldlearn.device.classifier import pooled_scatter
+from fieldlearn.device.classifier import SHRINK_GRID, pooled_scatter
 from fieldlearn.device.learner import StepReport
 from fieldlearn.store.publish import publish
 from fieldlearn.store.state import LoadedState, load_state
@@ -60,6 +60,7 @@ class FleetModel:
     calib: torch.Tensor       # [2] float64
     seen: torch.Tensor        # [K, D] float64
     scatter: torch.Tensor     # [D+1, D+1] float64 (ClassStats.scatter)
+    votes: torch.Tensor       # [G] float64 (ClassStats.votes: the shrink its lda head solves with)
     # device -> {"id", "ref"} of the contribution of that device it counts last
     counted: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -95,9 +96,12 @@ def read_ledger(version_dir: Path) -> dict[str, LedgerEntry]:
             scatter = from_upper(tensors[f"{i}.scatter"], dim + 1)
         else:   # a ledger written before the scatter: the one that reproduces the head it had
             scatter = pooled_scatter(gram, sums)
+        # a ledger written before the votes: its contributions voted for no shrink (the hub's
+        # config fixed it), so subtracting one that is replaced takes none away
+        votes = tensors.get(f"{i}.votes", torch.zeros(len(SHRINK_GRID), dtype=torch.float64))
         c = Contribution(device=device, base=e["base"], ref=e["ref"], classes=list(e["classes"]),
                          sums=sums, gram=gram, calib=tensors[f"{i}.calib"], seen=tensors[f"{i}.seen"],
-                         scatter=scatter)
+                         scatter=scatter, votes=votes)
         out[device] = LedgerEntry(ref=e["ref"], id=e["id"], version=e["version"] or Path(version_dir).name,
                                   contribution=c)
     return out
@@ -114,7 +118,7 @@ def ledger_writer(ledger: dict[str, LedgerEntry]) -> Callable[[Path], None]:
                              "classes": c.classes, "dim": c.dim}
             tensors.update({f"{i}.sums": c.sums.contiguous(), f"{i}.gram": upper(c.gram).contiguous(),
                             f"{i}.calib": c.calib.contiguous(), f"{i}.seen": c.seen.contiguous(),
-                            f"{i}.scatter": upper(c.scatter).contiguous()})
+                            f"{i}.scatter": upper(c.scatter).contiguous(), f"{i}.votes": c.votes.contiguous()})
         data = save_safetensors(tensors, metadata={"ledger": json.dumps(index)})
         fd = os.open(Path(version_dir) / FLEET_LEDGER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -132,7 +136,7 @@ def fleet_model(hub: LoadedState) -> FleetModel:
     ledger = read_ledger(hub.version_dir)
     return FleetModel(hub_version=hub.version_dir.name, base=base_hash(hub.student), classes=list(hub.classes),
                       sums=s.sums.clone(), gram=s.gram.clone(), calib=s.calib.clone(), seen=s.seen.clone(),
-                      scatter=s.scatter.clone(),
+                      scatter=s.scatter.clone(), votes=s.votes.clone(),
                       counted={d: {"id": e.id, "ref": e.ref} for d, e in ledger.items()})
 
 
@@ -153,6 +157,7 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
     classes = list(model.classes)
     keys = {name_key(n): n for n in classes}
     sums, gram, calib, seen_dims, scatter = model.sums, model.gram, model.calib, model.seen, model.scatter
+    votes = model.votes
     result = RoundResult(model=model, published=False)
     seen: set[str] = set()
     for c, sent_id in sorted(contributions, key=lambda p: p[0].device):
@@ -196,6 +201,7 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
             gram = gram + sign * t.gram
             scatter = scatter + sign * t.scatter
             calib = calib + sign * t.calib
+            votes = votes + sign * t.votes
         ledger[c.device] = LedgerEntry(ref=c.ref, id=c.id, version=None, contribution=c)
         result.merged.append(c.device)
     if not result.merged:
@@ -203,7 +209,7 @@ def merge_round(hub_dir: Path, contributions: list[tuple[Contribution, str | Non
     k_old = len(model.classes)
     gram = from_upper(upper(gram), gram.shape[0])   # the form the devices receive: the same head, bit for bit
     scatter = from_upper(upper(scatter), scatter.shape[0])
-    student = model_from_stats(hub.student, hub.config, sums, gram, calib, seen_dims, scatter)
+    student = model_from_stats(hub.student, hub.config, sums, gram, calib, seen_dims, scatter, votes)
     step = hub.step + 1
     new = classes[k_old:]
     entry = {"step": step, "method": FLEET_METHOD, "new_classes": new, "n_images": int(sums[:, -1].sum()),

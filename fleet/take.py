@@ -40,7 +40,7 @@ def minus(own: Contribution, sent: Contribution) -> Contribution:
                         sums=torch.stack([rows[n][0] for n in keep]) if keep else own.sums[:0],
                         gram=own.gram - sent.gram, calib=own.calib - sent.calib,
                         seen=torch.stack([rows[n][1] for n in keep]) if keep else own.seen[:0],
-                        scatter=own.scatter - sent.scatter)
+                        scatter=own.scatter - sent.scatter, votes=own.votes - sent.votes)
 
 
 def uncounted(own: Contribution, model: FleetModel, sent: Contribution | None) -> Contribution | None:
@@ -75,7 +75,8 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
         log(f"already holds the fleet's version {model.hub_version}")
         return state.version_dir
     cfg = state.config
-    student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib, model.seen, model.scatter)
+    student = model_from_stats(state.student, cfg, model.sums, model.gram, model.calib, model.seen, model.scatter,
+                               model.votes)
     step = state.step + 1
     new = [n for n in model.classes if n not in state.classes]
     entry = {"step": step, "method": FLEET_METHOD, "new_classes": new, "n_images": 0,
@@ -103,7 +104,7 @@ def take(device_dir: Path, device: str, model: FleetModel, sent: Contribution | 
         sums[classes.index(n)] += row
         seen[classes.index(n)] += srow
     student = model_from_stats(state.student, cfg, sums, model.gram + rest.gram, model.calib + rest.calib, seen,
-                               model.scatter + rest.scatter)
+                               model.scatter + rest.scatter, model.votes + rest.votes)
     kept = classes[len(model.classes):]
     entry2 = {"step": step + 1, "method": "none", "new_classes": kept, "n_images": 0,
               "fleet": {"kept": rest.classes}}

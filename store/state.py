@@ -170,6 +170,8 @@ def load_version(version_dir: Path, device: str = "cpu") -> LoadedState:
     if "stats.scatter" in expected and "stats.scatter" not in tensors and "stats.gram" in tensors:
         # saved before the class-balanced covariance: its lda head, as it predicted, until it learns again
         tensors["stats.scatter"] = pooled_scatter(tensors["stats.gram"], tensors["stats.sums"])
+    if "stats.votes" in expected and "stats.votes" not in tensors:
+        tensors["stats.votes"] = expected["stats.votes"]   # saved before the shrink votes: its config's shrink is > 0
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:

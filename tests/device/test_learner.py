@@ -280,14 +280,17 @@ def test_each_optimiser_step_uses_only_its_own_batchs_gradient(increment, monkey
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 
 
-def test_an_lda_step_factorises_its_covariance_once(monkeypatch):
+@pytest.mark.parametrize("shrink", [0.5, 0.0])
+def test_an_lda_step_factorises_its_covariance_once(monkeypatch, shrink):
     """If this fails, a step with the lda head builds its Cholesky factor twice (once for the
     head, once for the leave-one-out temperature): seconds per step at D = 2560, and two
-    copies of one solve that could drift apart. The head must still equal solve_head's."""
+    copies of one solve that could drift apart; or, with the shrink chosen by votes (0), more
+    than once per SHRINK_GRID value and once for the chosen one. The head must still equal
+    solve_head's at the shrink the step reports."""
     from fieldlearn.device import classifier
 
     cfg = tiny_config(trunk_backend="torch")
-    cfg.model = dataclasses.replace(cfg.model, classifier="lda")
+    cfg.model = dataclasses.replace(cfg.model, classifier="lda", shrink=shrink)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
     labels = torch.arange(3).repeat_interleave(8)
@@ -296,10 +299,12 @@ def test_an_lda_step_factorises_its_covariance_once(monkeypatch):
     built = []
     real = classifier.LdaParts.__init__
     monkeypatch.setattr(classifier.LdaParts, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
-    train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
-    assert len(built) == 1
+    report = train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
+    assert len(built) == 1 + (len(classifier.SHRINK_GRID) if shrink == 0 else 0)
     assert student.stats.temperature != 1.0                                   # the temperature was fitted
-    w, b, _ = classifier.solve_head(student.stats, "lda", shrink=cfg.model.shrink)
+    used = report.classifier["shrink"]
+    assert used == (shrink or student.stats.shrink(0.0)) and (shrink or student.stats.votes.sum() > 0)
+    w, b, _ = classifier.solve_head(student.stats, "lda", shrink=used)
     t = student.stats.temperature
     assert torch.allclose(student.classifier.weight.double(), w / t, rtol=1e-4, atol=1e-6)
 

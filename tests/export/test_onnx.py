@@ -185,7 +185,7 @@ def test_the_exported_head_carries_the_calibration_temperature():
     cfg = ModelConfig(**{**STATS_CFG.__dict__, "classifier": "lda"})
     student = _fitted(cfg)
     t = student.stats.temperature
-    w, b, _ = solve_head(student.stats, "lda", shrink=cfg.shrink)
+    w, b, _ = solve_head(student.stats, "lda", shrink=student.stats.shrink(cfg.shrink))
     assert t != 1.0
     assert torch.allclose(student.classifier.weight.double(), w / t, rtol=1e-4, atol=1e-6)
     assert torch.allclose(student.classifier.bias.double(), b / t, rtol=1e-4, atol=1e-6)

@@ -113,6 +113,7 @@ def test_three_devices_merge_over_flower_and_one_killed_mid_round_is_left_out(fl
     assert torch.equal(hub.student.stats.sums, want.student.stats.sums)
     assert torch.equal(hub.student.stats.gram, want.student.stats.gram)
     assert torch.equal(hub.student.stats.scatter, want.student.stats.scatter)
+    assert torch.equal(hub.student.stats.votes, want.student.stats.votes)
     for d in ("a", "b", "c"):
         got = load_state(root / d)
         assert got.classes == hub.classes

@@ -11,7 +11,7 @@ import unicodedata
 import pytest
 import torch
 
-from fieldlearn.device.classifier import solve_head
+from fieldlearn.device.classifier import SHRINK_GRID, solve_head
 from fieldlearn.device.learner import classifier_features
 from fieldlearn.store.state import load_state, load_version
 from fieldlearn.fleet.contribution import make_contribution
@@ -70,12 +70,13 @@ def test_merged_model_equals_one_state_that_learned_the_union(fleet, data):
     assert torch.allclose(m.scatter, want_scatter, rtol=1e-12, atol=1e-12)
     assert float(m.scatter[-1, -1]) == 3 + 2 + 2 + 2                          # kiwi0 counted by a and by c
     ref.scatter.copy_(m.scatter)
+    ref.votes.copy_(m.votes)           # the devices' votes add (test_the_merge_sums_the_shrink_votes)
     # logits of the published head = the union's head (with the fleet's temperature)
     test = data.subset(data.labels < 8)
     x = classifier_features(merged.student, test, merged.config)
     got = merged.student.classifier(x.float()).double()
     cfg = merged.config.model
-    w, b, _ = solve_head(ref, cfg.classifier, cfg.ridge, cfg.shrink)
+    w, b, _ = solve_head(ref, cfg.classifier, cfg.ridge, ref.shrink(cfg.shrink))
     want = (x @ w.T + b) / m.temperature
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max())
     assert float((got.argmax(1) == test.labels).float().mean()) > 0.5
@@ -108,7 +109,8 @@ def test_the_merge_carries_the_class_scatter(fleet, data, tmp_path):
     # the published lda head is the head solved from those statistics
     cfg = merged.config.model
     assert cfg.classifier == "lda"
-    w, b, _ = solve_head(s, cfg.classifier, cfg.ridge, cfg.shrink)
+    s.votes.copy_(m.votes)
+    w, b, _ = solve_head(s, cfg.classifier, cfg.ridge, s.shrink(cfg.shrink))
     test = data.subset(data.labels < 7)
     x = classifier_features(merged.student, test, merged.config)
     got = merged.student.classifier(x.float()).double()
@@ -140,6 +142,77 @@ def test_a_ledger_written_before_the_scatter_still_reads(fleet, tmp_path):
     for d, e in old.items():
         c = e.contribution
         assert torch.equal(c.scatter, pooled_scatter(c.gram, c.sums)) and e.id == new[d].id
+
+
+def test_the_merge_sums_the_shrink_votes(fleet, tmp_path):
+    """If this fails, the fleet drops or miscounts ClassStats.votes (per SHRINK_GRID value, the
+    images its lda head got right left out): the hub's head, with ModelConfig.shrink 0, is
+    solved with another shrink than the one all the devices' images vote for, and a device
+    that takes the fleet's version changes shrink with no new image."""
+    dirs, pristine, sent, _ = fleet
+    base = load_state(pristine).student.stats.votes
+    devs = {d: load_state(dirs[d]).student.stats.votes for d in ("a", "b")}
+    for d in ("a", "b"):
+        assert torch.equal(sent[d].votes, devs[d] - base) and float(sent[d].votes.sum()) > 0
+    # device a's votes made to choose another shrink than the base's and b's together
+    unbiased = base + sent["b"].votes
+    other = min(range(len(SHRINK_GRID)), key=lambda j: float(unbiased[j]))
+    votes = sent["a"].votes.clone()
+    votes[other] += float(unbiased.max() + sent["a"].votes.max()) + 1
+    a = dataclasses.replace(sent["a"], votes=votes)
+    hub = fresh_hub(fleet, tmp_path)
+    r = merge_round(hub, [(a, a.id), (sent["b"], sent["b"].id)], export=False, log=lambda s: None)
+    assert r.published and r.merged == ["a", "b"]
+    merged = load_state(hub)
+    m = merged.student.stats
+    assert torch.equal(m.votes, base + votes + sent["b"].votes)                # reference + the differences
+    assert torch.equal(r.model.votes, m.votes)                                 # what the devices take
+    cfg = merged.config.model
+    assert cfg.classifier == "lda" and cfg.shrink == 0.0
+    assert m.shrink(cfg.shrink) == SHRINK_GRID[other] == SHRINK_GRID[int(m.votes.argmax())]
+    # the published head is solved at that shrink, not at the one the votes without a's chose
+    got = merged.student.classifier.weight.double() * m.temperature
+    w, _, _ = solve_head(m, cfg.classifier, cfg.ridge, SHRINK_GRID[other])
+    w_unbiased, _, _ = solve_head(m, cfg.classifier, cfg.ridge, max(zip(unbiased.tolist(), SHRINK_GRID))[1])
+    tol = 1e-5 * float(w.abs().max())
+    assert torch.allclose(got, w, rtol=1e-5, atol=tol)
+    assert not torch.allclose(got, w_unbiased, rtol=1e-2, atol=1e3 * tol)
+    # the ledger keeps each device's votes: one sent again is not counted twice
+    assert torch.equal(read_ledger(merged.version_dir)["a"].contribution.votes, votes)
+    again = merge_round(hub, [(a, a.id)], export=False, log=lambda s: None)
+    assert not again.published and torch.equal(again.model.votes, m.votes)
+
+
+def test_a_ledger_written_before_the_votes_reads_them_as_none(fleet, data, tmp_path):
+    """If this fails, a hub whose last version was merged before ClassStats.votes existed
+    cannot run its next round, or a device's contribution it replaces takes votes away that
+    were never added (the hub's own votes were none then: its config fixed the shrink)."""
+    from safetensors.torch import load as load_st
+    from safetensors.torch import save as save_st
+
+    from fieldlearn.runtime.layout import FLEET_LEDGER
+
+    dirs, _, sent, _ = fleet
+    hub = fresh_hub(fleet, tmp_path)
+    merge_round(hub, [(sent["a"], sent["a"].id)], export=False, log=lambda s: None)
+    vd = load_state(hub).version_dir
+    raw = (vd / FLEET_LEDGER).read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    meta = json.loads(raw[8: 8 + n])["__metadata__"]
+    tensors = {k: v for k, v in load_st(raw).items() if not k.endswith(".votes")}
+    (vd / FLEET_LEDGER).write_bytes(save_st(tensors, metadata=meta))
+    old = read_ledger(vd)["a"]
+    assert old.id == sent["a"].id and torch.equal(old.contribution.votes, torch.zeros(len(SHRINK_GRID),
+                                                                                      dtype=torch.float64))
+    before = load_state(hub).student.stats.votes
+    dev = tmp_path / "a"
+    shutil.copytree(dirs["a"], dev)
+    learn(dev, class_images(data, {8: slice(0, 20)}))
+    grown = make_contribution(dev, "a")
+    r = merge_round(hub, [(grown, grown.id)], export=False, log=lambda s: None)   # replaces a's first one
+    assert r.published and r.merged == ["a"]
+    # the replaced one takes no votes away (an old hub's own votes were none: it ends with the grown one's)
+    assert torch.equal(load_state(hub).student.stats.votes, before + grown.votes)
 
 
 def test_a_contribution_sent_again_is_counted_once(fleet, tmp_path):
@@ -179,6 +252,9 @@ def _bad(c, **changes):
     ("gram", "wrong shapes"),
     ("scatter", "wrong shapes"),
     ("tally", "a class tally is never negative"),
+    ("votes", "wrong shapes"),
+    ("negative votes", "a count of images is never negative"),
+    ("nan votes", "non-finite statistics"),
     ("nan", "non-finite statistics"),
     ("tampered", "does not match its id"),
     ("case", "differ only by case or Unicode form"),
@@ -207,6 +283,16 @@ def test_bad_contributions_merge_nothing(fleet, tmp_path, how, message):
         scatter = c.scatter.clone()
         scatter[-1, -1] = -1.0
         c = _bad(c, scatter=scatter)
+    elif how == "votes":
+        c = _bad(c, votes=c.votes[:-1])
+    elif how == "negative votes":
+        votes = c.votes.clone()
+        votes[0] = -1.0
+        c = _bad(c, votes=votes)
+    elif how == "nan votes":
+        votes = c.votes.clone()
+        votes[0] = float("nan")
+        c = _bad(c, votes=votes)
     elif how == "nan":
         scatter = c.scatter.clone()
         scatter[0, 0] = float("nan")

@@ -40,6 +40,8 @@ def test_each_device_ends_with_the_fleets_model(fleet, tmp_path):
         assert nxt.classes == [] and nxt.ref == hub.version_dir.name and float(nxt.gram.abs().max()) == 0.0
         assert torch.equal(got.student.stats.scatter, hub.student.stats.scatter)
         assert float(nxt.scatter.abs().max()) == 0.0
+        assert torch.equal(got.student.stats.votes, hub.student.stats.votes)   # the same shrink as the hub's
+        assert float(nxt.votes.abs().max()) == 0.0
 
 
 def test_a_device_keeps_what_it_learned_after_it_sent(fleet, data, tmp_path):
@@ -48,6 +50,7 @@ def test_a_device_keeps_what_it_learned_after_it_sent(fleet, data, tmp_path):
     dirs, _, sent, result = fleet
     dev = device_copy(fleet, "a", tmp_path)
     learn(dev, class_images(data, {8: slice(0, 20)}))                         # after it sent
+    own = make_contribution(dev, "a")
     before = version_names(dev)
     take(dev, "a", result.model, sent["a"], export=False, log=lambda s: None)
     got = load_state(dev)
@@ -55,6 +58,7 @@ def test_a_device_keeps_what_it_learned_after_it_sent(fleet, data, tmp_path):
     assert len(version_names(dev)) == len(before) + 2                       # the fleet's, then its own on top
     nxt = make_contribution(dev, "a")
     assert nxt.classes == [data.class_names[8]] and nxt.counts.tolist() == [20]
+    assert torch.equal(nxt.votes, own.votes - sent["a"].votes) and float(nxt.votes.sum()) > 0   # its own votes kept
     assert nxt.ref == result.model.hub_version
     # the rollback goes to the fleet's version, then to the device's own before it
     rollback(dev)

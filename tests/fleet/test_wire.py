@@ -38,11 +38,12 @@ def test_a_contribution_crosses_the_wire_exactly_in_its_smallest_form(fleet):
     assert torch.allclose(back.gram, c.gram, rtol=1e-13, atol=1e-15)
     assert torch.equal(back.scatter, from_upper(upper(c.scatter), n))        # the scatter likewise
     assert torch.allclose(back.scatter, c.scatter, rtol=1e-13, atol=1e-15) and float(back.scatter[-1, -1]) == 2
+    assert torch.equal(back.votes, c.votes) and float(back.votes.sum()) > 0   # the shrink votes, as they are
     # the two upper triangles, fp64
     assert len(wire_bytes(rd)) < 8 * (n * (n + 1) + c.sums.numel() + c.seen.numel()) + 4096
     m = model_from_record(model_to_record(result.model))
     assert m.classes == result.model.classes and torch.equal(m.gram, result.model.gram)
-    assert torch.equal(m.scatter, result.model.scatter)
+    assert torch.equal(m.scatter, result.model.scatter) and torch.equal(m.votes, result.model.votes)
     assert m.counted == result.model.counted
 
 
@@ -55,20 +56,34 @@ def test_a_damaged_message_is_one_line(fleet):
         contribution_from_record(rd, "node 7")
 
 
-def test_a_message_without_the_scatter_is_one_line(fleet):
+@pytest.mark.parametrize("field", ["scatter", "votes"])
+def test_a_message_without_the_scatter_or_the_votes_is_one_line(fleet, field):
     """If this fails, a contribution or a fleet version from a fieldlearn that sent no class
-    scatter crashes the round (a KeyError), or is read with the scatter left out: its lda head
-    would predict otherwise."""
+    scatter (or no shrink votes) crashes the round (a KeyError), or is read with it left out:
+    its lda head would predict otherwise (another covariance, or another shrink)."""
     _, _, sent, result = fleet
     rd = contribution_to_record(sent["b"])
-    del rd["stats"]["scatter"]
-    with pytest.raises(Refused, match=r"^device 'b': the message's statistics lack scatter") as e:
+    del rd["stats"][field]
+    with pytest.raises(Refused, match=rf"^device 'b': the message's statistics lack {field}") as e:
         contribution_from_record(rd, "node 7")
     assert "\n" not in str(e.value)
     rd = model_to_record(result.model)
-    del rd["stats"]["scatter"]
-    with pytest.raises(UserError, match="lack scatter"):
+    del rd["stats"][field]
+    with pytest.raises(UserError, match=f"lack {field}"):
         model_from_record(rd)
+
+
+def test_votes_of_another_length_are_one_line(fleet):
+    """If this fails, a fleet version whose shrink votes are not one per SHRINK_GRID value (a
+    fieldlearn with another grid) crashes the device's take instead of naming what is wrong."""
+    from flwr.app import Array
+
+    _, _, _, result = fleet
+    rd = model_to_record(result.model)
+    rd["stats"]["votes"] = Array(result.model.votes[:-1].numpy())
+    with pytest.raises(UserError, match=r"votes \(6,\)") as e:
+        model_from_record(rd)
+    assert "\n" not in str(e.value)
 
 
 def phi_patterns(student, images, cfg, label: str) -> list[Pattern]:

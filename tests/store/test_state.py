@@ -275,7 +275,7 @@ def test_a_format_1_state_loads_as_a_linear_head_model(tmp_path):
 
 
 def test_a_state_saved_before_calibration_and_seen_counts_loads_as_it_predicted(tmp_path):
-    """If this fails, a state saved before `stats.calib` and `stats.seen` existed is refused
+    """If this fails, a state saved before `stats.calib`, `stats.seen` and `stats.votes` existed is refused
     (missing tensors) or loads with a head that predicts otherwise than it did: T must read
     as 1 and every dimension as seen by all of a class's images."""
     from safetensors.torch import save_file
@@ -289,12 +289,12 @@ def test_a_state_saved_before_calibration_and_seen_counts_loads_as_it_predicted(
     s.stats.add(x, torch.tensor([0] * 6 + [1] * 6))
     w = save_version(tmp_path, s, ["a", "b"], cfg, 0, []) / "model.safetensors"
     tensors = load_file(w)
-    for k in ("stats.calib", "stats.seen"):
+    for k in ("stats.calib", "stats.seen", "stats.votes"):
         del tensors[k]
     os.chmod(w, 0o600)
     save_file(tensors, str(w))
     st = load_state(tmp_path).student.stats
-    assert st.temperature == 1.0
+    assert st.temperature == 1.0 and not st.votes.any()
     assert torch.equal(st.seen, st.counts[:, None].expand_as(st.seen))
     for kind in ("lda", "ncm"):
         assert all(torch.allclose(a, b) for a, b in zip(solve_head(st, kind, shrink=0.3)[:2],
