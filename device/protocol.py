@@ -184,7 +184,7 @@ LOSS_KEYS = {"finetune": ("lc_span",), "lwf_mc": ("lc_span", "ld", "beta", "temp
 def fixed_features(row: Row) -> bool:
     """True when nothing the row does after step 0 changes its classifier's input features
     (only the head solved from statistics changes)."""
-    return row.kind == "stats" and (row.pretrained_only or not METHODS[row.method].trains)
+    return row.kind == "stats" and (row.pretrained_only or (row.method != "joint" and not METHODS[row.method].trains))
 
 
 def row_uses(row: Row) -> set[str]:

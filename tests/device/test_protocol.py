@@ -62,6 +62,7 @@ def test_cached_features_score_what_running_the_student_scores():
         results.append(o.run(row, {}))
     assert results[0].test.rows == results[1].test.rows and results[0].val.rows == results[1].val.rows
     assert not fixed_features(parse_row("lwm+analytic")) and not fixed_features(parse_row("lwm"))
+    assert not fixed_features(parse_row("joint+lda"))           # it retrains the top every step
 
 
 def test_row_settings_are_chosen_per_protocol(monkeypatch):
