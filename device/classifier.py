@@ -49,8 +49,8 @@ weighs exactly these low-variance dimensions most.
 The lda shrink (ModelConfig.shrink 0, the default) is chosen by the images of every step
 while they are in memory: each SHRINK_GRID value's head scores each of the step's images
 without it (leave-one-out, closed form: LdaParts.loo_logits), and `votes` adds up, per
-value, the images it got right, over every step so far (numbers, no image; they add across
-devices). The head uses the value with the most votes. The best shrink is a property of the
+value, its recall on each class a step learned, over every step so far (numbers, no image;
+they add across devices). The head uses the value with the most votes. The best shrink is a property of the
 protocol: a class learned from 25 photos wants a strong one (0.8 on the field protocol's
 validation), a class of 80 a weak one (0.2 on CIFAR-100 10 x 10's), and the votes found
 both (benchmarks/README.md).
@@ -140,7 +140,7 @@ class ClassStats(nn.Module):
         self.register_buffer("calib", torch.zeros(2, dtype=torch.float64))
         self.register_buffer("seen", torch.zeros(num_classes, dim, dtype=torch.float64))
         self.register_buffer("scatter", torch.zeros(dim + 1, dim + 1, dtype=torch.float64))
-        # per SHRINK_GRID value, the images its lda head got right left out (vote_shrink)
+        # per SHRINK_GRID value, its lda head's leave-one-out recall summed over classes (vote_shrink)
         self.register_buffer("votes", torch.zeros(len(SHRINK_GRID), dtype=torch.float64))
         self.masked_dims = 0           # dimensions the last add left out (shared_dims); not saved
         self._keep: torch.Tensor | None = None   # the last add's kept dimensions [D+1] (in memory)
@@ -434,8 +434,11 @@ class LdaParts:
 
 def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> bool:
     """Add the leave-one-out votes of x [N, D], phi of images the last `stats.add` folded in
-    (all of them or a subset), labels [N]: for each SHRINK_GRID value, how many of them the
-    lda head at that shrink, solved without each image, gets right (module docstring).
+    (all of them or a subset), labels [N]: for each SHRINK_GRID value, the recall of the lda
+    head at that shrink, solved without each image, summed over x's classes (module
+    docstring). A class counts once however many images it had, as in the head: counted by
+    images, the 4,410 images of a full base outvoted every later step, and the frozen lda
+    row kept the base's weak shrink while its new classes of 25 lost 3 points.
     False (no vote) when a class would be left under 2 images."""
     counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
     present = counts > 0
@@ -443,7 +446,9 @@ def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> boo
         return False
     keep = stats._keep[:-1] if stats._keep is not None else None
     x, labels = x.to(stats.gram.device), labels.to(stats.gram.device)
-    right = [float((LdaParts(stats, s).loo_logits(x, labels, keep).argmax(1) == labels).sum()) for s in SHRINK_GRID]
+    share = 1.0 / counts.clamp_min(1).double()                                # [K] each class weighs 1
+    right = [float(share[labels][LdaParts(stats, s).loo_logits(x, labels, keep).argmax(1) == labels].sum())
+             for s in SHRINK_GRID]
     with torch.no_grad():
         stats.votes += torch.tensor(right, dtype=torch.float64, device=stats.votes.device)
     return True

@@ -476,10 +476,11 @@ def test_the_shrink_votes_choose_weak_shrinkage_for_structured_noise_and_strong_
     assert ClassStats(4, 2).shrink(0.0) == max(SHRINK_GRID)          # no votes yet: the strongest
 
 
-def test_the_shrink_votes_are_each_values_leave_one_out_hits_summed_over_steps():
+def test_the_shrink_votes_are_each_values_leave_one_out_recall_summed_over_classes_and_steps():
     """If this fails, a vote is not what the module docstring says: per SHRINK_GRID value, the
-    images of a step that its lda head, solved without each, gets right, added to the
-    earlier steps' votes (the head then uses the value with the most)."""
+    recall of its lda head, solved without each image, on each class of the step, summed over
+    the classes (each counts once) and added to the earlier steps' votes (the head then uses
+    the value with the most)."""
     from fieldlearn.device.classifier import SHRINK_GRID, LdaParts, vote_shrink
 
     s = _vote_case(12, True, 3)
@@ -490,7 +491,8 @@ def test_the_shrink_votes_are_each_values_leave_one_out_hits_summed_over_steps()
     y = torch.tensor([8] * 7 + [9] * 7)
     s.widen(2)
     s.add(x, y)
-    hits = [float((LdaParts(s, v).loo_logits(x, y, s._keep[:-1]).argmax(1) == y).sum()) for v in SHRINK_GRID]
+    recall = lambda ok: float(ok[:7].double().mean() + ok[7:].double().mean())      # summed over the 2 classes
+    hits = [recall(LdaParts(s, v).loo_logits(x, y, s._keep[:-1]).argmax(1) == y) for v in SHRINK_GRID]
     assert vote_shrink(s, x, y)
     assert s.votes.tolist() == [a + b for a, b in zip(first.tolist(), hits)]
     assert s.shrink(0.0) == max(zip(s.votes.tolist(), SHRINK_GRID))[1]
