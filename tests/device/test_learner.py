@@ -329,3 +329,30 @@ def test_a_step_weighs_its_temperature_by_the_configured_recency(monkeypatch):
                                                                      real(self, t, added, known, recency))[1])
     train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
     assert calls == [(3, 3, 3.5)]
+
+
+def test_a_steps_leave_one_out_scores_at_most_loo_rows_images_of_a_class(monkeypatch):
+    """If this fails, a step scores every image of a big class left out (the temperature and
+    the shrink votes): a factorisation of the class's image count cubed per shrink value,
+    minutes for a base of thousands of images a class; or the cap drops images of a
+    class under it, or draws outside the calibration rows it was given."""
+    from fieldlearn.device import classifier, learner
+
+    monkeypatch.setattr(learner, "LOO_ROWS", 7)
+    cfg = tiny_config(trunk_backend="torch")
+    cfg.model = dataclasses.replace(cfg.model, classifier="lda")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 20 + [1] * 5)
+    images = torch.randint(0, 256, (25, 3, 32, 32), generator=g, dtype=torch.uint8)
+    scored = []
+    real = classifier.vote_shrink
+    monkeypatch.setattr(learner, "vote_shrink", lambda st, x, y: (scored.append(y.clone()), real(st, x, y))[1])
+    torch.manual_seed(0)
+    student = build_student(cfg.model, 2)
+    calib = torch.zeros(25, dtype=torch.bool)
+    calib[:12] = True
+    calib[20:] = True
+    learner.fit_classifier(student, ImageSet(images, labels, ["a", "b"]), [0, 1], cfg, calib=calib)
+    assert torch.bincount(scored[0], minlength=2).tolist() == [7, 5]
+    learner.fit_classifier(build_student(cfg.model, 2), ImageSet(images, labels, ["a", "b"]), [0, 1], cfg)
+    assert torch.bincount(scored[1], minlength=2).tolist() == [7, 5]
