@@ -249,7 +249,10 @@ class ClassStats(nn.Module):
         value with the most leave-one-out votes, a tie (no votes yet) to the larger shrink."""
         if fixed > 0:
             return fixed
-        return max(zip(self.votes.tolist(), SHRINK_GRID))[1]
+        votes = self.votes.tolist()
+        best = max(votes)
+        # a recall summed over classes is a sum of fractions: equal sums may differ in the last bit
+        return max(s for v, s in zip(votes, SHRINK_GRID) if v >= best - 1e-9 * max(1.0, best))
 
     def means(self) -> torch.Tensor:
         """[K, D] class means of phi, each dimension over the class's images that kept it; a

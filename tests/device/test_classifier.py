@@ -474,6 +474,9 @@ def test_the_shrink_votes_choose_weak_shrinkage_for_structured_noise_and_strong_
     assert _vote_case(6, False, seed).shrink(0.0) >= 0.8
     assert _vote_case(6, False, seed).shrink(0.35) == 0.35          # a fixed shrink is kept
     assert ClassStats(4, 2).shrink(0.0) == max(SHRINK_GRID)          # no votes yet: the strongest
+    tied = ClassStats(4, 2)
+    tied.votes[:] = torch.tensor([0.0, 0.1 + 0.2, 0.0, 0.0, 0.3, 0.0, 0.0], dtype=torch.float64)
+    assert 0.1 + 0.2 > 0.3 and tied.shrink(0.0) == SHRINK_GRID[4]     # a tie up to rounding: the stronger
 
 
 def test_the_shrink_votes_are_each_values_leave_one_out_recall_summed_over_classes_and_steps():
@@ -495,7 +498,7 @@ def test_the_shrink_votes_are_each_values_leave_one_out_recall_summed_over_class
     hits = [recall(LdaParts(s, v).loo_logits(x, y, s._keep[:-1]).argmax(1) == y) for v in SHRINK_GRID]
     assert vote_shrink(s, x, y)
     assert s.votes.tolist() == [a + b for a, b in zip(first.tolist(), hits)]
-    assert s.shrink(0.0) == max(zip(s.votes.tolist(), SHRINK_GRID))[1]
+    assert s.votes[SHRINK_GRID.index(s.shrink(0.0))] == s.votes.max()
     lone = ClassStats(40, 1)
     lone.add(x[:1], y[:1] - 8)
     assert not vote_shrink(lone, x[:1], y[:1] - 8)                   # one image: no leave-one-out
