@@ -280,6 +280,17 @@ def test_each_optimiser_step_uses_only_its_own_batchs_gradient(increment, monkey
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
 
 
+def _lda_base(**model):
+    """(config, 3 classes x 8 random images, a fresh student) for one lda base step; model:
+    ModelConfig fields to set beside classifier="lda"."""
+    cfg = tiny_config(trunk_backend="torch")
+    cfg.model = dataclasses.replace(cfg.model, classifier="lda", **model)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
+    torch.manual_seed(0)
+    return cfg, ImageSet(images, torch.arange(3).repeat_interleave(8), ["a", "b", "c"]), build_student(cfg.model, 3)
+
+
 @pytest.mark.parametrize("shrink", [0.5, 0.0])
 def test_an_lda_step_factorises_its_covariance_once(monkeypatch, shrink):
     """If this fails, a step with the lda head builds its Cholesky factor twice (once for the
@@ -289,17 +300,11 @@ def test_an_lda_step_factorises_its_covariance_once(monkeypatch, shrink):
     solve_head's at the shrink the step reports."""
     from fieldlearn.device import classifier
 
-    cfg = tiny_config(trunk_backend="torch")
-    cfg.model = dataclasses.replace(cfg.model, classifier="lda", shrink=shrink)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
-    labels = torch.arange(3).repeat_interleave(8)
-    torch.manual_seed(0)
-    student = build_student(cfg.model, 3)
+    cfg, base, student = _lda_base(shrink=shrink)
     built = []
     real = classifier.LdaParts.__init__
     monkeypatch.setattr(classifier.LdaParts, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
-    report = train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
+    report = train_base(student, base, cfg)
     assert len(built) == 1 + (len(classifier.SHRINK_GRID) if shrink == 0 else 0)
     assert student.stats.temperature != 1.0                                   # the temperature was fitted
     used = report.classifier["shrink"]
@@ -315,19 +320,13 @@ def test_a_step_weighs_its_temperature_by_the_configured_recency(monkeypatch):
     to the class-weighted mean that lagged the growing head (benchmarks/README.md)."""
     from fieldlearn.device import classifier
 
-    cfg = tiny_config(trunk_backend="torch")
-    cfg.model = dataclasses.replace(cfg.model, classifier="lda", temperature_recency=3.5)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
-    labels = torch.arange(3).repeat_interleave(8)
-    torch.manual_seed(0)
-    student = build_student(cfg.model, 3)
+    cfg, base, student = _lda_base(temperature_recency=3.5)
     calls = []
     real = classifier.ClassStats.calibrate
     monkeypatch.setattr(classifier.ClassStats, "calibrate",
                         lambda self, t, added, known, recency=0.0: (calls.append((added, known, recency)),
                                                                      real(self, t, added, known, recency))[1])
-    train_base(student, ImageSet(images, labels, ["a", "b", "c"]), cfg)
+    train_base(student, base, cfg)
     assert calls == [(3, 3, 3.5)]
 
 
