@@ -435,26 +435,39 @@ class LdaParts:
         return logits.scatter(1, labels[:, None], own[:, None])
 
 
-def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> bool:
+def loo_scores(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor, shrink: float,
+               parts: LdaParts | None = None) -> torch.Tensor | None:
+    """The lda head's leave-one-out logits (LdaParts.loo_logits) of x [N, D], phi of images
+    the last `stats.add` folded in (all of them or a subset), labels [N] -> [N, K], at this
+    shrink (parts: its pieces, when the caller has them). None when a class would be left
+    under 2 images (these statistics are in memory only, so MIN_IMAGES does not bind them)."""
+    counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
+    present = counts > 0
+    if not present.any() or bool((stats.counts[present] < 2).any()):
+        return None
+    keep = stats._keep[:-1] if stats._keep is not None else None
+    dev = stats.gram.device
+    return (parts or LdaParts(stats, shrink)).loo_logits(x.to(dev), labels.to(dev), keep)
+
+
+def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> dict[float, torch.Tensor] | None:
     """Add the leave-one-out votes of x [N, D], phi of images the last `stats.add` folded in
     (all of them or a subset), labels [N]: for each SHRINK_GRID value, the recall of the lda
     head at that shrink, solved without each image, summed over x's classes (module
     docstring). A class counts once however many images it had, as in the head: counted by
     images, the 4,410 images of a full base outvoted every later step, and the frozen lda
     row kept the base's weak shrink while its new classes of 25 lost 3 points.
-    False (no vote) when a class would be left under 2 images."""
-    counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
-    present = counts > 0
-    if not present.any() or bool((stats.counts[present] < 2).any()):
-        return False
-    keep = stats._keep[:-1] if stats._keep is not None else None
-    x, labels = x.to(stats.gram.device), labels.to(stats.gram.device)
-    share = 1.0 / counts.clamp_min(1).double()                                # [K] each class weighs 1
-    right = [float(share[labels][LdaParts(stats, s).loo_logits(x, labels, keep).argmax(1) == labels].sum())
-             for s in SHRINK_GRID]
+    -> {shrink: its leave-one-out logits [N, K]} (the temperature at the chosen one needs no
+    second pass), or None (no vote) when a class would be left under 2 images."""
+    scored = {s: loo_scores(stats, x, labels, s) for s in SHRINK_GRID}
+    if any(v is None for v in scored.values()):
+        return None
+    labels = labels.to(stats.gram.device)
+    share = 1.0 / torch.bincount(labels, minlength=stats.sums.shape[0]).clamp_min(1).double()   # [K] each class weighs 1
+    right = [float(share[labels][v.argmax(1) == labels].sum()) for v in scored.values()]
     with torch.no_grad():
         stats.votes += torch.tensor(right, dtype=torch.float64, device=stats.votes.device)
-    return True
+    return scored
 
 
 def choose_ridge(path: RidgePath, ridge: float) -> float:
@@ -502,7 +515,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor, kind: str, ridge: float,
                          shrink: float, folds: int = CALIB_FOLDS, seed: int = 0,
-                         parts: LdaParts | None = None) -> float | None:
+                         parts: LdaParts | None = None, loo: torch.Tensor | None = None) -> float | None:
     """The temperature that calibrates the head on images it was not solved from.
 
     x [N, D] phi, labels [N]: images the last `stats.add` folded in (still in memory), all
@@ -515,16 +528,14 @@ def crossfit_temperature(stats: ClassStats, x: torch.Tensor, labels: torch.Tenso
     without it (a relative ridge > 0 is kept fixed: GCV per fold would cost an
     eigendecomposition each).
     None when a class would be left under 2 images (these statistics are in memory only,
-    so MIN_IMAGES does not bind them). parts: as in solve_head.
+    so MIN_IMAGES does not bind them). parts: as in solve_head; loo: lda's leave-one-out
+    logits of x at this shrink, when the caller has them (vote_shrink).
     """
+    if kind == "lda":
+        logits = loo if loo is not None else loo_scores(stats, x, labels, shrink, parts)
+        return None if logits is None else fit_temperature(logits.cpu(), labels.cpu())
     counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
     present = counts > 0
-    if kind == "lda":
-        if not present.any() or bool((stats.counts[present] < 2).any()):
-            return None
-        keep = stats._keep[:-1] if stats._keep is not None else None
-        logits = (parts or LdaParts(stats, shrink)).loo_logits(x.to(stats.gram.device), labels.to(stats.gram.device), keep)
-        return fit_temperature(logits.cpu(), labels.cpu())
     if not present.any() or bool((stats.counts[present] - (counts[present] + folds - 1) // folds < 2).any()):
         return None
     g = torch.Generator().manual_seed(seed)

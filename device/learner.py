@@ -295,27 +295,22 @@ CALIB_SHARE = 0.1   # of the base images, held out of the base training to calib
 LOO_ROWS = 500
 
 
-def calibration_rows(data: ImageSet, seed: int) -> torch.Tensor:
-    """[N] bool: CALIB_SHARE of each class's images (at least one), which the base training
-    does not see, so that the head's temperature is fitted on features that were not
-    trained on them (features of training images are more confident than the field's)."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.zeros(len(data), dtype=torch.bool)
-    for c in data.labels.unique().tolist():
-        rows = (data.labels == c).nonzero().flatten()
-        n = max(1, round(CALIB_SHARE * len(rows))) if len(rows) > 1 else 0
-        out[rows[torch.randperm(len(rows), generator=g)[:n]]] = True
-    return out
-
-
-def at_most(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
-    """labels [N] -> [N] bool: at most k images of each class, drawn at random (seeded)."""
+def per_class_draw(labels: torch.Tensor, count: Callable[[int], int], seed: int) -> torch.Tensor:
+    """labels [N] -> [N] bool: count(n) images of each class of n, drawn at random (seeded;
+    classes in label order, one permutation each)."""
     g = torch.Generator().manual_seed(seed)
     out = torch.zeros(len(labels), dtype=torch.bool)
     for c in labels.unique().tolist():
         rows = (labels == c).nonzero().flatten().cpu()
-        out[rows[torch.randperm(len(rows), generator=g)[:k]]] = True
+        out[rows[torch.randperm(len(rows), generator=g)[:count(len(rows))]]] = True
     return out
+
+
+def calibration_rows(data: ImageSet, seed: int) -> torch.Tensor:
+    """[N] bool: CALIB_SHARE of each class's images (at least one), which the base training
+    does not see, so that the head's temperature is fitted on features that were not
+    trained on them (features of training images are more confident than the field's)."""
+    return per_class_draw(data.labels, lambda n: max(1, round(CALIB_SHARE * n)) if n > 1 else 0, seed)
 
 
 def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: RunConfig,
@@ -338,14 +333,15 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     m = cfg.model
     rows = calib.to(dev) if calib is not None else torch.ones(len(y), dtype=torch.bool, device=dev)
     idx = rows.nonzero().flatten()                                     # a class of thousands: a sample scores alike
-    rows[idx[~at_most(y[idx].cpu(), LOO_ROWS, cfg.train.seed).to(dev)]] = False
+    rows[idx[~per_class_draw(y[idx].cpu(), lambda n: LOO_ROWS, cfg.train.seed).to(dev)]] = False
+    scored = None
     if m.classifier == "lda" and m.shrink == 0 and rows.any():
-        vote_shrink(student.stats, x[rows], y[rows])       # the shrink: chosen by these images, left out
+        scored = vote_shrink(student.stats, x[rows], y[rows])       # the shrink: chosen by these images, left out
     shrink = student.stats.shrink(m.shrink)
     parts = LdaParts(student.stats, shrink) if m.classifier == "lda" else None   # one factorisation for both
     w, b, lam = solve_head(student.stats, m.classifier, m.ridge, shrink, parts)   # calibrating leaves the statistics as they are
     t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, shrink, seed=cfg.train.seed,
-                                  parts=parts) if rows.any() else None)
+                                  parts=parts, loo=scored[shrink] if scored else None) if rows.any() else None)
     if t_hat is not None:          # the step's own images, scored by heads solved without them
         student.stats.calibrate(t_hat, len(classes), student.num_classes, m.temperature_recency)
     del x
