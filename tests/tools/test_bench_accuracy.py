@@ -83,8 +83,10 @@ def test_a_row_with_an_unknown_method_or_classifier_is_one_line():
 
 def test_sweep_chooses_on_validation(folder, tmp_path):
     out = tmp_path / "sweep"
+    # the built-in grid trains the base for up to 30 epochs: 1 and 2 keep the search, at CI time
     rc = _run(["--data", str(folder), "--base", "3", "--steps", "2", "--methods", "finetune,lwm+analytic", "--sweep",
-               "--sweep-keys", "lr,lc_span,ridge,base_epochs", "--val-fraction", "0.25", "--out", str(out), *TINY])
+               "--sweep-keys", "lr,lc_span,ridge,base_epochs", "--sweep-grid", "base_epochs=1,2;lr=0.001,0.01;ridge=0.1,1.0",
+               "--val-fraction", "0.25", "--out", str(out), *TINY])
     assert rc == 0
     r = json.loads((out / "results.json").read_text())
     trials = r["orders"][0]["sweep"]["lwm+analytic"]
