@@ -441,7 +441,9 @@ class LdaParts:
         term (one n x n factorisation per class), Sherman-Morrison for the image's. A class
         whose images x does not all hold (the base step scores only its calibration rows)
         keeps its divisor: b = 0, a over (n - 1)^2, an O(1 / n) difference. x_k is x on the
-        dimensions the fold kept (keep [D]). The shrink target's scale and tr(P S) are kept.
+        dimensions the fold kept (keep [D]). The shrink target's scale and tr(P S) are kept,
+        and so are the dimensions the class did not keep (fill_gaps predicts them from the
+        kept ones, which the image moves by O(1 / n)).
         Needs n >= 2 per class (the class term, n >= 3)."""
         stats = self.stats
         x = x.double()
