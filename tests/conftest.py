@@ -21,9 +21,8 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 if os.environ.get("FIELDLEARN_TEST_NO_SHARED_DATA") == "1":
     CIFAR_DIR = FASHION_DIR = Path("/nonexistent/fieldlearn-test-no-shared-data")
 
-# pytest-xdist (the README's `-n 3`): each worker is one process with one torch thread, and
-# its own cache folder. Three workers on CI's 2 cores: under two, the cores were busy 70 % of
-# the time (tests that wait on the subprocesses they start), and the suite took 26 minutes.
+# pytest-xdist (the README's `-n 2`): each worker is one process on one core, so torch gets
+# one thread there, and its own cache folder.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 os.environ.setdefault("FIELDLEARN_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"fieldlearn-test-cache{WORKER}"))
 if WORKER:
@@ -117,6 +116,6 @@ def pytest_collection_modifyitems(config, items):
 def pytest_configure(config):
     """Under pytest-xdist, hand tests out one or two at a time (not xdist's first chunks of a
     quarter of the suite each, which would put every slow module, sorted first, on one
-    worker): the slow ones spread over the workers and the short ones fill in around them."""
+    worker): the slow ones spread over both workers and the short ones fill in around them."""
     if getattr(config.option, "maxschedchunk", "absent") is None:
         config.option.maxschedchunk = 1
