@@ -41,10 +41,10 @@ def test_sigkill_at_random_points_never_corrupts_or_loses_the_model(tmp_path, ge
     increment can leave the device without a loadable model, a half-written version that later
     runs trip over, a version renamed but never switched to that shows up twice in history
     (killed between rename and switch), or a daemon that loses, duplicates or rejects a class."""
-    lines = []
-    t = run(tmp_path, gen_test, kills=6, seed=1, timed_share=0.2, log=lines.append)
+    lines = []      # 4 kills: learn and watch between rename and switch, export and learn at random points
+    t = run(tmp_path, gen_test, kills=4, seed=1, timed_share=0.2, log=lines.append)
     report = summary(t) + "\n" + "\n".join(lines) + "\n" + "\n".join(t.problems)
-    assert t.kills >= 6 and t.kinds.get("learn switch") and t.kinds.get("watch switch"), report
+    assert t.kills >= 4 and t.kinds.get("learn switch") and t.kinds.get("watch switch"), report
     assert (t.corrupt, t.lost, t.leftovers_kept, t.reruns_failed) == (0, 0, 0, 0), report
 
 
