@@ -14,7 +14,7 @@ from fieldlearn.cli.main import main
 from tests.conftest import write_image_folder
 
 BASE, NEW = [0, 1, 2, 3, 4], [5, 6, 7, 8, 9]   # positions in a seeded class order
-COMMON = ["--no-progress", "--num-threads", "2"]
+COMMON = ["--no-progress", "--num-threads", "1"]
 
 
 @pytest.mark.slow

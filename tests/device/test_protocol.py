@@ -16,7 +16,6 @@ def test_the_default_learner_clearly_beats_not_learning(fashion):
     Fashion-MNIST, 4 base classes + 2 steps of 2, 100 training images per class."""
     import copy
 
-    torch.set_num_threads(2)
     train, test = fashion
     cfg = copy.deepcopy(DEMO_CONFIG)
     cfg.train.progress = False

@@ -22,7 +22,7 @@ from fieldlearn.runtime.layout import META, current_version_dir
 from ..conftest import FASHION_DIR, write_image_folder
 
 
-BASE = ["--variant", "cifar", "--input-size", "32", "--base-epochs", "1", "--no-progress", "--num-threads", "2"]
+BASE = ["--variant", "cifar", "--input-size", "32", "--base-epochs", "1", "--no-progress", "--num-threads", "1"]
 
 
 def _run(capsys, *argv) -> tuple[int, str]:
@@ -48,7 +48,7 @@ def test_the_field_user_path(fashion, tmp_path, capsys):
                  *BASE]) == 0
     bag, sneaker = train.class_names.index("bag"), train.class_names.index("sneaker")
     new = write_image_folder(tmp_path / "new", train, [bag, sneaker], 36)
-    assert main(["learn", str(new), "--state", str(state), "--no-progress", "--num-threads", "2"]) == 0
+    assert main(["learn", str(new), "--state", str(state), "--no-progress", "--num-threads", "1"]) == 0
     capsys.readouterr()
 
     rc, out = _run(capsys, "eval", "--state", state, "--data", f"fashion-mnist:{FASHION_DIR}", "--json")
