@@ -400,15 +400,16 @@ class RidgePath:
 class LdaParts:
     """The shrunk LDA head's pieces from `stats` (module docstring): chol [D, D] the Cholesky factor of the
     shrunk covariance S_a (P = S_a^-1), mu [K, D] class means, n [K] images per class,
-    tr = tr(P S)."""
+    tr = tr(P S). mu: stats.means() when the caller has them (they do not depend on the
+    shrink: a step's votes build these parts once per SHRINK_GRID value)."""
 
-    def __init__(self, stats: ClassStats, shrink: float):
+    def __init__(self, stats: ClassStats, shrink: float, mu: torch.Tensor | None = None):
         self.stats = stats
         self.n = stats.counts.clamp_min(1)                                       # [K]
         self.classes = stats.scatter[-1, -1].clamp_min(1e-12)                    # the class tally
         self.shrink_keep = 1 - shrink
         sw = stats.scatter[:-1, :-1] / self.classes                               # [D, D] mean class covariance
-        self.mu = stats.means()                                                   # [K, D]
+        self.mu = stats.means() if mu is None else mu                             # [K, D]
         scale = torch.diagonal(sw).mean().clamp_min(1e-12)
         ridge = (shrink + 1e-9) * scale
         sa = (1 - shrink) * sw
@@ -491,21 +492,23 @@ class LdaParts:
 
 
 def loo_scores(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor, shrink: float,
-               parts: LdaParts | None = None) -> torch.Tensor | None:
+               parts: LdaParts | None = None, mu: torch.Tensor | None = None) -> torch.Tensor | None:
     """The lda head's leave-one-out logits (LdaParts.loo_logits) of x [N, D], phi of images
     the last `stats.add` folded in (all of them or a subset), labels [N] -> [N, K], at this
-    shrink (parts: its pieces, when the caller has them). None when a class would be left
-    under 2 images (these statistics are in memory only, so MIN_IMAGES does not bind them)."""
+    shrink (parts: its pieces, mu: stats.means(), when the caller has them). None when a
+    class would be left under 2 images (these statistics are in memory only, so MIN_IMAGES
+    does not bind them)."""
     counts = torch.bincount(labels, minlength=stats.sums.shape[0]).to(stats.counts.device)
     present = counts > 0
     if not present.any() or bool((stats.counts[present] < 2).any()):
         return None
     keep = stats._keep[:-1] if stats._keep is not None else None
     dev = stats.gram.device
-    return (parts or LdaParts(stats, shrink)).loo_logits(x.to(dev), labels.to(dev), keep)
+    return (parts or LdaParts(stats, shrink, mu)).loo_logits(x.to(dev), labels.to(dev), keep)
 
 
-def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> dict[float, torch.Tensor] | None:
+def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor,
+                mu: torch.Tensor | None = None) -> dict[float, torch.Tensor] | None:
     """Add the leave-one-out votes of x [N, D], phi of images the last `stats.add` folded in
     (all of them or a subset), labels [N]: for each SHRINK_GRID value, the recall of the lda
     head at that shrink, solved without each image, summed over x's classes (module
@@ -513,8 +516,10 @@ def vote_shrink(stats: ClassStats, x: torch.Tensor, labels: torch.Tensor) -> dic
     images, the 4,410 images of a full base outvoted every later step, and the frozen lda
     row kept the base's weak shrink while its new classes of 25 lost 3 points.
     -> {shrink: its leave-one-out logits [N, K]} (the temperature at the chosen one needs no
-    second pass), or None (no vote) when a class would be left under 2 images."""
-    scored = {s: loo_scores(stats, x, labels, s) for s in SHRINK_GRID}
+    second pass), or None (no vote) when a class would be left under 2 images. mu:
+    stats.means() when the caller has them (fill_gaps runs once, not once per value)."""
+    mu = stats.means() if mu is None else mu                                      # [K, D]
+    scored = {s: loo_scores(stats, x, labels, s, mu=mu) for s in SHRINK_GRID}
     if any(v is None for v in scored.values()):
         return None
     labels = labels.to(stats.gram.device)

@@ -335,10 +335,11 @@ def fit_classifier(student: Student, data: ImageSet, classes: list[int], cfg: Ru
     idx = rows.nonzero().flatten()                                     # a class of thousands: a sample scores alike
     rows[idx[~per_class_draw(y[idx].cpu(), lambda n: LOO_ROWS, cfg.train.seed).to(dev)]] = False
     scored = None
+    mu = student.stats.means() if m.classifier == "lda" else None   # [K, D] once a step: they do not depend on the shrink
     if m.classifier == "lda" and m.shrink == 0 and rows.any():
-        scored = vote_shrink(student.stats, x[rows], y[rows])       # the shrink: chosen by these images, left out
+        scored = vote_shrink(student.stats, x[rows], y[rows], mu)   # the shrink: chosen by these images, left out
     shrink = student.stats.shrink(m.shrink)
-    parts = LdaParts(student.stats, shrink) if m.classifier == "lda" else None   # one factorisation for both
+    parts = LdaParts(student.stats, shrink, mu) if m.classifier == "lda" else None   # one factorisation for both
     w, b, lam = solve_head(student.stats, m.classifier, m.ridge, shrink, parts)   # calibrating leaves the statistics as they are
     t_hat = (crossfit_temperature(student.stats, x[rows], y[rows], m.classifier, lam, shrink, seed=cfg.train.seed,
                                   parts=parts, loo=scored[shrink] if scored else None) if rows.any() else None)

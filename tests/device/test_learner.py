@@ -297,19 +297,23 @@ def test_an_lda_step_factorises_its_covariance_once(monkeypatch, shrink):
     head, once for the leave-one-out temperature): seconds per step at D = 2560, and two
     copies of one solve that could drift apart; or, with the shrink chosen by votes (0), more
     than once per SHRINK_GRID value and once for the chosen one; or it scores its images left
-    out once more for the temperature at the chosen shrink, which the votes scored already.
+    out once more for the temperature at the chosen shrink, which the votes scored already;
+    or it predicts the class means' left-out dimensions (fill_gaps) more than once, though
+    they do not depend on the shrink (0.3 s a time at 100 classes, 8 times a step).
     The head must still equal solve_head's at the shrink the step reports."""
     from fieldlearn.device import classifier
 
     cfg, base, student = _lda_base(shrink=shrink)
-    built, passes = [], []
-    real, real_loo = classifier.LdaParts.__init__, classifier.LdaParts.loo_logits
+    built, passes, gaps = [], [], []
+    real, real_loo, real_gaps = classifier.LdaParts.__init__, classifier.LdaParts.loo_logits, classifier.fill_gaps
     monkeypatch.setattr(classifier.LdaParts, "__init__", lambda self, *a, **k: (built.append(1), real(self, *a, **k))[1])
     monkeypatch.setattr(classifier.LdaParts, "loo_logits", lambda self, *a: (passes.append(1), real_loo(self, *a))[1])
+    monkeypatch.setattr(classifier, "fill_gaps", lambda *a: (gaps.append(1), real_gaps(*a))[1])
     report = train_base(student, base, cfg)
     grid = len(classifier.SHRINK_GRID) if shrink == 0 else 0
     assert len(built) == 1 + grid
     assert len(passes) == (grid or 1)
+    assert len(gaps) == 1
     assert student.stats.temperature != 1.0                                   # the temperature was fitted
     used = report.classifier["shrink"]
     assert used == (shrink or student.stats.shrink(0.0)) and (shrink or student.stats.votes.sum() > 0)
