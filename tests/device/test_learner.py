@@ -353,7 +353,7 @@ def test_a_steps_leave_one_out_scores_at_most_loo_rows_images_of_a_class(monkeyp
     images = torch.randint(0, 256, (25, 3, 32, 32), generator=g, dtype=torch.uint8)
     scored = []
     real = classifier.vote_shrink
-    monkeypatch.setattr(learner, "vote_shrink", lambda st, x, y: (scored.append(y.clone()), real(st, x, y))[1])
+    monkeypatch.setattr(learner, "vote_shrink", lambda st, x, y, *a: (scored.append(y.clone()), real(st, x, y, *a))[1])
     torch.manual_seed(0)
     student = build_student(cfg.model, 2)
     calib = torch.zeros(25, dtype=torch.bool)
