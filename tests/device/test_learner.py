@@ -363,3 +363,26 @@ def test_a_steps_leave_one_out_scores_at_most_loo_rows_images_of_a_class(monkeyp
     assert torch.bincount(scored[0], minlength=2).tolist() == [7, 5]
     learner.fit_classifier(build_student(cfg.model, 2), ImageSet(images, labels, ["a", "b"]), [0, 1], cfg)
     assert torch.bincount(scored[1], minlength=2).tolist() == [7, 5]
+
+
+def test_the_base_steps_calibration_rows_are_the_documented_seeded_draw():
+    """If this fails, the base images held out for the temperature are no longer the same
+    ones for the same seed: every committed table's base temperature, and every run
+    reproduced from its command, would move without a word. The draw (per_class_draw): the
+    classes in label order, one seeded permutation each, its first round(CALIB_SHARE n)
+    rows (at least one; none of a class of one image)."""
+    from fieldlearn.device.learner import CALIB_SHARE, calibration_rows
+
+    g = torch.Generator().manual_seed(11)
+    labels = torch.cat([torch.full((n,), c) for c, n in ((3, 40), (0, 25), (7, 1), (1, 9))])   # [75]
+    labels = labels[torch.randperm(len(labels), generator=g)]                  # interleaved
+    data = ImageSet(torch.zeros(len(labels), 3, 2, 2, dtype=torch.uint8), labels, [str(i) for i in range(8)])
+    got = calibration_rows(data, seed=5)                                      # [75] bool
+    assert {c: int(got[labels == c].sum()) for c in (0, 1, 3, 7)} == {0: 2, 1: 1, 3: 4, 7: 0}
+    want = torch.zeros(len(labels), dtype=torch.bool)
+    g = torch.Generator().manual_seed(5)
+    for c in (0, 1, 3, 7):                                                    # label order
+        rows = (labels == c).nonzero().flatten()
+        want[rows[torch.randperm(len(rows), generator=g)[:max(1, round(CALIB_SHARE * len(rows))) if len(rows) > 1 else 0]]] = True
+    assert torch.equal(got, want)
+    assert not torch.equal(calibration_rows(data, seed=6), got)               # the seed decides it
