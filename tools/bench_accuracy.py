@@ -531,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
     for row in rows:
         uses = row_uses(row)
         start = {**row_settings(row, args.preset), **chosen_from_file.get(row.name, {}), **{k: v for k, v in given.items() if k in uses}}
-        if args.sweep and row.method != "joint":
+        if args.sweep:
             best, trials, results = sweep(orders, row, start, keys, stages)
             report["chosen"][row.name] = best
             report["orders"][0]["sweep"][row.name] = trials   # scored over all orders

@@ -152,3 +152,19 @@ def test_sweep_grid_without_sweep_is_refused(folder, tmp_path, capsys):
                  str(tmp_path / "o"), *TINY]) == 2
     assert "--sweep-grid: changes nothing without --sweep" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_joint_row_is_swept_on_validation_too(folder, tmp_path):
+    """If this fails, --sweep runs the upper bound at its preset's settings and says nothing
+    (it did: a joint+lda sweep over lr ran one trial, at 0.01), so the bound is not the best
+    its own validation finds and may sit below the rows it bounds."""
+    out = tmp_path / "joint"
+    assert _run(["--data", str(folder), "--base", "3", "--steps", "2", "--methods", "joint", "--sweep",
+                 "--sweep-keys", "lr", "--sweep-grid", "lr=0.001,0.01", "--val-fraction", "0.25",
+                 "--out", str(out), *TINY]) == 0
+    r = json.loads((out / "results.json").read_text())
+    trials = r["orders"][0]["sweep"]["joint"]
+    assert {t["settings"]["lr"] for t in trials} == {0.001, 0.01}
+    best = max(trials, key=lambda t: t["val_average_incremental"])
+    assert r["chosen"]["joint"] == best["settings"]
+    assert r["orders"][0]["methods"]["joint"]["config"]["train"]["lr"] == best["settings"]["lr"]
