@@ -100,7 +100,7 @@ def _configs():
     from fieldlearn.device.config import RunConfig
 
     return [
-        # the shipped defaults: pretrained MobileNetV2, 14 frozen, 128 px, LwM with the "auto" teacher
+        # the shipped defaults: pretrained MobileNetV2, 14 frozen, 160 px, LwM with the "auto" teacher
         pytest.param(RunConfig(), "lwm", 128, 3, id="default", marks=pytest.mark.slow),
         pytest.param(tiny_config(), "lwm", 200, 2, id="tiny-lwm"),
         pytest.param(tiny_config(batch_size=64), "finetune", 200, 2, id="tiny-finetune-b64"),
