@@ -56,7 +56,7 @@ class ModelConfig:
                     "first stride-2 block use stride 1 (total stride 8, for 32x32 inputs)")
     # 160 won on the CIFAR-100 field protocol's validation: over 128 for the default row (2
     # class orders), over 224 for the frozen one (224 costs 2.5x 128 per image, 160 1.3-1.6x)
-    # (benchmarks/README.md#input-size-and-mirrored-images)
+    # (benchmarks/README.md, "Input size and mirrored images")
     input_size: int = knob(160, "input images are resized to SIZE x SIZE pixels", Valid(16, 1024))
     pretrained: bool = knob(True, "start from the ImageNet weights of the installed weights package")
     # TinyTL-style: the early blocks are generic, and a frozen trunk runs once per image.
